@@ -1,0 +1,33 @@
+"""Registers the built-in backends by name only; their kernel modules load on first use."""
+
+from __future__ import annotations
+
+import importlib
+
+from .registry import BackendInfo, register_backend
+
+
+def _load(module: str):
+    return lambda: importlib.import_module(module)
+
+
+def _cuda_availability() -> str | None:
+    from .cuda import availability
+
+    return availability()
+
+
+register_backend(BackendInfo(
+    name="cpu",
+    description="Numba @njit(parallel=True) kernels on the host",
+    availability=lambda: None,
+    load=_load("nbbn.cpu"),
+))
+
+register_backend(BackendInfo(
+    name="cuda",
+    description="numba-cuda @cuda.jit kernels on an NVIDIA GPU",
+    availability=_cuda_availability,
+    load=_load("nbbn.cuda.kernels"),
+    device="cuda",
+))

@@ -1,0 +1,103 @@
+"""The float64 oracle: plain NumPy, two-pass, no Numba.
+
+Every kernel and every baseline is checked against these functions. They accept any float input
+(NC, NCL or NCHW; channel axis 1), compute in float64 and return float64.
+
+Notation (per channel c, over the m = N·H·W values x_i of that channel):
+
+    μ      = (1/m) Σ x_i                              (batch mean)
+    σ²     = (1/m) Σ (x_i − μ)²                       (biased batch variance; normalizes)
+    s²     = m/(m−1) · σ²                             (unbiased; feeds the running variance)
+    invstd = 1/√(σ² + ε)
+    x̂_i    = (x_i − μ)·invstd
+    y_i    = γ·x̂_i + β
+
+Backward, for upstream gradient dy and saved (μ, invstd):
+
+    dβ   = Σ dy_i
+    dγ   = Σ dy_i·x̂_i
+    dx_i = γ·invstd·(dy_i − dβ/m − x̂_i·dγ/m)
+
+Inference with population estimates (μ_pop, σ²_pop) folds into one multiply-add:
+
+    α = γ/√(σ²_pop + ε),   β' = β − μ_pop·α,   y = α·x + β'
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _axes(x: np.ndarray) -> tuple[int, ...]:
+    return (0,) + tuple(range(2, x.ndim))
+
+
+def _per_channel(v, x: np.ndarray, default: float) -> np.ndarray:
+    """A (C,) vector as float64, broadcastable against x (channel axis 1)."""
+    C = x.shape[1]
+    v = np.full(C, default) if v is None else np.asarray(v, dtype=np.float64)
+    return v.reshape((1, C) + (1,) * (x.ndim - 2))
+
+
+def batch_stats(x) -> tuple[np.ndarray, np.ndarray]:
+    """Two-pass batch mean μ and biased variance σ² per channel, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    ax = _axes(x)
+    mean = x.mean(axis=ax)
+    d = x - mean.reshape((1, -1) + (1,) * (x.ndim - 2))
+    var = np.mean(d * d, axis=ax)
+    return mean, var
+
+
+def count_per_channel(x) -> int:
+    """m: values per channel (N for NC, N·H·W for NCHW)."""
+    return int(np.prod(np.shape(x))) // np.shape(x)[1]
+
+
+def forward_train(x, gamma=None, beta=None, eps=1e-5):
+    """Training forward: returns (y, μ, invstd, σ²_biased), all float64."""
+    x64 = np.asarray(x, dtype=np.float64)
+    mean, var = batch_stats(x64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    shape = (1, -1) + (1,) * (x64.ndim - 2)
+    xhat = (x64 - mean.reshape(shape)) * invstd.reshape(shape)
+    y = xhat * _per_channel(gamma, x64, 1.0) + _per_channel(beta, x64, 0.0)
+    return y, mean, invstd, var
+
+
+def running_update(running_mean, running_var, mean, var_biased, m: int, momentum: float):
+    """PyTorch's convention, returned as new float64 arrays (the inputs are not touched):
+
+        running_mean ← (1 − momentum)·running_mean + momentum·μ
+        running_var  ← (1 − momentum)·running_var  + momentum·σ²·m/(m−1)
+    """
+    rm = np.asarray(running_mean, dtype=np.float64)
+    rv = np.asarray(running_var, dtype=np.float64)
+    unbiased = np.asarray(var_biased, dtype=np.float64) * (m / (m - 1))
+    return ((1.0 - momentum) * rm + momentum * np.asarray(mean, dtype=np.float64),
+            (1.0 - momentum) * rv + momentum * unbiased)
+
+
+def backward(dy, x, save_mean, save_invstd, gamma=None):
+    """Gradients (dx, dγ, dβ) in float64 for the given saved statistics."""
+    x64 = np.asarray(x, dtype=np.float64)
+    dy64 = np.asarray(dy, dtype=np.float64)
+    ax = _axes(x64)
+    m = count_per_channel(x64)
+    shape = (1, -1) + (1,) * (x64.ndim - 2)
+    mean = np.asarray(save_mean, dtype=np.float64).reshape(shape)
+    invstd = np.asarray(save_invstd, dtype=np.float64).reshape(shape)
+    xhat = (x64 - mean) * invstd
+    dbeta = dy64.sum(axis=ax)
+    dgamma = (dy64 * xhat).sum(axis=ax)
+    g = _per_channel(gamma, x64, 1.0)
+    dx = g * invstd * (dy64 - dbeta.reshape(shape) / m - xhat * dgamma.reshape(shape) / m)
+    return dx, dgamma, dbeta
+
+
+def inference(x, running_mean, running_var, gamma=None, beta=None, eps=1e-5):
+    """Inference with population statistics, folded: y = α·x + β' (float64)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    alpha = _per_channel(gamma, x64, 1.0) / np.sqrt(_per_channel(running_var, x64, 0.0) + eps)
+    shift = _per_channel(beta, x64, 0.0) - _per_channel(running_mean, x64, 0.0) * alpha
+    return x64 * alpha + shift

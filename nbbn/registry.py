@@ -1,0 +1,157 @@
+"""One registry keyed by (backend, op, layout).
+
+A backend is one module that calls :func:`register_backend` once (cheaply, at ``import nbbn``)
+and :func:`register` for each kernel it provides. Heavy imports (numba-cuda, torch) stay inside
+the backend's ``load`` hook, which :func:`select` runs the first time the backend is used, after
+its ``availability`` check has passed. Nothing outside this module branches on backend names.
+
+Each kernel's ``fn`` takes the validated argument bundle of its op (:mod:`nbbn.spec`) and returns
+the op's outputs as a tuple, in :data:`nbbn.spec.OP_OUTPUTS` order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .spec import Layout, Op
+
+
+class BackendUnavailable(RuntimeError):
+    """A registered backend that cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    description: str
+    #: Returns None when usable, else a one-line reason ("numba-cuda is not installed", ...).
+    availability: Callable[[], str | None]
+    #: Imports the backend's kernel module(s), which call register(); run once, lazily.
+    load: Callable[[], None] = lambda: None
+    #: "kernel" backends serve the public API; "baseline" ones exist for the harness to compare.
+    kind: str = "kernel"
+    #: Where the backend's arrays live: "cpu" or "cuda" (the harness picks its timer by this).
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    backend: str
+    op: Op
+    layout: Layout
+    fn: Callable
+    description: str = ""
+
+
+@dataclass
+class _State:
+    backends: dict[str, BackendInfo] = field(default_factory=dict)
+    kernels: dict[tuple[str, Op, Layout], KernelSpec] = field(default_factory=dict)
+    loaded: set[str] = field(default_factory=set)
+    reasons: dict[str, str | None] = field(default_factory=dict)
+    stats: dict[str, Callable] = field(default_factory=dict)
+
+
+_STATE = _State()
+
+
+def register_backend(info: BackendInfo) -> None:
+    _STATE.backends[info.name] = info
+    _STATE.reasons.pop(info.name, None)
+    _STATE.loaded.discard(info.name)
+
+
+def register(spec: KernelSpec) -> KernelSpec:
+    if spec.backend not in _STATE.backends:
+        raise KeyError(f"register backend {spec.backend!r} before its kernels")
+    _STATE.kernels[(spec.backend, Op(spec.op), Layout(spec.layout))] = spec
+    return spec
+
+
+def register_stats(backend: str, fn: Callable) -> None:
+    """Expose the batch-statistics code a backend's forward kernel runs, for the accuracy study.
+
+    ``fn(x) -> (mean, var_biased)``: float64 NumPy arrays of shape (C,) for a host array x of the
+    NC/NCL/NCHW family, computed by exactly the algorithm that backend's forward-train uses.
+    """
+    _STATE.stats[backend] = fn
+
+
+def stats_function(backend: str) -> Callable:
+    """The registered statistics function of a backend (loading it first)."""
+    _ensure_loaded(backend)
+    try:
+        return _STATE.stats[backend]
+    except KeyError:
+        raise ValueError(f"backend {backend!r} registers no statistics function") from None
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend and its kernels (tests register throwaway backends)."""
+    _STATE.backends.pop(name, None)
+    _STATE.reasons.pop(name, None)
+    _STATE.loaded.discard(name)
+    _STATE.stats.pop(name, None)
+    for key in [k for k in _STATE.kernels if k[0] == name]:
+        del _STATE.kernels[key]
+
+
+def backend_names(kind: str | None = None) -> list[str]:
+    """Registered backends (of one kind if given), in registration order."""
+    return [n for n, b in _STATE.backends.items() if kind is None or b.kind == kind]
+
+
+def backend_info(name: str) -> BackendInfo:
+    try:
+        return _STATE.backends[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {name!r}; registered backends: {', '.join(backend_names())}"
+        ) from None
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None if the backend can run here, else why not (cached after the first check)."""
+    info = backend_info(name)
+    if name not in _STATE.reasons:
+        try:
+            _STATE.reasons[name] = info.availability()
+        except Exception as exc:  # an availability probe must never take the caller down
+            _STATE.reasons[name] = f"availability check failed: {exc}"
+    return _STATE.reasons[name]
+
+
+def availability() -> dict[str, str | None]:
+    """Every registered backend mapped to None (usable) or the reason it is not."""
+    return {name: unavailable_reason(name) for name in backend_names()}
+
+
+def _ensure_loaded(name: str) -> None:
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} is unavailable: {reason}")
+    if name not in _STATE.loaded:
+        backend_info(name).load()
+        _STATE.loaded.add(name)
+
+
+def select(backend: str, op: Op | str, layout: Layout | str) -> KernelSpec:
+    """The kernel for (backend, op, layout); ValueError if unknown, BackendUnavailable if not here."""
+    _ensure_loaded(backend)
+    key = (backend, Op(op), Layout(layout))
+    try:
+        return _STATE.kernels[key]
+    except KeyError:
+        raise ValueError(f"backend {backend!r} has no kernel for {key[1]} {key[2]}") from None
+
+
+def kernels(backend: str | None = None) -> list[KernelSpec]:
+    """Registered kernels (loading each usable backend first); unusable backends are left out."""
+    names = [backend] if backend is not None else backend_names()
+    out = []
+    for name in names:
+        if unavailable_reason(name) is None:
+            _ensure_loaded(name)
+            out.extend(s for k, s in _STATE.kernels.items() if k[0] == name)
+    return out

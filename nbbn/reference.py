@@ -95,6 +95,15 @@ def backward(dy, x, save_mean, save_invstd, gamma=None):
     return dx, dgamma, dbeta
 
 
+def dx_scale(dy, save_invstd, gamma=None) -> float:
+    """‖γ·invstd·dy‖₂: the size of the terms dx is formed from (dx itself can cancel to 0, e.g.
+    exactly when m = 2); the error scale of dx in :mod:`nbbn.tolerances`."""
+    dy64 = np.asarray(dy, dtype=np.float64)
+    shape = (1, -1) + (1,) * (dy64.ndim - 2)
+    k = _per_channel(gamma, dy64, 1.0) * np.asarray(save_invstd, dtype=np.float64).reshape(shape)
+    return float(np.linalg.norm(k * dy64))
+
+
 def inference(x, running_mean, running_var, gamma=None, beta=None, eps=1e-5):
     """Inference with population statistics, folded: y = α·x + β' (float64)."""
     x64 = np.asarray(x, dtype=np.float64)

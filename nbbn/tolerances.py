@@ -2,14 +2,19 @@
 
 The error measure is the relative norm error of one output against the float64 reference,
 
-    rel_err(out, ref) = ‖out − ref‖₂ / max(‖ref‖₂, tiny),
+    rel_err(out, ref) = ‖out − ref‖₂ / max(‖ref‖₂, scale, tiny),
 
 taken over the whole output (all channels at once), and an output passes when
 ``rel_err <= TOLERANCE[(output, dtype)]``. NaN in ``out`` where ``ref`` is finite never passes.
 
+``scale`` is the size of the terms an output is formed from, for outputs that can cancel to ~0:
+dx = γ·invstd·(dy − dβ/m − x̂·dγ/m) is exactly 0 when m = 2, so its error is measured against
+‖γ·invstd·dy‖ (:func:`nbbn.reference.dx_scale`) as well as ‖dx‖.
+
 The float32 bounds are the issue's acceptance figures: forward outputs (and the batch variance)
 within 1e-5, backward outputs within 1e-4. float64 kernels accumulate in float64, so their bounds
-are set a few thousand ulps above the rounding they do on awkward data (offsets up to 1e4).
+are set a few thousand ulps above the rounding they do on awkward data (offsets up to 1e4;
+folded inference loses log2(1e4) ≈ 13 bits there, hence y's 1e-11).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 TOLERANCE: dict[tuple[str, np.dtype], float] = {}
 for _name in ("y", "save_mean", "save_invstd", "var"):
     TOLERANCE[(_name, _F32)] = 1e-5
-    TOLERANCE[(_name, _F64)] = 1e-12
+    TOLERANCE[(_name, _F64)] = 1e-11
 for _name in ("dx", "dgamma", "dbeta"):
     TOLERANCE[(_name, _F32)] = 1e-4
     TOLERANCE[(_name, _F64)] = 1e-10
@@ -38,8 +43,9 @@ def tolerance(output: str, dtype) -> float:
     return TOLERANCE[(output, np.dtype(dtype))]
 
 
-def rel_err(out, ref) -> float:
-    """‖out − ref‖₂ / ‖ref‖₂ in float64 (inf if out has NaN/Inf where ref is finite)."""
+def rel_err(out, ref, scale: float = 0.0) -> float:
+    """‖out − ref‖₂ / max(‖ref‖₂, scale) in float64 (inf if out has NaN/Inf where ref is
+    finite)."""
     out = np.asarray(out, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     if out.shape != ref.shape:
@@ -49,13 +55,16 @@ def rel_err(out, ref) -> float:
         return float("inf")
     diff = np.where(np.isfinite(ref), out - ref, 0.0)
     denom = np.linalg.norm(np.where(np.isfinite(ref), ref, 0.0))
-    return float(np.linalg.norm(diff) / max(denom, np.finfo(np.float64).tiny))
+    return float(np.linalg.norm(diff) / max(denom, scale, np.finfo(np.float64).tiny))
 
 
-def check_outputs(op: Op, outputs, references, dtype) -> dict[str, float]:
-    """rel_err of each output of ``op`` (name -> error); callers compare with :func:`tolerance`."""
+def check_outputs(op: Op, outputs, references, scales=None) -> dict[str, float]:
+    """rel_err of each output of ``op`` (name -> error); ``scales`` maps output names to their
+    term scale (see the module docstring). Compare the result with :func:`passed`."""
     names = OP_OUTPUTS[Op(op)]
-    return {n: rel_err(o, r) for n, o, r in zip(names, outputs, references, strict=True)}
+    scales = scales or {}
+    return {n: rel_err(o, r, scales.get(n, 0.0))
+            for n, o, r in zip(names, outputs, references, strict=True)}
 
 
 def passed(errors: dict[str, float], dtype) -> bool:

@@ -18,9 +18,10 @@ Normalization: training applies y = (x − μ)·α + β with α = γ·invstd, in
     float64 that costs log2(|μ|/σ) bits, a float32 result does not see it.
 
 Work split ("fused" vs "split" variants)
-    fused  -- one task per channel (NCHW) or per tile of ``tile_width`` columns (NC). A task computes
-              its channels' statistics and then normalizes them while the data are still in L2/L3:
-              memory traffic approaches 2 passes (read + write) when a task's data fit in cache.
+    fused  -- one task per channel (NCHW) or per tile of ``tile_width`` columns (NC). A task
+              computes its channels' statistics and then normalizes them while the data are still
+              in L2/L3: memory traffic approaches 2 passes (read + write) when a task's data fit
+              in cache.
     split  -- when there are too few channels (or tiles) to keep every thread busy, each channel's
               rows are cut into ``K`` chunks: phase 1 computes per-chunk partials in parallel,
               phase 2 merges them per channel (Chan for the statistics, plain sums for backward),

@@ -137,7 +137,9 @@ def _ensure_loaded(name: str) -> None:
 
 
 def select(backend: str, op: Op | str, layout: Layout | str) -> KernelSpec:
-    """The kernel for (backend, op, layout); ValueError if unknown, BackendUnavailable if not here."""
+    """The kernel for (backend, op, layout).
+
+    ValueError if unknown, BackendUnavailable (with the reason) if it cannot run here."""
     _ensure_loaded(backend)
     key = (backend, Op(op), Layout(layout))
     try:

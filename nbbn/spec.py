@@ -3,7 +3,8 @@
 Layouts: the channel axis is always axis 1.
 
 * ``NC``   -- ``x.shape == (N, C)``; statistics over N, so m = N.
-* ``NCHW`` -- ``x.shape == (N, C, H, W)`` or ``(N, C, L)``; statistics over N·H·W (or N·L) per channel.
+* ``NCHW`` -- ``x.shape == (N, C, H, W)`` or ``(N, C, L)``; statistics over N·H·W (or N·L)
+  per channel.
 
 Kernels see the NCHW family as a 3-D ``(N, C, S)`` view with ``S = H·W`` (or ``L``).
 """

@@ -1,7 +1,8 @@
 """Argument checks shared by every backend: one place for every error message.
 
 The checks read only shapes, dtypes and flags, so they apply alike to NumPy arrays and to device
-arrays (anything with ``__cuda_array_interface__``: numba device arrays, CuPy, PyTorch CUDA tensors).
+arrays (anything with ``__cuda_array_interface__``: numba device arrays, CuPy, PyTorch CUDA
+tensors).
 Nothing here copies, converts or modifies an array.
 
 Dtype rules

@@ -13,8 +13,9 @@ dx = γ·invstd·(dy − dβ/m − x̂·dγ/m) is exactly 0 when m = 2, so its e
 
 The float32 bounds are the issue's acceptance figures: forward outputs (and the batch variance)
 within 1e-5, backward outputs within 1e-4. float64 kernels accumulate in float64, so their bounds
-are set a few thousand ulps above the rounding they do on awkward data (offsets up to 1e4;
-folded inference loses log2(1e4) ≈ 13 bits there, hence y's 1e-11).
+are set from the rounding they cannot avoid on awkward data: a float64 mean carries an error of
+about ε·|μ|, i.e. ε·κ in units of σ with κ = |μ|/σ; the tests use κ up to 4e4, so forward outputs
+get 1e-10 as backward does (folded inference loses log2 κ bits the same way).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 TOLERANCE: dict[tuple[str, np.dtype], float] = {}
 for _name in ("y", "save_mean", "save_invstd", "var"):
     TOLERANCE[(_name, _F32)] = 1e-5
-    TOLERANCE[(_name, _F64)] = 1e-11
+    TOLERANCE[(_name, _F64)] = 1e-10
 for _name in ("dx", "dgamma", "dbeta"):
     TOLERANCE[(_name, _F32)] = 1e-4
     TOLERANCE[(_name, _F64)] = 1e-10

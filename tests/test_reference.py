@@ -89,7 +89,10 @@ def test_reference_imports_no_numba():
     import inspect
 
     tree = ast.parse(inspect.getsource(ref))
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)
-             for a in n.names} | {n.module.split(".")[0] for n in ast.walk(tree)
-                                  if isinstance(n, ast.ImportFrom) and n.module}
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
     assert "numba" not in names

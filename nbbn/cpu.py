@@ -111,13 +111,15 @@ def _nchw_rows_stats(x, c, n0, n1):
             cnt = float((r1 - r0) * (s1 - s0))
             acc = 0.0
             for n in range(r0, r1):
-                for s in range(s0, s1):
-                    acc += x[n, c, s]
+                xr = x[n, c, s0:s1]
+                for s in range(s1 - s0):
+                    acc += xr[s]
             mu = acc / cnt
             m2 = 0.0
             for n in range(r0, r1):
-                for s in range(s0, s1):
-                    d = x[n, c, s] - mu
+                xr = x[n, c, s0:s1]
+                for s in range(s1 - s0):
+                    d = xr[s] - mu
                     m2 += d * d
             n_acc, mu_acc, m2_acc = _chan(n_acc, mu_acc, m2_acc, cnt, mu, m2)
     return n_acc, mu_acc, m2_acc
@@ -127,10 +129,11 @@ def _nchw_rows_stats(x, c, n0, n1):
 def _nchw_normalize_rows(x, y, c, n0, n1, mean, alpha, beta):
     """y = (x − μ)·α + β over rows [n0, n1) of channel c. Subtracting μ first keeps float64
     data exact at large offsets (the folded x·α + β' would lose log2(|μ|/σ) bits)."""
-    S = x.shape[2]
     for n in range(n0, n1):
-        for s in range(S):
-            y[n, c, s] = (x[n, c, s] - mean) * alpha + beta
+        xr = x[n, c]
+        yr = y[n, c]
+        for s in range(xr.size):
+            yr[s] = (xr[s] - mean) * alpha + beta
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)
@@ -190,23 +193,26 @@ def fwd_nchw_split(x, gamma, beta, has_gamma, has_beta, eps, rmean, rvar, has_ru
 @njit(fastmath=_FM, cache=True)
 def _nchw_rows_grad_sums(dy, x, c, n0, n1, mean):
     """Σ dy and Σ dy·(x − μ) of channel c over rows [n0, n1), in float64."""
-    S = x.shape[2]
     sdy, sdyx = 0.0, 0.0
     for n in range(n0, n1):
-        for s in range(S):
-            g = np.float64(dy[n, c, s])
+        xr = x[n, c]
+        gr = dy[n, c]
+        for s in range(xr.size):
+            g = np.float64(gr[s])
             sdy += g
-            sdyx += g * (x[n, c, s] - mean)
+            sdyx += g * (xr[s] - mean)
     return sdy, sdyx
 
 
 @njit(fastmath=_FM, cache=True)
 def _nchw_rows_dx(dy, x, dx, c, n0, n1, mean, k_dy, k_x, k_0):
     """dx = k_dy·dy − k_x·(x − μ) + k_0 over rows [n0, n1) of channel c."""
-    S = x.shape[2]
     for n in range(n0, n1):
-        for s in range(S):
-            dx[n, c, s] = k_dy * dy[n, c, s] - k_x * (x[n, c, s] - mean) + k_0
+        xr = x[n, c]
+        gr = dy[n, c]
+        dr = dx[n, c]
+        for s in range(xr.size):
+            dr[s] = k_dy * gr[s] - k_x * (xr[s] - mean) + k_0
 
 
 @njit(inline="always")
@@ -275,8 +281,10 @@ def infer_nchw(x, rmean, rvar, gamma, beta, has_gamma, has_beta, eps, y):
         n, c = r // C, r % C
         _, alpha, b = _scale_shift(np.float64(rvar[c]), eps, gamma, beta, has_gamma, has_beta, c)
         shift = b - np.float64(rmean[c]) * alpha
+        xr = x[n, c]
+        yr = y[n, c]
         for s in range(S):
-            y[n, c, s] = x[n, c, s] * alpha + shift
+            yr[s] = xr[s] * alpha + shift
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,32 +292,39 @@ def infer_nchw(x, rmean, rvar, gamma, beta, has_gamma, has_beta, eps, y):
 # run along C (unit stride, vectorized), per-column accumulators live in small float64 arrays.
 # --------------------------------------------------------------------------------------------
 @njit(fastmath=_FM, cache=True)
-def _nc_tile_stats(x, r0, r1, c0, c1, cnt, mu, m2, bsum, bm2):
-    """Per-column (count, mean, M2) over rows [r0, r1), columns [c0, c1) into cnt[0], mu, m2
-    (indexed from 0), by two-pass row blocks of ≤ BLOCK values merged with Chan."""
+def _nc_tile_stats(x, r0, r1, c0, c1, mu, m2, bmu, bm2):
+    """Per-column mean and M2 over rows [r0, r1), columns [c0, c1) into mu, m2 (indexed from 0).
+
+    Rows are taken in blocks of ≤ NC_TILE_BYTES (L2-resident between the two passes); each block
+    gets an exact two-pass mean/M2 per column, blocks are merged with Chan. Inner loops run over
+    1-D row slices x[n, c0:c1] (unit stride), which LLVM vectorizes. Returns the count."""
     w = c1 - c0
-    rows = max(1, BLOCK // w)
-    cnt[0] = 0.0
-    mu[:w] = 0.0
-    m2[:w] = 0.0
+    rows = max(1, NC_TILE_BYTES // (w * x.itemsize))
+    n_acc = 0.0
     for b0 in range(r0, r1, rows):
         b1 = min(r1, b0 + rows)
         nb = float(b1 - b0)
-        bsum[:w] = 0.0
-        for n in range(b0, b1):
-            for j in range(w):
-                bsum[j] += x[n, c0 + j]
-        for j in range(w):
-            bsum[j] /= nb  # the block mean
+        bmu[:w] = 0.0
         bm2[:w] = 0.0
         for n in range(b0, b1):
+            xr = x[n, c0:c1]
             for j in range(w):
-                d = x[n, c0 + j] - bsum[j]
-                bm2[j] += d * d
-        na = cnt[0]
+                bmu[j] += xr[j]
         for j in range(w):
-            _, mu[j], m2[j] = _chan(na, mu[j], m2[j], nb, bsum[j], bm2[j])
-        cnt[0] = na + nb
+            bmu[j] /= nb
+        for n in range(b0, b1):
+            xr = x[n, c0:c1]
+            for j in range(w):
+                d = xr[j] - bmu[j]
+                bm2[j] += d * d
+        if n_acc == 0.0:
+            mu[:w] = bmu[:w]
+            m2[:w] = bm2[:w]
+        else:
+            for j in range(w):
+                _, mu[j], m2[j] = _chan(n_acc, mu[j], m2[j], nb, bmu[j], bm2[j])
+        n_acc += nb
+    return n_acc
 
 
 @njit(fastmath=_FM, cache=True)
@@ -318,8 +333,10 @@ def _nc_normalize(x, y, r0, r1, c0, c1, mean, alpha, beta):
     Inference passes μ = 0 and β = β' (the folded form)."""
     w = c1 - c0
     for n in range(r0, r1):
+        xr = x[n, c0:c1]
+        yr = y[n, c0:c1]
         for j in range(w):
-            y[n, c0 + j] = (x[n, c0 + j] - mean[j]) * alpha[j] + beta[j]
+            yr[j] = (xr[j] - mean[j]) * alpha[j] + beta[j]
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)
@@ -333,12 +350,11 @@ def fwd_nc_fused(x, gamma, beta, has_gamma, has_beta, eps, rmean, rvar, has_runn
         c0 = t * tile_width
         c1 = min(C, c0 + tile_width)
         w = c1 - c0
-        cnt = np.empty(1)
         mu = np.empty(w)
         m2 = np.empty(w)
         bsum = np.empty(w)
         bm2 = np.empty(w)
-        _nc_tile_stats(x, 0, N, c0, c1, cnt, mu, m2, bsum, bm2)
+        _nc_tile_stats(x, 0, N, c0, c1, mu, m2, bsum, bm2)
         # reuse bsum/bm2 as α/β of the tile's columns
         for j in range(w):
             c = c0 + j
@@ -362,12 +378,10 @@ def fwd_nc_split(x, gamma, beta, has_gamma, has_beta, eps, rmean, rvar, has_runn
     K = part.shape[0]
     m = float(N)
     for k in prange(K):
-        cnt = np.empty(1)
         bsum = np.empty(C)
         bm2 = np.empty(C)
-        _nc_tile_stats(x, (N * k) // K, (N * (k + 1)) // K, 0, C, cnt, part[k, 1], part[k, 2],
-                       bsum, bm2)
-        part[k, 0, :] = cnt[0]
+        part[k, 0, :] = _nc_tile_stats(x, (N * k) // K, (N * (k + 1)) // K, 0, C, part[k, 1],
+                                       part[k, 2], bsum, bm2)
     for c in prange(C):
         n_acc, mean, m2_acc = 0.0, 0.0, 0.0
         for k in range(K):
@@ -392,20 +406,26 @@ def _nc_grad_sums(dy, x, r0, r1, c0, c1, save_mean, sdy, sdyx):
     w = c1 - c0
     sdy[:w] = 0.0
     sdyx[:w] = 0.0
+    mean = save_mean[c0:c1]
     for n in range(r0, r1):
+        xr = x[n, c0:c1]
+        gr = dy[n, c0:c1]
         for j in range(w):
-            g = np.float64(dy[n, c0 + j])
+            g = np.float64(gr[j])
             sdy[j] += g
-            sdyx[j] += g * (x[n, c0 + j] - np.float64(save_mean[c0 + j]))
+            sdyx[j] += g * (xr[j] - np.float64(mean[j]))
 
 
 @njit(fastmath=_FM, cache=True)
 def _nc_dx(dy, x, dx, r0, r1, c0, c1, save_mean, k_dy, k_x, k_0):
     w = c1 - c0
+    mean = save_mean[c0:c1]
     for n in range(r0, r1):
+        xr = x[n, c0:c1]
+        gr = dy[n, c0:c1]
+        dr = dx[n, c0:c1]
         for j in range(w):
-            dx[n, c0 + j] = (k_dy[j] * dy[n, c0 + j]
-                             - k_x[j] * (x[n, c0 + j] - np.float64(save_mean[c0 + j])) + k_0[j])
+            dr[j] = k_dy[j] * gr[j] - k_x[j] * (xr[j] - np.float64(mean[j])) + k_0[j]
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)

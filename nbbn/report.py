@@ -20,6 +20,8 @@ import pandas as pd
 
 def _plain(v):
     """JSON-safe scalar: NumPy scalars unwrapped, NaN/Inf as None."""
+    if v is pd.NA or v is pd.NaT:
+        return None
     if isinstance(v, np.generic):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
@@ -39,7 +41,9 @@ class RowLog:
             self._f = open(self.path, "w", encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        line = json.dumps({k: _plain(v) for k, v in row.items()}, allow_nan=False)
+        """One line per row; empty (None/NaN) cells are left out (:func:`frame` restores them)."""
+        plain = {k: _plain(v) for k, v in row.items()}
+        line = json.dumps({k: v for k, v in plain.items() if v is not None}, allow_nan=False)
         self._f.write(line + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
@@ -74,9 +78,9 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+            raise ValueError(f"line {i + 1} is not JSON") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {i + 1} is not a JSON object")
+            raise ValueError(f"line {i + 1} is not a JSON object")
         rows.append(row)
     return rows
 
@@ -92,11 +96,16 @@ def frame(rows: list[dict], columns: tuple[str, ...] = ()) -> pd.DataFrame:
 
 
 def write_tables(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
-    """``stem.csv`` and ``stem.json`` (records), written to a temporary name and then renamed."""
+    """``stem.csv`` and ``stem.json`` (a list of records, empty cells left out), each written to
+    a temporary name and then renamed."""
     stem = Path(stem)
     paths = []
-    for suffix, write in ((".csv", lambda p: df.to_csv(p, index=False)),
-                          (".json", lambda p: df.to_json(p, orient="records", indent=1))):
+    def to_json(p):
+        records = [{k: _plain(v) for k, v in rec.items()} for rec in df.to_dict("records")]
+        records = [{k: v for k, v in rec.items() if v is not None} for rec in records]
+        p.write_text(json.dumps(records, allow_nan=False) + "\n", encoding="utf-8")
+
+    for suffix, write in ((".csv", lambda p: df.to_csv(p, index=False)), (".json", to_json)):
         path = stem.with_suffix(suffix)
         tmp = path.with_name(path.name + ".tmp")
         write(tmp)
@@ -106,7 +115,7 @@ def write_tables(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
 
 
 def _cell(v, floatfmt: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return ""
     if isinstance(v, float | np.floating):
         return format(float(v), floatfmt)

@@ -202,10 +202,9 @@ def backend_reason(name: str) -> str | None:
 def skip_reason(cfg: Config, backend_reasons: dict[str, str | None]) -> str | None:
     """Why this configuration is skipped, or None when it runs. Checked in this order."""
     if cfg.layout is Layout.NC and len(cfg.shape) != 1:
-        return (f"layout/shape mismatch: NC takes a channel count C, got (C,H,W) "
-                f"{shape_label(cfg.shape)}")
+        return "layout/shape mismatch: NC takes shapes given as C, not C,H,W"
     if cfg.layout is Layout.NCHW and len(cfg.shape) != 3:
-        return f"layout/shape mismatch: NCHW takes C,H,W, got C = {cfg.shape[0]}"
+        return "layout/shape mismatch: NCHW takes shapes given as C,H,W, not C"
     if cfg.op in (Op.FORWARD_TRAIN, Op.BACKWARD) and cfg.m < 2:
         return "m = 1 in training: the unbiased variance needs more than 1 value per channel"
     reason = backend_reasons.get(cfg.backend)
@@ -235,7 +234,14 @@ class Plan:
         return counts
 
 
-def make_plan(sweep: Sweep, done_keys=frozenset()) -> Plan:
+def make_plan(sweep: Sweep, done_keys=frozenset(), previous_skips=None) -> Plan:
+    """Sort the sweep's configurations into run / skipped / done.
+
+    ``done_keys``: configurations already checked (and timed) in the result file; they are not
+    run again. ``previous_skips``: key -> skip reason already recorded there; a configuration
+    skipped again for the same reason counts as done (its row is not written twice).
+    """
+    previous_skips = previous_skips or {}
     reasons = {b: backend_reason(b) for b in sweep.backends}
     plan = Plan([], [], [])
     for cfg in sweep.configs():
@@ -245,6 +251,8 @@ def make_plan(sweep: Sweep, done_keys=frozenset()) -> Plan:
         reason = skip_reason(cfg, reasons)
         if reason is None:
             plan.run.append(cfg)
+        elif previous_skips.get(cfg.key) == reason:
+            plan.done.append(cfg)
         else:
             plan.skipped.append((cfg, reason))
     return plan

@@ -8,6 +8,9 @@ accumulation does. Each returns ``(mean, var_biased)`` in x's dtype.
 * ``naive``     one pass, μ = Σx/m, σ² = Σx²/m − μ² (the textbook formula that cancels
                 catastrophically when |μ|/σ is large; σ² may even come out negative).
 * ``two-pass``  μ = Σx/m, then σ² = Σ(x − μ)²/m (plain, without the Σ(x − μ) correction term).
+* ``two-pass-corrected``  the corrected two-pass algorithm (Chan, Golub & LeVeque 1983):
+                σ² = (Σd² − (Σd)²/m)/m with d = x − μ, which cancels the first-order effect of
+                an inexact μ (Σ(x − c)² = Σ(x − μ)² + m(μ − c)²).
 * ``welford``   Welford's update with an integer count n:
                 δ = x − μ;  μ += δ/n;  M2 += δ·(x − μ);  σ² = M2/m.
 * ``welford-fcount``  the same with the count n held in x's dtype, as kernels that keep a float
@@ -62,6 +65,24 @@ def two_pass_stats(x):
         d = x[i] - mean
         q += d * d
     return mean, q / mt
+
+
+@njit(cache=True)
+def two_pass_corrected_stats(x):
+    """Corrected two-pass: μ = Σx/m, d = x − μ, σ² = (Σd² − (Σd)²/m)/m, sums in x's dtype."""
+    T = x.dtype.type
+    s = T(0)
+    for i in range(x.size):
+        s += x[i]
+    mt = T(x.size)
+    mean = s / mt
+    q = T(0)
+    c = T(0)
+    for i in range(x.size):
+        d = x[i] - mean
+        c += d
+        q += d * d
+    return mean, (q - c * c / mt) / mt
 
 
 @njit(cache=True)
@@ -131,6 +152,7 @@ def chan_stats(x):
 ALGORITHMS = {
     "naive": naive_stats,
     "two-pass": two_pass_stats,
+    "two-pass-corrected": two_pass_corrected_stats,
     "welford": welford_stats,
     "welford-fcount": welford_fcount_stats,
     "chan": chan_stats,

@@ -1,0 +1,338 @@
+"""The Markdown report: the command, the environment, key findings computed from the tidy tables,
+compact pivots, skips and figures. Every number here is derived from the CSV tables beside it."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from .report import kappa_name, m_name, markdown_table, with_label
+from .rounding import NEGLIGIBLE
+
+
+def _g(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf (NaN result)"
+    return f"{v:.2g}"
+
+
+# -------------------------------------------------------------------------------- findings
+
+def rounding_findings(rnd: pd.DataFrame, cross: pd.DataFrame) -> list[str]:
+    out = []
+    d = with_label(rnd)
+    var = d[d["stat"] == "var"]
+    m_max = int(d["m"].max())
+    kmax = float(d["kappa"].max())
+
+    def sel(lab, dt, kappa=None, stat="var"):
+        s = d[(d["label"] == lab) & (d["dtype"] == dt) & (d["stat"] == stat)]
+        return s if kappa is None else s[s["kappa"] == kappa]
+
+    s = sel("naive", "float32", kmax)
+    if len(s):
+        out.append(f"**naive E[x²] − E[x]² in float32 at κ = {kappa_name(kmax)}**: variance "
+                   f"rel_err {_g(s['rel_err'].min())} to {_g(s['rel_err'].max())} over m = "
+                   f"{m_name(int(s['m'].min()))} … {m_name(int(s['m'].max()))}: useless at any "
+                   "batch size. In float64 it still loses ≈ κ²·u: worst "
+                   f"{_g(sel('naive', 'float64', kmax)['rel_err'].max())}.")
+    s = sel("two-pass", "float32")
+    if len(s):
+        big = s[s["m"] == m_max]
+        small = s[s["m"] <= 1024]
+        out.append(f"**two-pass with sequential float32 sums**: variance rel_err ≤ "
+                   f"{_g(small['rel_err'].max())} for m ≤ 1024 at every κ, but at m = "
+                   f"{m_name(m_max)} it reaches {_g(big[big['kappa'] == 0]['rel_err'].max())} "
+                   f"(κ = 0) and {_g(big['rel_err'].max())} (worst κ): a float32 running sum "
+                   "stops growing once it is 2^24 times its terms, and at large κ the sum "
+                   "of x itself rounds away the mean.")
+    s = sel("two-pass-corrected", "float32")
+    if len(s):
+        out.append(f"**corrected two-pass** (σ² = (Σd² − (Σd)²/m)/m) in float32: variance "
+                   f"rel_err ≤ {_g(s[s['m'] <= 2**16]['rel_err'].max())} for m ≤ 2^16 at every κ "
+                   f"(worst {_g(s['rel_err'].max())} at larger m), but its mean — hence y — "
+                   "carries the same float32-sum error as plain two-pass (see `mean_in_sd`, "
+                   "`y`).")
+    s = sel("welford", "float32")
+    if len(s):
+        by_k = s.groupby("kappa")["rel_err"].median()
+        out.append("**Welford with a float32 running mean**: median variance rel_err "
+                   + ", ".join(f"{_g(v)} at κ = {kappa_name(k)}" for k, v in by_k.items())
+                   + ": its error grows like κ·u (the running mean is stored to float32 "
+                   "precision, about κ·6e-8 of σ), so it is *not* within 1e-5 at κ = 1e4 even for "
+                   "small m. Two-pass error grows only like κ²·u² there.")
+    s = sel("welford-fcount", "float32")
+    if len(s) and m_max > 2**24:
+        out.append(f"**Welford with a float32 count**: n + 1 == n from n = 2^24, so at m = "
+                   f"{m_name(m_max)} the variance is off by "
+                   f"{_g(s[s['m'] == m_max]['rel_err'].median())} (median over κ).")
+    s = sel("chan", "float32")
+    if len(s):
+        out.append(f"**chan (256 chunks × Welford, merged pairwise)** in float32: worst variance "
+                   f"rel_err {_g(s['rel_err'].max())} over every κ and m: the tree merge keeps "
+                   "sums short, but at κ = 1e4 the per-chunk float32 means still cost ≈ κ·u.")
+    for lab in d.loc[d["backend"] != "study", "label"].unique():
+        parts = []
+        for dt in ("float32", "float64"):
+            v = var[(var["label"] == lab) & (var["dtype"] == dt)]
+            y = d[(d["label"] == lab) & (d["dtype"] == dt) & (d["stat"] == "y")]
+            if len(v):
+                parts.append(f"{dt}: var ≤ {_g(v['rel_err'].max())}, y ≤ "
+                             f"{_g(y['rel_err'].max()) if len(y) else 'n/a'}")
+        out.append(f"**nbbn {lab}** (its registered statistics and forward-train kernel), worst "
+                   "over every κ and m: " + "; ".join(parts) + ".")
+    if cross is not None and len(cross):
+        c = with_label(cross[(cross["stat"] == "var") & (cross["dtype"] == "float32")])
+        kmax_c = float(c["kappa"].max()) if len(c) else math.nan
+
+        def first(cc) -> str:
+            f = cc["first_m_not_negligible"]
+            return f"never (to {m_name(m_max)})" if f.isna().all() else m_name(int(f.min()))
+
+        items = [f"{lab}: {first(cc[cc['kappa'] <= 1])} at κ ≤ 1, "
+                 f"{first(cc[cc['kappa'] == kmax_c])} at κ = {kappa_name(kmax_c)}"
+                 for lab, cc in c.groupby("label", sort=False)]
+        out.append(f"**Rounding vs sampling** (float32 variance; negligible = below {NEGLIGIBLE:g} "
+                   "of the sampling RMSE √(2m − 1)/m of normal data, a theory part (b) confirms): "
+                   "the first m where rounding is no longer negligible — " + "; ".join(items)
+                   + ". Below those m the batch's sampling error dominates and the float32 "
+                   "algorithm does not matter; the table below gives every κ and also the mean "
+                   "and y.")
+    return out
+
+
+def sampling_findings(smp: pd.DataFrame) -> list[str]:
+    out = []
+    iid = smp[smp["sampling"] == "iid"]
+    for stat, th in (("mean", "σ/√m"), ("var", "√(bias² + Var)")):
+        parts = []
+        for name, g in iid[iid["stat"] == stat].groupby("distribution", sort=False):
+            parts.append(f"{name} {g['ratio'].min():.2f}–{g['ratio'].max():.2f}")
+        out.append(f"**Sampling RMSE of the batch {stat} / theory {th}**: " + ", ".join(parts)
+                   + f" (over m = {int(iid['m'].min())} … {int(iid['m'].max())}; "
+                   f"{int(iid['batches'].min())}–{int(iid['batches'].max())} batches each).")
+    heavy = iid[(iid["stat"] == "var") & (iid["pop_kurtosis"] > 5)]
+    if len(heavy):
+        out.append("For heavy-tailed populations (Student-t 5, log-normal) the variance's RMSE "
+                   "estimate is itself unreliable (t5 has no finite 8th moment): a few extreme "
+                   "batches dominate the theory, and most finite samples fall below it.")
+    img = smp[smp["sampling"] == "images"]
+    if len(img):
+        v = img.merge(iid[["distribution", "channel", "m", "stat", "rmse"]],
+                      on=["distribution", "channel", "m", "stat"], suffixes=("", "_iid"))
+        if len(v):
+            deff = (v["rmse"] / v["rmse_iid"]) ** 2
+            v = v.assign(deff=deff)
+            med = v[v["stat"] == "mean"].groupby("m")["deff"].median()
+            out.append("**Activations, whole images vs i.i.d. values** (same m): median design "
+                       "effect (RMSE ratio²) of the mean " + ", ".join(
+                           f"{_g(x)} at m = {m}" for m, x in med.items())
+                       + " — the effective m is m divided by this.")
+    return out
+
+
+def estimator_findings(est: pd.DataFrame, gap: pd.DataFrame | None) -> list[str]:
+    out = []
+    K = int(est["batches"].max())
+    last = est[(est["batches"] == K) & (est["stat"] == "var")]
+    for name, g in last.groupby("distribution", sort=False):
+        parts = []
+        for m, gm in g.groupby("m"):
+            a2 = gm[gm["estimator"] == "cumulative-unbiased"].iloc[0]
+            bb = gm[gm["estimator"] == "cumulative-biased"].iloc[0]
+            parts.append(f"m = {m}: Algorithm 2 {a2['rel_bias']:+.4f} ± {a2['rel_bias_se']:.4f}, "
+                         f"biased {bb['rel_bias']:+.4f} (theory −1/m = {-1 / m:+.4f})")
+        out.append(f"**Variance bias after {K} batches ({name}, relative to σ²)**: "
+                   + "; ".join(parts) + ".")
+        break
+    e = est[(est["batches"] == K) & (est["estimator"] == "ema")]
+    if len(e):
+        name = e["distribution"].iloc[0]
+        e = e[e["distribution"] == name]
+        a2 = est[(est["batches"] == K) & (est["estimator"] == "cumulative-unbiased")
+                 & (est["distribution"] == name)]
+        m = int(e["m"].median()) if int(e["m"].median()) in set(e["m"]) else int(e["m"].max())
+        parts = [f"momentum {r['momentum']:g}: {r['rel_rmse']:.3g}"
+                 for _, r in e[(e["m"] == m) & (e["stat"] == "var")].iterrows()]
+        r2 = a2[(a2["m"] == m) & (a2["stat"] == "var")]["rel_rmse"]
+        out.append(f"**EMA noise floor** ({name}, m = {m}, after {K} batches): variance rel RMSE "
+                   + ", ".join(parts) + (f" vs Algorithm 2 {r2.iloc[0]:.3g}" if len(r2) else "")
+                   + ". The EMA never averages below a/(2 − a) of one batch's variance; "
+                   "momentum 0.01 still carries the init running_var = 1 after 100 batches "
+                   "((0.99)^100 = 0.37 of it).")
+    dev = est["ema_kernel_dev"].max() if "ema_kernel_dev" in est else math.nan
+    impl = est["ema_impl"].iloc[0] if "ema_impl" in est else "?"
+    out.append(f"EMA through {'the nbbn kernel' if impl == 'nbbn' else 'nbbn.reference'}: "
+               f"largest deviation from the float64 update {_g(dev)} (relative to σ, σ²).")
+    if gap is not None and len(gap):
+        p = gap[gap["inference_stats"] == "population"]
+        name = p["distribution"].iloc[0]
+        p = p[p["distribution"] == name].sort_values("m")
+        out.append(f"**Train–inference gap** ({name}): ‖BN_train − BN_infer‖/‖BN_infer‖ RMS "
+                   + ", ".join(f"{r['gap_rms']:.3g} at m = {int(r['m'])}"
+                               for _, r in p.iterrows() if int(r["m"]) in
+                               (2, 4, 16, 64, 256, 1024, 4096, 16384))
+                   + "; first-order theory √((1 + (μ4/σ⁴ − 1)/4)/m) = √(1.5/m) for normal data "
+                   "(it underestimates for m ≲ 8, and is far off for the log-normal's heavy "
+                   "tail).")
+        q = gap[gap["distribution"] == name].pivot_table(
+            index="m", columns="inference_stats", values="gap_rms", aggfunc="first").dropna()
+        if len(q) and {"cumulative-biased", "cumulative-unbiased"} <= set(q.columns):
+            m0 = int(q.index.min())
+            out.append(f"At m = {m0} BN_infer with the *biased* average matches BN_train more "
+                       f"closely (gap {q.loc[m0, 'cumulative-biased']:.3g}) than with "
+                       f"Algorithm 2's unbiased one ({q.loc[m0, 'cumulative-unbiased']:.3g}) or "
+                       f"the exact population ({q.loc[m0, 'population']:.3g}): training "
+                       "normalizes by σ²_B, whose mean is (m − 1)/m·σ². Unbiased population "
+                       "statistics are the paper's choice, not the one that best reproduces "
+                       "training-mode outputs at small m.")
+    return out
+
+
+# -------------------------------------------------------------------------------- markdown
+
+def _pivot_rounding(rnd: pd.DataFrame, stat: str, dtype: str, m: int) -> str:
+    d = with_label(rnd[(rnd["stat"] == stat) & (rnd["dtype"] == dtype) & (rnd["m"] == m)])
+    if d.empty:
+        return "(no rows)"
+    p = d.pivot_table(index="label", columns="kappa", values="rel_err", aggfunc="first",
+                      sort=False)
+    p.columns = [f"κ={kappa_name(k)}" for k in p.columns]
+    return markdown_table(p)
+
+
+def _pivot_cross(cross: pd.DataFrame, dtype: str, stat: str) -> str:
+    c = with_label(cross[(cross["stat"] == stat) & (cross["dtype"] == dtype)])
+    if c.empty:
+        return "(no rows)"
+    c = c.assign(cell=[("never" if pd.isna(f) else m_name(int(f)))
+                       for f in c["first_m_not_negligible"]])
+    p = c.pivot_table(index="label", columns="kappa", values="cell", aggfunc="first", sort=False)
+    p.columns = [f"κ={kappa_name(k)}" for k in p.columns]
+    return markdown_table(p)
+
+
+def markdown(meta: dict, tables: dict[str, pd.DataFrame], skipped: pd.DataFrame,
+             figures: list[str], plot_note: str | None) -> str:
+    L = ["# nbbn accuracy study", "",
+         f"Command: `{meta['command']}`", "",
+         f"Run {meta['date']} on {meta['cpu']} ({meta['cpus']} CPUs, {meta['threads']} Numba "
+         f"threads), Python {meta['python_version']}, NumPy {meta['numpy_version']}, "
+         f"Numba {meta['numba_version']}, nbbn {meta['nbbn_version']}; seed {meta['seed']}; "
+         f"wall time {meta['wall_s']:.0f} s ({meta['timings']}).", "",
+         "Tidy tables beside this file (CSV and JSON, one row per point, environment in every "
+         "row): " + ", ".join(f"`{k}.csv`" for k in tables) + ". Formulas: the docstrings of "
+         "`nbbn/study/{algorithms,rounding,sampling,estimators}.py`.", ""]
+    rnd, cross = tables.get("rounding"), tables.get("rounding_crossover")
+    smp, est, gap = tables.get("sampling"), tables.get("estimators"), tables.get("gap")
+
+    findings = []
+    if rnd is not None and len(rnd):
+        findings += rounding_findings(rnd, cross)
+    if smp is not None and len(smp):
+        findings += sampling_findings(smp)
+    if est is not None and len(est):
+        findings += estimator_findings(est, gap)
+    if findings:
+        L += ["## Key findings", ""] + [f"- {f}" for f in findings] + [""]
+
+    if rnd is not None and len(rnd):
+        m_max = int(rnd["m"].max())
+        ms = sorted(rnd["m"].unique())
+        m_mid = int(min(ms, key=lambda m: abs(math.log2(m) - 10)))
+        L += ["## (a) Rounding error of the statistics", "",
+              "Data x = κ + z, z ~ N(0, 1), one draw per m shared by every κ and dtype; float32 "
+              "data are those values rounded once. The study's algorithms (`naive`, `two-pass`, "
+              "`two-pass-corrected`, `welford`, `welford-fcount`, `chan`) accumulate "
+              "sequentially in the data's dtype; "
+              "`<backend> <layout>` rows are the nbbn kernels (statistics from the backend's "
+              "registered statistics function, invstd and y from its forward-train kernel, on x "
+              "viewed as NC (m, 1) and NCHW (N, 1, 1, S)). Reference: double-double (≈106-bit) "
+              "sums, deviations and squares of the same data, checked against exact rational "
+              "arithmetic in the tests. ε = 1e-5. `mean_in_sd` is |μ̂ − μ|/σ. inf = NaN result.",
+              ""]
+        for dt in ("float32", "float64"):
+            for stat in ("var", "y"):
+                for m in (m_mid, m_max):
+                    L += [f"### rel_err({stat}), {dt}, m = {m_name(m)}", "",
+                          _pivot_rounding(rnd, stat, dt, m), ""]
+        if cross is not None and len(cross):
+            L += [f"### First m where rounding is no longer negligible (> {NEGLIGIBLE:g} × "
+                  "sampling RMSE of normal data), float32", ""]
+            for stat in ("var", "mean_in_sd", "y"):
+                L += [f"{stat}:", "", _pivot_cross(cross, "float32", stat), ""]
+            L += ["float64, var:", "", _pivot_cross(cross, "float64", "var"), ""]
+
+    if smp is not None and len(smp):
+        iid = smp[(smp["sampling"] == "iid")]
+        L += ["## (b) Sampling error of batch statistics", "",
+              "RMSE over B batches against the population, beside the i.i.d. theory: σ/√m for "
+              "the mean; for the biased variance RMSE² = σ⁴/m² + ((m−1)/m)²·(μ4 − σ⁴(m−3)/(m−1))/m."
+              " For NCHW m = N·H·W, and for i.i.d. values only m matters, not how it splits into "
+              "N and H·W; real activations (`--activations`, 3-D/4-D) are also sampled as whole "
+              "images to show what spatial correlation does. `rmse_rel_se` in the CSV is the "
+              "standard error of each RMSE (≈ 1/√(2B) for normal errors).", ""]
+        for stat in ("mean", "var"):
+            p = iid[iid["stat"] == stat].pivot_table(index="m", columns="distribution",
+                                                     values="ratio", aggfunc="mean", sort=False)
+            L += [f"### RMSE / theory, batch {stat} (activations: mean over channels)", "",
+                  markdown_table(p, ".3f"), ""]
+        img = smp[smp["sampling"] == "images"]
+        if len(img):
+            p = img.pivot_table(index="m", columns="stat", values="ratio", aggfunc="median")
+            L += ["### Activations sampled as whole images: RMSE / i.i.d. theory (median over "
+                  "channels)", "", markdown_table(p, ".3f"), ""]
+
+    if est is not None and len(est):
+        K = int(est["batches"].max())
+        e = est[est["batches"] == K].copy()
+        e["estimator"] = [f"ema {r['momentum']:g}" if r["estimator"] == "ema" else r["estimator"]
+                          for r in e[["estimator", "momentum"]].to_dict(orient="records")]
+        L += ["## (c) Population estimators and the train–inference gap", "",
+              "EMA in PyTorch's convention (running = (1 − momentum)·running + momentum·batch, "
+              "unbiased batch variance, starting from running_mean = 0, running_var = 1), run by "
+              "the nbbn forward-train kernel; Algorithm 2 (cumulative average, variance × "
+              "m/(m − 1)); the biased cumulative average. Bias and RMSE over independent streams "
+              "(relative to σ for the mean, σ² for the variance).", ""]
+        first = e["distribution"].iloc[0]
+        for name in list(dict.fromkeys(e["distribution"])):
+            for stat in ("mean", "var") if name == first else ("var",):
+                p = e[(e["distribution"] == name) & (e["stat"] == stat)]
+                p = p.assign(cell=[f"{b:+.3g} / {r:.3g}"
+                                   for b, r in zip(p["rel_bias"], p["rel_rmse"], strict=True)])
+                q = p.pivot_table(index="estimator", columns="m", values="cell",
+                                  aggfunc="first", sort=False)
+                q.columns = [f"m={c}" for c in q.columns]
+                L += [f"### {name}: bias / RMSE of the {stat} after {K} batches (relative to "
+                      + ("σ)" if stat == "mean" else "σ²)"), "", markdown_table(q), ""]
+        if gap is not None and len(gap):
+            p = gap[gap["inference_stats"] == "population"].pivot_table(
+                index="m", columns="distribution", values="gap_rms", aggfunc="first", sort=False)
+            t = gap[gap["inference_stats"] == "population"].pivot_table(
+                index="m", columns="distribution", values="theory", aggfunc="first", sort=False)
+            t.columns = [f"{c} theory" for c in t.columns]
+            L += ["### Train–inference gap, RMS of ‖BN_train(x) − BN_infer(x)‖/‖BN_infer(x)‖ "
+                  "(BN_infer with the exact population statistics)", "",
+                  markdown_table(pd.concat([p, t], axis=1), ".3g"), ""]
+            first = gap["distribution"].iloc[0]
+            q = gap[gap["distribution"] == first].pivot_table(
+                index="m", columns="inference_stats", values="gap_rms", aggfunc="first",
+                sort=False).dropna()
+            if len(q):
+                L += [f"### {first}: RMS gap when BN_infer uses each estimator after "
+                      f"{int(gap['stream_batches'].max())} batches", "",
+                      markdown_table(q, ".3g"), ""]
+
+    L += ["## Skipped", ""]
+    if skipped is not None and len(skipped):
+        L += [markdown_table(skipped, index=False), ""]
+    else:
+        L += ["Nothing was skipped.", ""]
+    L += ["## Figures", ""]
+    if plot_note:
+        L += [plot_note, ""]
+    L += [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(L)

@@ -1,0 +1,63 @@
+"""Every CUDA kernel compiles with the real compiler (NVVM) for cc 8.0 and 9.0, float32 and
+float64 -- no GPU needed.
+
+The tests run under the CUDA simulator, which compiles nothing, so the check runs in a
+subprocess without NUMBA_ENABLE_CUDASIM: ``python -m nbbn.cuda.ptxcheck``. The kernel list and
+signatures come from ``nbbn.cuda.kernels.KERNELS`` (declared with each kernel), and kernels left
+out of it are reported as unlisted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def report():
+    if importlib.util.find_spec("numba_cuda") is None:
+        pytest.skip("numba-cuda is not installed (pip install 'nbbn[cuda]')")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, "-m", "nbbn.cuda.ptxcheck"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    try:
+        rep = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"ptxcheck printed no JSON (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    rep["rc"] = proc.returncode
+    return rep
+
+
+def _rows(report, **match):
+    return [r for r in report["results"] if all(r[k] == v for k, v in match.items())]
+
+
+def test_every_kernel_compiles_for_cc80_and_cc90(report):
+    failures = [f"{r['kernel']} {r['dtype']} cc{r['cc']}: {r['error']}"
+                for r in report["results"] if not r["ok"]]
+    assert not failures, "\n".join(failures)
+    assert not report["unlisted"], f"@cuda.jit kernels missing from KERNELS: {report['unlisted']}"
+    assert len(report["results"]) == 4 * report["kernels"]  # {f32, f64} × {8.0, 9.0} each
+    assert report["ok"] and report["rc"] == 0
+
+
+def test_ptx_has_the_intended_instructions(report):
+    """1-D block reductions use warp shuffles, the v2 kernels take tickets and read partials
+    through L2, and the float32 elementwise passes do no float64 arithmetic."""
+    by_kernel = {r["kernel"] for r in report["results"]}
+    for name in by_kernel:
+        rows = _rows(report, kernel=name, dtype="float32", cc="9.0")
+        assert rows and rows[0]["ok"], name
+        facts = rows[0]
+        if name.startswith("nchw_") and ("partial" in name or "ticket" in name):
+            assert facts["shfl"], name
+        if "ticket" in name:
+            assert facts["atomics"] and facts["ld_global_cg"], name
+        if name.endswith(("normalize", "_dx")):
+            assert facts["fp64_ops"] == 0 and not facts["atomics"], name
+        assert not facts["local_memory"], name

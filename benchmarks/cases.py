@@ -41,7 +41,6 @@ def _data(shape, dtype=np.float32, seed=0):
 
 def make(impl: str, op: str, shape, dtype=np.float32):
     x, dy, gamma, beta = _data(shape, dtype)
-    C = shape[1]
     _, sm, si = nbbn.batch_norm_train(x, gamma, beta)  # also compiles the forward kernels
     rm, rv = sm.copy(), (1 / si.astype(np.float64) ** 2).astype(dtype)
 

@@ -1,7 +1,8 @@
 """CPU speed of nbbn beside PyTorch CPU and a copy of the same bytes (pytest-benchmark).
 
-Run with ``nox -s bench`` (autosaves; ``nox -s bench -- --benchmark-compare --benchmark-compare-fail=median:10%``
-compares against the last saved run). Never part of the test suite: no wall-clock assertions.
+Run with ``nox -s bench`` (autosaves); ``nox -s bench -- --benchmark-compare
+--benchmark-compare-fail=median:10%`` compares against the last saved run. Never part of the test
+suite: no wall-clock assertions.
 """
 
 import gc

@@ -22,6 +22,7 @@ register_backend(BackendInfo(
     description="Numba @njit(parallel=True) kernels on the host",
     availability=lambda: None,
     load=_load("nbbn.cpu"),
+    default_variant="auto",
 ))
 
 register_backend(BackendInfo(

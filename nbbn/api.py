@@ -1,5 +1,6 @@
-"""The three public functions. Each validates (nbbn.validate), selects the kernel for
-(backend, op, layout) from the registry, and calls it. The formulas are in :mod:`nbbn.reference`.
+"""The three public functions. Each validates (:mod:`nbbn.validate`), selects the kernel for
+(backend, op, memory layout) from the registry, and calls it. The formulas are in
+:mod:`nbbn.reference`; layouts and fusion in :mod:`nbbn.spec`.
 """
 
 from __future__ import annotations
@@ -7,55 +8,89 @@ from __future__ import annotations
 from . import registry, validate
 from .spec import Op
 
+_KERNEL_BACKENDS: set[str] = set()
+
 
 def _kernel_backend(backend: str) -> str:
+    if backend in _KERNEL_BACKENDS:
+        return backend
     info = registry.backend_info(backend)  # ValueError listing the registered ones if unknown
     if info.kind != "kernel":
         raise ValueError(
             f"backend {backend!r} is a benchmark baseline, not an nbbn kernel backend; choose "
             f"from {', '.join(registry.backend_names('kernel'))}"
         )
+    _KERNEL_BACKENDS.add(backend)
     return backend
 
 
+def _kernel(backend: str, op: Op, geom):
+    spec = registry.select(backend, op, geom.layout)
+    if geom.dtype not in spec.dtypes:
+        who = [b for b in registry.backend_names("kernel")
+               if geom.dtype in registry.backend_info(b).dtypes]
+        raise TypeError(
+            f"backend {backend!r} does not run {geom.dtype} x (it runs "
+            f"{', '.join(str(d) for d in spec.dtypes)})"
+            + (f"; {geom.dtype} runs on backend {', '.join(repr(b) for b in who)}" if who else ""))
+    return spec.fn
+
+
 def batch_norm_train(x, gamma=None, beta=None, *, eps=1e-5, running_mean=None, running_var=None,
-                     momentum=0.1, backend="cpu", out=None):
+                     momentum=0.1, channel_axis=1, relu=False, residual=None, backend="cpu",
+                     out=None):
     """Training-mode batch norm: normalize each channel by its batch mean and biased variance.
 
-    Returns ``(y, save_mean, save_invstd)``: y like x; ``save_mean`` = μ and
-    ``save_invstd`` = 1/√(σ²_biased + eps), shape (C,), in x's dtype.
+    Returns ``(y, save_mean, save_invstd)``: y like x (same shape and memory layout);
+    ``save_mean`` = μ and ``save_invstd`` = 1/√(σ²_biased + eps), shape (C,), in x's dtype.
+
+    ``channel_axis``: 1 (channels first, the default) or -1 (channels last: (N, C), (N, L, C),
+    (N, H, W, C)). The memory layout is read from x's strides: a channels-last (N, C, H, W) array
+    is computed in place by the channels-last kernels and y comes back channels-last too.
 
     ``gamma``/``beta`` None mean γ = 1, β = 0. ``running_mean``/``running_var``, if given, are
     updated in place (PyTorch convention): ``r ← (1 − momentum)·r + momentum·batch``, the running
     variance from the unbiased batch variance σ²·m/(m−1).
 
-    ``out=(y, save_mean, save_invstd)`` writes into preallocated C-contiguous arrays of the
-    returned shapes and dtype instead of allocating; the same arrays are returned.
+    Fusion: ``residual`` (x's shape and dtype) is added after the affine transform and ``relu``
+    applies max(·, 0) last: y = max(γ·x̂ + β + residual, 0) in one pass.
+
+    ``out=(y, save_mean, save_invstd)`` writes into preallocated arrays of the returned shapes,
+    dtype and memory layout instead of allocating; the same arrays are returned.
     """
     b = _kernel_backend(backend)
-    args = validate.train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out)
-    return registry.select(b, Op.FORWARD_TRAIN, args.geom.layout).fn(args)
+    args = validate.train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
+                               channel_axis, relu, residual)
+    return _kernel(b, Op.FORWARD_TRAIN, args.geom)(args)
 
 
-def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, backend="cpu", out=None):
+def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, channel_axis=1,
+                        relu=False, y=None, backend="cpu", out=None):
     """Gradients of training-mode batch norm: returns ``(dx, dgamma, dbeta)``.
 
     ``save_mean``/``save_invstd`` are what :func:`batch_norm_train` returned. dγ and dβ are
-    returned even when ``gamma`` is None (γ = 1). ``out=(dx, dgamma, dbeta)`` as in
-    :func:`batch_norm_train`.
+    returned even when ``gamma`` is None (γ = 1).
+
+    With ``relu=True`` (the forward ran with ``relu=True``), ``y`` -- the forward's output -- is
+    required: dz = dy·[y > 0] is the gradient of the pre-activation (and of the forward's
+    residual), and the call returns ``(dx, dgamma, dbeta, dz)``.
+
+    ``out=(dx, dgamma, dbeta[, dz])`` as in :func:`batch_norm_train`.
     """
     b = _kernel_backend(backend)
-    args = validate.backward_args(dy, x, save_mean, save_invstd, gamma, out)
-    return registry.select(b, Op.BACKWARD, args.geom.layout).fn(args)
+    args = validate.backward_args(dy, x, save_mean, save_invstd, gamma, out, channel_axis, relu, y)
+    return _kernel(b, Op.BACKWARD, args.geom)(args)
 
 
 def batch_norm_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5,
-                     backend="cpu", out=None):
-    """Inference-mode batch norm with population statistics, folded into y = α·x + β'.
+                     channel_axis=1, relu=False, residual=None, backend="cpu", out=None):
+    """Inference-mode batch norm with population statistics, folded into y = α·x + β'
+    (then ``+ residual`` and ``max(·, 0)`` with ``relu``, in the same pass).
 
-    ``out=y`` writes into a preallocated array of x's shape and dtype.
+    ``out=y`` writes into a preallocated array of x's shape, dtype and memory layout.
     """
     b = _kernel_backend(backend)
-    args = validate.infer_args(x, running_mean, running_var, gamma, beta, eps, out)
-    (y,) = registry.select(b, Op.INFERENCE, args.geom.layout).fn(args)
+    args = validate.infer_args(x, running_mean, running_var, gamma, beta, eps, out, channel_axis,
+                               relu, residual)
+    (y,) = _kernel(b, Op.INFERENCE, args.geom)(args)
     return y

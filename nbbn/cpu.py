@@ -495,18 +495,41 @@ def infer_nc(x, rmean, rvar, gamma, beta, has_gamma, has_beta, eps, y, ab, rows_
 # --------------------------------------------------------------------------------------------
 # Wrappers: convert, allocate, choose the variant, call. Arguments were validated by the API.
 # --------------------------------------------------------------------------------------------
+from .spec import inverse_perm  # noqa: E402
+
+
 def _host(a, name: str) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise TypeError(f"backend 'cpu' takes NumPy arrays; {name} is {type(a).__name__} "
                         "(use backend='cuda' for device arrays)")
-    return np.ascontiguousarray(a)
+    return a
+
+
+def _kview(a, geom, name: str) -> np.ndarray:
+    """The kernels' C-contiguous view of an x-shaped array (one copy if it is laid out
+    otherwise)."""
+    a = _host(a, name)
+    if not geom.identity_perm:
+        a = a.transpose(geom.perm)
+    return np.ascontiguousarray(a).reshape(geom.kernel_shape)
+
+
+def _alloc(geom, out):
+    """(user array, kernel view) of an x-shaped output, in x's memory layout."""
+    if out is None:
+        buf = np.empty(geom.memory_shape, dtype=geom.dtype)
+        user = buf if geom.identity_perm else buf.transpose(inverse_perm(geom.perm))
+    else:
+        user = out
+        buf = out if geom.identity_perm else out.transpose(geom.perm)
+    return user, buf.reshape(geom.kernel_shape)
 
 
 def _vector(v, name: str):
     """(array, present) for an optional per-channel vector; kernels read it in its own dtype."""
     if v is None:
         return _EMPTY, False
-    return _host(v, name), True
+    return np.ascontiguousarray(_host(v, name)), True
 
 
 def _chunks(rows: int, tasks_wanted: int) -> int:
@@ -525,22 +548,18 @@ def nc_tile_width(N: int, C: int, itemsize: int) -> int:
     return min(w, C)
 
 
-def use_fused(geom_layout: Layout, N: int, C: int, itemsize: int, force: str | None = None) -> bool:
+def use_fused(nc: bool, N: int, C: int, itemsize: int, force: str | None = None) -> bool:
     """Fused when it yields enough independent tasks to keep every thread busy."""
     if force is not None:
         return force == "fused"
-    if geom_layout is Layout.NC:
+    if nc:
         w = nc_tile_width(N, C, itemsize)
         return -(-C // w) >= _tasks_wanted()
     return C >= _tasks_wanted()
 
 
-#: Tests set this to "fused" or "split" to exercise one variant at every shape.
-FORCE_VARIANT: str | None = None
-
-
 def _forward(x, gamma, beta, eps, running_mean, running_var, momentum, y, save_mean,
-             save_invstd, write_y):
+             save_invstd, write_y, force=None):
     """Run the forward-train kernel of x's layout (x is (N, C) or (N, C, S), C-contiguous)."""
     g, has_g = _vector(gamma, "gamma")
     b, has_b = _vector(beta, "beta")
@@ -550,18 +569,18 @@ def _forward(x, gamma, beta, eps, running_mean, running_var, momentum, y, save_m
     C = x.shape[1]
     mean64 = np.empty(C)
     var64 = np.empty(C)
-    layout = Layout.NC if x.ndim == 2 else Layout.NCHW
+    nc = x.ndim == 2
     N = x.shape[0]
     common = (g, b, has_g, has_b, eps, rm, rv, has_running, momentum, write_y, y, save_mean,
               save_invstd, mean64, var64)
-    if use_fused(layout, N, C, x.itemsize, FORCE_VARIANT):
-        if layout is Layout.NC:
+    if use_fused(nc, N, C, x.itemsize, force):
+        if nc:
             fwd_nc_fused(x, *common, nc_tile_width(N, C, x.itemsize))
         else:
             fwd_nchw_fused(x, *common)
     else:
         K = _chunks(N, -(-_tasks_wanted() // C))
-        if layout is Layout.NC:
+        if nc:
             fwd_nc_split(x, *common, np.empty((K, 3, C)), np.empty((2, C)))
         else:
             fwd_nchw_split(x, *common, np.empty((C, K, 3)), np.empty((C, 2)))
@@ -571,53 +590,61 @@ def _forward(x, gamma, beta, eps, running_mean, running_var, momentum, y, save_m
 def _running(v, name):
     if v is None:
         return None
-    if not isinstance(v, np.ndarray):
-        raise TypeError(f"backend 'cpu' takes NumPy arrays; {name} is {type(v).__name__}")
+    v = _host(v, name)
     if not v.flags.c_contiguous:
         raise ValueError(f"{name} is updated in place and must be C-contiguous for backend 'cpu'")
     return v
 
 
-def forward_train(args):
+def _no_fusion(args):
+    if args.fusion != "none":
+        raise NotImplementedError("relu/residual fusion is not implemented on backend 'cpu' yet")
+
+
+def forward_train(args, force=None):
+    _no_fusion(args)
     geom = args.geom
-    x = _host(args.x, "x").reshape(geom.kernel_shape)
+    x = _kview(args.x, geom, "x")
     rm = _running(args.running_mean, "running_mean")
     rv = _running(args.running_var, "running_var")
     if args.out is None:
-        y_user = np.empty(geom.shape, dtype=geom.dtype)
+        y_user, y = _alloc(geom, None)
         save_mean = np.empty(geom.C, dtype=geom.dtype)
         save_invstd = np.empty(geom.C, dtype=geom.dtype)
     else:
-        y_user, save_mean, save_invstd = args.out
-    _forward(x, args.gamma, args.beta, args.eps, rm, rv, args.momentum,
-             y_user.reshape(geom.kernel_shape), save_mean, save_invstd, True)
+        y_user, y = _alloc(geom, args.out[0])
+        save_mean, save_invstd = args.out[1], args.out[2]
+    _forward(x, args.gamma, args.beta, args.eps, rm, rv, args.momentum, y, save_mean,
+             save_invstd, True, force)
     return y_user, save_mean, save_invstd
 
 
-def backward(args):
+def backward(args, force=None):
+    _no_fusion(args)
     geom = args.geom
-    x = _host(args.x, "x").reshape(geom.kernel_shape)
-    dy = _host(args.dy, "dy").reshape(geom.kernel_shape)
-    sm = _host(args.save_mean, "save_mean")
-    si = _host(args.save_invstd, "save_invstd")
+    x = _kview(args.x, geom, "x")
+    dy = _kview(args.dy, geom, "dy")
+    sm = np.ascontiguousarray(_host(args.save_mean, "save_mean"))
+    si = np.ascontiguousarray(_host(args.save_invstd, "save_invstd"))
     g, has_g = _vector(args.gamma, "gamma")
     if args.out is None:
-        dx_user = np.empty(geom.shape, dtype=geom.dtype)
+        dx_user, dx = _alloc(geom, None)
         dgamma = np.empty(geom.C, dtype=geom.dtype)
         dbeta = np.empty(geom.C, dtype=geom.dtype)
     else:
-        dx_user, dgamma, dbeta = args.out
-    dx = dx_user.reshape(geom.kernel_shape)
-    N, C = geom.N, geom.C
-    if use_fused(geom.layout, N, C, x.itemsize, FORCE_VARIANT):
-        if geom.layout is Layout.NC:
+        dx_user, dx = _alloc(geom, args.out[0])
+        dgamma, dbeta = args.out[1], args.out[2]
+    N, C = x.shape[0], x.shape[1]
+    nc = x.ndim == 2
+    if use_fused(nc, N, C, x.itemsize, force):
+        if nc:
             bwd_nc_fused(dy, x, sm, si, g, has_g, dx, dgamma, dbeta,
                          nc_tile_width(N, C, x.itemsize))
         else:
             bwd_nchw_fused(dy, x, sm, si, g, has_g, dx, dgamma, dbeta)
     else:
         K = _chunks(N, -(-_tasks_wanted() // C))
-        if geom.layout is Layout.NC:
+        if nc:
             bwd_nc_split(dy, x, sm, si, g, has_g, dx, dgamma, dbeta, np.empty((K, 2, C)),
                          np.empty((3, C)))
         else:
@@ -626,29 +653,30 @@ def backward(args):
     return dx_user, dgamma, dbeta
 
 
-def inference(args):
+def inference(args, force=None):
+    _no_fusion(args)
     geom = args.geom
-    x = _host(args.x, "x").reshape(geom.kernel_shape)
-    rm = _host(args.running_mean, "running_mean")
-    rv = _host(args.running_var, "running_var")
+    x = _kview(args.x, geom, "x")
+    rm = np.ascontiguousarray(_host(args.running_mean, "running_mean"))
+    rv = np.ascontiguousarray(_host(args.running_var, "running_var"))
     g, has_g = _vector(args.gamma, "gamma")
     b, has_b = _vector(args.beta, "beta")
-    y_user = np.empty(geom.shape, dtype=geom.dtype) if args.out is None else args.out
-    y = y_user.reshape(geom.kernel_shape)
-    if geom.layout is Layout.NC:
-        rows = max(1, min(geom.N, -(-geom.N // _tasks_wanted()), max(1, 2 * BLOCK // geom.C)))
-        infer_nc(x, rm, rv, g, b, has_g, has_b, args.eps, y, np.empty((3, geom.C)), rows)
+    y_user, y = _alloc(geom, args.out)
+    if x.ndim == 2:
+        N, C = x.shape
+        rows = max(1, min(N, -(-N // _tasks_wanted()), max(1, 2 * BLOCK // C)))
+        infer_nc(x, rm, rv, g, b, has_g, has_b, args.eps, y, np.empty((3, C)), rows)
     else:
         infer_nchw(x, rm, rv, g, b, has_g, has_b, args.eps, y)
     return (y_user,)
 
 
-def batch_stats(x) -> tuple[np.ndarray, np.ndarray]:
+def batch_stats(x, channel_axis=1) -> tuple[np.ndarray, np.ndarray]:
     """(μ, σ²_biased) per channel in float64, by the forward kernel's own statistics code."""
     from .validate import geometry
 
-    geom = geometry(x)
-    xk = _host(x, "x").reshape(geom.kernel_shape)
+    geom = geometry(x, channel_axis)
+    xk = _kview(x, geom, "x")
     C = geom.C
     dummy = np.empty((0,) * xk.ndim, dtype=xk.dtype)
     return _forward(xk, None, None, 1e-5, None, None, 0.0, dummy, np.empty(C, xk.dtype),
@@ -663,5 +691,10 @@ _DESCRIPTIONS = {
 for _op, _fn in ((Op.FORWARD_TRAIN, forward_train), (Op.BACKWARD, backward),
                  (Op.INFERENCE, inference)):
     for _layout in Layout:
-        registry.register(registry.KernelSpec("cpu", _op, _layout, _fn, _DESCRIPTIONS[_op]))
+        registry.register(registry.KernelSpec("cpu", _op, _layout, _fn, _DESCRIPTIONS[_op],
+                                              variant="auto"))
+        for _v in ("fused", "split"):
+            registry.register(registry.KernelSpec(
+                "cpu", _op, _layout, lambda a, _f=_fn, _v=_v: _f(a, _v),
+                _DESCRIPTIONS[_op] + f" ({_v} work split)", variant=_v))
 registry.register_stats("cpu", batch_stats)

@@ -1,4 +1,4 @@
-"""One registry keyed by (backend, op, layout).
+"""One registry keyed by (backend, op, layout, variant).
 
 A backend is one module that calls :func:`register_backend` once (cheaply, at ``import nbbn``)
 and :func:`register` for each kernel it provides. Heavy imports (numba-cuda, torch) stay inside
@@ -6,7 +6,12 @@ the backend's ``load`` hook, which :func:`select` runs the first time the backen
 its ``availability`` check has passed. Nothing outside this module branches on backend names.
 
 Each kernel's ``fn`` takes the validated argument bundle of its op (:mod:`nbbn.spec`) and returns
-the op's outputs as a tuple, in :data:`nbbn.spec.OP_OUTPUTS` order.
+the op's outputs as a tuple, in :func:`nbbn.spec.op_outputs` order.
+
+Variants: a backend may register several algorithms for one (op, layout) -- llm.c's numbered
+kernel versions, or the CPU's work splits -- each under a name. Every backend names its default
+variant (``BackendInfo.default_variant``); :func:`select` without a variant returns it, and the
+harness sweeps the others (``nbbn bench --variant all``). Tests force a variant the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .spec import Layout, Op
+import numpy as np
+
+from .spec import FLOAT_DTYPES, Layout, Op
 
 
 class BackendUnavailable(RuntimeError):
@@ -33,6 +40,11 @@ class BackendInfo:
     kind: str = "kernel"
     #: Where the backend's arrays live: "cpu" or "cuda" (the harness picks its timer by this).
     device: str = "cpu"
+    #: The variant :func:`select` returns when none is named.
+    default_variant: str = "default"
+    #: Every dtype of x some kernel of this backend runs (declared without loading it, so an
+    #: error can say which backend runs a dtype); each KernelSpec says what it runs itself.
+    dtypes: tuple = FLOAT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -42,12 +54,21 @@ class KernelSpec:
     layout: Layout
     fn: Callable
     description: str = ""
+    variant: str = "default"
+    #: dtypes of x this kernel runs (the API raises TypeError for others, naming who runs them).
+    dtypes: tuple = FLOAT_DTYPES
+
+    @property
+    def key(self) -> tuple[str, Op, Layout, str]:
+        return (self.backend, self.op, self.layout, self.variant)
 
 
 @dataclass
 class _State:
     backends: dict[str, BackendInfo] = field(default_factory=dict)
-    kernels: dict[tuple[str, Op, Layout], KernelSpec] = field(default_factory=dict)
+    kernels: dict[tuple[str, Op, Layout, str], KernelSpec] = field(default_factory=dict)
+    #: select()'s answers for loaded backends, keyed by the arguments as given (the per-call path)
+    fast: dict[tuple, KernelSpec] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)
     reasons: dict[str, str | None] = field(default_factory=dict)
     stats: dict[str, Callable] = field(default_factory=dict)
@@ -60,12 +81,16 @@ def register_backend(info: BackendInfo) -> None:
     _STATE.backends[info.name] = info
     _STATE.reasons.pop(info.name, None)
     _STATE.loaded.discard(info.name)
+    _STATE.fast.clear()
 
 
 def register(spec: KernelSpec) -> KernelSpec:
     if spec.backend not in _STATE.backends:
         raise KeyError(f"register backend {spec.backend!r} before its kernels")
-    _STATE.kernels[(spec.backend, Op(spec.op), Layout(spec.layout))] = spec
+    spec = KernelSpec(spec.backend, Op(spec.op), Layout(spec.layout), spec.fn, spec.description,
+                      spec.variant, tuple(np.dtype(d) for d in spec.dtypes))
+    _STATE.kernels[spec.key] = spec
+    _STATE.fast.clear()
     return spec
 
 
@@ -93,6 +118,7 @@ def unregister_backend(name: str) -> None:
     _STATE.reasons.pop(name, None)
     _STATE.loaded.discard(name)
     _STATE.stats.pop(name, None)
+    _STATE.fast.clear()
     for key in [k for k in _STATE.kernels if k[0] == name]:
         del _STATE.kernels[key]
 
@@ -136,16 +162,39 @@ def _ensure_loaded(name: str) -> None:
         _STATE.loaded.add(name)
 
 
-def select(backend: str, op: Op | str, layout: Layout | str) -> KernelSpec:
-    """The kernel for (backend, op, layout).
+def select(backend: str, op: Op | str, layout: Layout | str,
+           variant: str | None = None) -> KernelSpec:
+    """The kernel for (backend, op, layout, variant); variant None means the backend's default.
 
-    ValueError if unknown, BackendUnavailable (with the reason) if it cannot run here."""
+    ValueError if unknown (naming the variants there are), BackendUnavailable (with the reason)
+    if the backend cannot run here."""
+    spec = _STATE.fast.get((backend, op, layout, variant))
+    if spec is not None:
+        return spec
     _ensure_loaded(backend)
-    key = (backend, Op(op), Layout(layout))
-    try:
-        return _STATE.kernels[key]
-    except KeyError:
-        raise ValueError(f"backend {backend!r} has no kernel for {key[1]} {key[2]}") from None
+    name = backend_info(backend).default_variant if variant is None else variant
+    key = (backend, Op(op), Layout(layout), name)
+    spec = _STATE.kernels.get(key)
+    if spec is None:
+        there = variants(backend, key[1], key[2])
+        if not there:
+            raise ValueError(f"backend {backend!r} has no kernel for {key[1]} {key[2]}")
+        raise ValueError(f"backend {backend!r} has no variant {name!r} for {key[1]} {key[2]}; "
+                         f"its variants: {', '.join(there)}")
+    _STATE.fast[(backend, op, layout, variant)] = spec
+    return spec
+
+
+def variants(backend: str, op: Op | str | None = None,
+             layout: Layout | str | None = None) -> list[str]:
+    """Variant names a (loaded) backend registers, for one op/layout if given; default first."""
+    _ensure_loaded(backend)
+    names = dict.fromkeys(
+        k[3] for k in _STATE.kernels
+        if k[0] == backend and (op is None or k[1] == Op(op))
+        and (layout is None or k[2] == Layout(layout)))
+    default = backend_info(backend).default_variant
+    return sorted(names, key=lambda n: (n != default, n))
 
 
 def kernels(backend: str | None = None) -> list[KernelSpec]:

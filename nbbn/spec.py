@@ -1,17 +1,40 @@
-"""What nbbn computes, as data: the ops, the layouts, and the argument bundles every backend takes.
+"""What nbbn computes, as data: the ops, the memory layouts, and the argument bundles every
+backend takes.
 
-Layouts: the channel axis is always axis 1.
+Channel axis and memory layout
+------------------------------
+The public functions take ``channel_axis=1`` (channels first: ``(N, C)``, ``(N, C, L)``,
+``(N, C, H, W)``) or ``channel_axis=-1`` (channels last: ``(N, C)``, ``(N, L, C)``,
+``(N, H, W, C)``); statistics run over every other axis. Kernels do not see the axes the user
+named but the **memory layout** of the array, one of three:
 
-* ``NC``   -- ``x.shape == (N, C)``; statistics over N, so m = N.
-* ``NCHW`` -- ``x.shape == (N, C, H, W)`` or ``(N, C, L)``; statistics over N·H·W (or N·L)
-  per channel.
+* ``NC``   -- ``(N, C)`` with C contiguous; statistics over the N rows, m = N. A 3-/4-D input
+  whose spatial size H·W is 1 is this layout too (its memory is the same).
+* ``NCHW`` -- channels first in memory: kernels index an ``(N, C, S)`` view, S = H·W (or L), so
+  channel c is N runs of S contiguous values; m = N·S.
+* ``NHWC`` -- channels last in memory: kernels index an ``(N·S, C)`` view -- NC with m = N·S rows.
 
-Kernels see the NCHW family as a 3-D ``(N, C, S)`` view with ``S = H·W`` (or ``L``).
+The memory layout comes from the strides, not from ``channel_axis``: an ``(N, C, H, W)`` array whose
+memory is channels-last (a PyTorch ``channels_last`` tensor seen through NumPy, C with the smallest
+stride) runs on the NHWC kernels with no copy, and its outputs are allocated in the same memory
+format. ``channel_axis`` only says which axis is C.
+
+:class:`Geometry` holds both views of one call: the user's shape and channel axis, and the
+kernel layout with the axis permutation ``perm`` that puts the user's axes in memory order
+(``x.transpose(perm)`` is C-contiguous when no copy is needed).
+
+Fusion
+------
+Forward-train and inference take ``relu`` and ``residual``: y = max(BN(x) + residual, 0) with
+``relu=True``, BN(x) + residual without. Backward takes ``relu`` and the forward's ``y`` (whose
+sign is the ReLU mask) and then returns a fourth output dz = dy·[y > 0], the gradient of the
+pre-activation (and of the residual).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,14 +51,44 @@ class Op(str, enum.Enum):
 
 
 class Layout(str, enum.Enum):
+    """Memory layout the kernels see (see the module docstring)."""
+
     NC = "NC"
     NCHW = "NCHW"
+    NHWC = "NHWC"
 
     def __str__(self) -> str:
         return self.value
 
 
-#: Names of each op's array inputs and outputs, in the order the public API takes and returns them.
+class Fusion(str, enum.Enum):
+    """What follows the normalization in the same pass (forward) or precedes it (backward)."""
+
+    NONE = "none"
+    RELU = "relu"  # y = max(BN(x), 0)
+    ADD = "add"  # y = BN(x) + residual
+    ADD_RELU = "add-relu"  # y = max(BN(x) + residual, 0)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def relu(self) -> bool:
+        return self in (Fusion.RELU, Fusion.ADD_RELU)
+
+    @property
+    def residual(self) -> bool:
+        return self in (Fusion.ADD, Fusion.ADD_RELU)
+
+    @classmethod
+    def of(cls, relu: bool, residual: bool) -> Fusion:
+        return {(False, False): cls.NONE, (True, False): cls.RELU, (False, True): cls.ADD,
+                (True, True): cls.ADD_RELU}[(bool(relu), bool(residual))]
+
+
+#: Names of each op's array inputs and outputs, in the order the public API takes and returns them
+#: (without fusion: a fused call adds ``residual`` to the forward inputs, ``y`` to backward's and
+#: ``dz`` to backward's outputs, see :func:`op_outputs`).
 OP_INPUTS = {
     Op.FORWARD_TRAIN: ("x", "gamma", "beta"),
     Op.BACKWARD: ("dy", "x", "save_mean", "save_invstd", "gamma"),
@@ -47,19 +100,31 @@ OP_OUTPUTS = {
     Op.INFERENCE: ("y",),
 }
 
+
+def op_outputs(op: Op, fusion: Fusion = Fusion.NONE) -> tuple[str, ...]:
+    """Output names of ``op`` under ``fusion``: backward with a ReLU also returns dz."""
+    names = OP_OUTPUTS[Op(op)]
+    if Op(op) is Op.BACKWARD and Fusion(fusion).relu:
+        names = names + ("dz",)
+    return names
+
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Geometry:
-    """Shape facts of one call, derived once from ``x`` by :mod:`nbbn.validate`."""
+    """Shape and memory facts of one call, derived once from ``x`` by :mod:`nbbn.validate`."""
 
-    layout: Layout
+    layout: Layout  # the memory layout the kernels see
     shape: tuple[int, ...]  # x's shape as given
+    channel_axis: int  # x's channel axis, normalized to 1 or ndim − 1
     N: int
     C: int
-    S: int  # elements per (n, c) row: H·W, L, or 1 for NC
+    S: int  # elements per (n, c) pair: H·W, L, or 1 for NC
     dtype: np.dtype
+    #: Axes of ``shape`` in memory order: ``x.transpose(perm)`` is the memory-order view.
+    perm: tuple[int, ...]
 
     @property
     def m(self) -> int:
@@ -67,12 +132,40 @@ class Geometry:
         return self.N * self.S
 
     @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
     def kernel_shape(self) -> tuple[int, ...]:
-        """The shape kernels index: (N, C) for NC, (N, C, S) for the NCHW family."""
-        return (self.N, self.C) if self.layout is Layout.NC else (self.N, self.C, self.S)
+        """The shape kernels index: (N, C) for NC, (N, C, S) for NCHW, (N·S, C) for NHWC."""
+        if self.layout is Layout.NCHW:
+            return (self.N, self.C, self.S)
+        if self.layout is Layout.NHWC:
+            return (self.N * self.S, self.C)
+        return (self.N, self.C)
+
+    @property
+    def memory_shape(self) -> tuple[int, ...]:
+        """``shape`` permuted into memory order (the shape of an array to allocate)."""
+        return tuple(self.shape[a] for a in self.perm)
+
+    @property
+    def identity_perm(self) -> bool:
+        return self.perm == tuple(range(len(self.shape)))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
-@dataclass
+def inverse_perm(perm: tuple[int, ...]) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+@dataclass(slots=True)
 class TrainArgs:
     geom: Geometry
     x: Any
@@ -83,9 +176,15 @@ class TrainArgs:
     running_var: Any | None
     momentum: float
     out: tuple[Any, Any, Any] | None
+    relu: bool = False
+    residual: Any | None = None
+
+    @property
+    def fusion(self) -> Fusion:
+        return Fusion.of(self.relu, self.residual is not None)
 
 
-@dataclass
+@dataclass(slots=True)
 class BackwardArgs:
     geom: Geometry
     dy: Any
@@ -93,10 +192,16 @@ class BackwardArgs:
     save_mean: Any
     save_invstd: Any
     gamma: Any | None
-    out: tuple[Any, Any, Any] | None
+    out: tuple[Any, ...] | None
+    relu: bool = False
+    y: Any | None = None  # the forward's output; its sign is the ReLU mask (relu only)
+
+    @property
+    def fusion(self) -> Fusion:
+        return Fusion.RELU if self.relu else Fusion.NONE
 
 
-@dataclass
+@dataclass(slots=True)
 class InferArgs:
     geom: Geometry
     x: Any
@@ -106,3 +211,9 @@ class InferArgs:
     beta: Any | None
     eps: float
     out: Any | None
+    relu: bool = False
+    residual: Any | None = None
+
+    @property
+    def fusion(self) -> Fusion:
+        return Fusion.of(self.relu, self.residual is not None)

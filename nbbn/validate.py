@@ -1,98 +1,200 @@
 """Argument checks shared by every backend: one place for every error message.
 
-The checks read only shapes, dtypes and flags, so they apply alike to NumPy arrays and to device
-arrays (anything with ``__cuda_array_interface__``: numba device arrays, CuPy, PyTorch CUDA
-tensors).
-Nothing here copies, converts or modifies an array.
+The checks read only shapes, dtypes, strides and flags, so they apply alike to NumPy arrays and
+to device arrays (anything with ``__cuda_array_interface__``: numba device arrays, CuPy, PyTorch
+CUDA tensors; the CUDA simulator's arrays too). Nothing here copies, converts or modifies an
+array. They run on every call, so each array's metadata is read once and the common case (NumPy,
+C-contiguous) takes the shortest path.
 
 Dtype rules
 -----------
-* ``x`` (and ``dy``) must be float32 or float64; ``dy`` must have ``x``'s dtype.
+* ``x`` (and ``dy``, ``residual``, ``y``) must be a floating storage dtype (float32, float64;
+  float16 and bfloat16 where a backend supports them -- the registry says which, and the API
+  raises TypeError naming the backends that do); ``dy``, ``residual`` and ``y`` must have x's.
 * Per-channel vectors (``gamma``, ``beta``, ``running_mean``, ``running_var``, ``save_mean``,
-  ``save_invstd``) may be float32 or float64 independently of ``x``: they are read in their own
-  precision (a documented cast, C values per call), and running statistics are updated in place in
-  their own dtype.
-* Preallocated outputs must have exactly the dtype and shape the op returns, be C-contiguous and
-  writeable.
+  ``save_invstd``) are float32 or float64 independently of ``x``: they are read in their own
+  precision, and running statistics are updated in place in their own dtype.
+* Preallocated outputs must have exactly the dtype and shape the op returns and be writeable;
+  x-shaped outputs must have the memory layout the kernels use for x (see :mod:`nbbn.spec`),
+  per-channel ones must be contiguous.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import FLOAT_DTYPES, BackwardArgs, Geometry, InferArgs, Layout, TrainArgs
+from .spec import (
+    FLOAT_DTYPES,
+    BackwardArgs,
+    Geometry,
+    InferArgs,
+    Layout,
+    TrainArgs,
+    op_outputs,
+)
+from .spec import Op as _Op
+
+_F16 = np.dtype(np.float16)
 
 
-@dataclass(frozen=True)
-class ArrayMeta:
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    c_contiguous: bool
-    writeable: bool
-    on_device: bool
+def _bfloat16():
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
-def array_meta(a, name: str) -> ArrayMeta:
-    """Shape, dtype and layout facts of a host or device array; TypeError for anything else."""
+#: dtypes x may have; a backend's kernels declare which of them they run (KernelSpec.dtypes).
+STORAGE_DTYPES = tuple(d for d in (*FLOAT_DTYPES, _F16, _bfloat16()) if d is not None)
+HALF_DTYPES = tuple(d for d in STORAGE_DTYPES if d.itemsize == 2)
+
+
+class _Meta:
+    """Shape, dtype, strides (bytes) and flags of a host or device array."""
+
+    __slots__ = ("shape", "dtype", "strides", "writeable", "on_device")
+
+    def __init__(self, shape, dtype, strides, writeable, on_device):
+        self.shape = shape
+        self.dtype = dtype
+        self.strides = strides
+        self.writeable = writeable
+        self.on_device = on_device
+
+
+def _c_strides(shape, itemsize):
+    out, step = [], itemsize
+    for s in reversed(shape):
+        out.append(step)
+        step *= s
+    return tuple(reversed(out))
+
+
+def array_meta(a, name: str) -> _Meta:
+    """Metadata of a host or device array; TypeError for anything else."""
     if isinstance(a, np.ndarray):
-        return ArrayMeta(a.shape, a.dtype, a.flags.c_contiguous, a.flags.writeable, False)
+        return _Meta(a.shape, a.dtype, a.strides, a.flags.writeable, False)
     cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is None:
+        cai = _simulator_interface(a)
     if cai is not None:
         shape = tuple(int(s) for s in cai["shape"])
         dtype = np.dtype(cai["typestr"])
         strides = cai.get("strides")
-        if strides is None:
-            contiguous = True
-        else:
-            expected, step = [], dtype.itemsize
-            for s in reversed(shape):
-                expected.append(step)
-                step *= s
-            contiguous = tuple(strides) == tuple(reversed(expected)) or 0 in shape
-        readonly = bool(cai["data"][1])
-        return ArrayMeta(shape, dtype, contiguous, not readonly, True)
+        strides = _c_strides(shape, dtype.itemsize) if strides is None else tuple(strides)
+        return _Meta(shape, dtype, strides, not bool(cai["data"][1]), True)
     raise TypeError(
         f"{name} must be a NumPy array or a CUDA array (__cuda_array_interface__), "
         f"got {type(a).__name__}"
     )
 
 
-def _check_float(meta: ArrayMeta, name: str) -> None:
+def _simulator_interface(a):
+    """The CUDA simulator's device arrays wrap a NumPy array and carry no
+    ``__cuda_array_interface__``; describe them as a real device array would be."""
+    if type(a).__name__ != "FakeCUDAArray":
+        return None
+    host = a._ary
+    return {"shape": host.shape, "typestr": host.dtype.str, "strides": host.strides,
+            "data": (0, not host.flags.writeable)}
+
+
+def contiguous_in(meta: _Meta, perm) -> bool:
+    """True when the array's axes taken in the order ``perm`` are C-contiguous (size-1 axes,
+    whose strides never matter, are ignored): a kernel can view it without a copy."""
+    expected = meta.dtype.itemsize
+    shape, strides = meta.shape, meta.strides
+    for ax in reversed(perm):
+        n = shape[ax]
+        if n != 1:
+            if strides[ax] != expected:
+                return False
+            expected *= n
+    return True
+
+
+def _check_storage(meta: _Meta, name: str) -> None:
+    if meta.dtype not in STORAGE_DTYPES:
+        names = ", ".join(str(d) for d in STORAGE_DTYPES)
+        raise TypeError(f"{name} must be a floating dtype ({names}), got {meta.dtype}")
+
+
+def _check_float(meta: _Meta, name: str) -> None:
     if meta.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {meta.dtype}")
 
 
-def geometry(x, name: str = "x") -> Geometry:
-    """Layout and sizes from ``x``: 2-D is NC, 3-D (NCL) and 4-D (NCHW) are the NCHW family."""
-    meta = array_meta(x, name)
-    _check_float(meta, name)
+def channel_axis_value(channel_axis, ndim: int) -> int:
+    """1 (channels first) or ``ndim − 1`` (channels last) from 1, −1 or their ±ndim equivalents."""
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, int | np.integer):
+        raise TypeError(f"channel_axis must be an integer (1 or -1), got {channel_axis!r}")
+    ax = int(channel_axis)
+    if ax in (1, 1 - ndim):
+        return 1
+    if ax in (-1, ndim - 1):
+        return ndim - 1
+    raise ValueError(
+        f"channel_axis must be 1 (channels first) or -1 (channels last) for a {ndim}-D x "
+        f"(or their equivalents {1 - ndim} and {ndim - 1}), got {channel_axis!r}"
+    )
+
+
+def _geometry(meta: _Meta, channel_axis, name: str) -> Geometry:
     shape = meta.shape
-    if not 2 <= len(shape) <= 4:
+    ndim = len(shape)
+    if not 2 <= ndim <= 4:
         raise ValueError(
-            f"{name} must be 2-D (N, C), 3-D (N, C, L) or 4-D (N, C, H, W); got {len(shape)}-D "
-            f"shape {shape}"
+            f"{name} must be 2-D (N, C), 3-D (N, C, L) / (N, L, C) or 4-D (N, C, H, W) / "
+            f"(N, H, W, C); got {ndim}-D shape {shape}"
         )
-    if any(s == 0 for s in shape):
+    ax = channel_axis_value(channel_axis, ndim)
+    if 0 in shape:
         raise ValueError(f"{name} is empty (shape {shape}): batch norm needs N, C and H·W > 0")
-    N, C = shape[0], shape[1]
-    S = math.prod(shape[2:])
-    layout = Layout.NC if len(shape) == 2 else Layout.NCHW
-    return Geometry(layout, tuple(shape), N, C, S, meta.dtype)
+    N, C = shape[0], shape[ax]
+    if ndim == 2:
+        return Geometry(Layout.NC, shape, ax, N, C, 1, meta.dtype, (0, 1))
+    spatial = tuple(a for a in range(1, ndim) if a != ax)
+    S = math.prod(shape[a] for a in spatial)
+    first = (0, ax) + spatial  # memory order of channels-first
+    last = (0,) + spatial + (ax,)  # memory order of channels-last
+    if S == 1:  # (N, C, 1, 1) and (N, 1, 1, C) are the same memory as (N, C)
+        layout, perm = Layout.NC, (first if ax == 1 else last)
+    elif C == 1:  # one channel: both orders coincide; NCHW keeps the long runs
+        layout, perm = Layout.NCHW, first
+    else:
+        options = ((Layout.NCHW, first), (Layout.NHWC, last))
+        if ax != 1:
+            options = options[::-1]
+        # The layout the axes name, unless the memory says otherwise; a copy of a strided x
+        # (made by the backend) takes the named one.
+        layout, perm = options[0]
+        if not contiguous_in(meta, perm) and contiguous_in(meta, options[1][1]):
+            layout, perm = options[1]
+    return Geometry(layout, shape, ax, N, C, S, meta.dtype, perm)
 
 
-def channel_vector(v, name: str, C: int, required: bool = False) -> None:
+def geometry(x, channel_axis=1, name: str = "x") -> Geometry:
+    """Memory layout and sizes of ``x`` (see :mod:`nbbn.spec`)."""
+    meta = array_meta(x, name)
+    _check_storage(meta, name)
+    return _geometry(meta, channel_axis, name)
+
+
+def channel_vector(v, name: str, C: int, required: bool = False):
     """A per-channel vector of shape (C,), float32 or float64; None allowed unless required."""
     if v is None:
         if required:
             raise ValueError(f"{name} is required")
-        return
+        return None
     meta = array_meta(v, name)
-    _check_float(meta, name)
+    if meta.dtype not in FLOAT_DTYPES:
+        _check_float(meta, name)
     if meta.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) to match C = {C}, got {meta.shape}")
+    return meta
 
 
 def eps_value(eps) -> float:
@@ -115,73 +217,127 @@ def momentum_value(momentum) -> float:
     return mo
 
 
-def _outputs(out, names: tuple[str, ...], shapes, dtype: np.dtype, on_device: bool):
-    """Check preallocated outputs: a tuple of len(names) arrays (or one array for one output)."""
+def _relu_value(relu) -> bool:
+    if not isinstance(relu, bool | np.bool_):
+        raise TypeError(f"relu must be True or False, got {relu!r}")
+    return bool(relu)
+
+
+def _like_x(a, name: str, g: Geometry, on_device: bool) -> None:
+    """An input with x's shape, dtype and place (dy, residual, y). Its memory layout may differ
+    from x's: the backend then makes one copy in x's layout."""
+    meta = array_meta(a, name)
+    if meta.shape != g.shape:
+        raise ValueError(f"{name} must have x's shape {g.shape}, got {meta.shape}")
+    if meta.dtype != g.dtype:
+        raise TypeError(f"{name} must have x's dtype {g.dtype}, got {meta.dtype}")
+    if meta.on_device != on_device:
+        raise TypeError(f"{name} must be a {'device' if on_device else 'host'} array like x")
+
+
+def _layout_words(g: Geometry) -> str:
+    if g.layout is Layout.NHWC:
+        return "channels-last"
+    if g.layout is Layout.NCHW:
+        return "channels-first"
+    return "C-contiguous"
+
+
+def _outputs(out, names: tuple[str, ...], g: Geometry, on_device: bool):
+    """Check preallocated outputs: a tuple of len(names) arrays (or one array for one output).
+    x-shaped outputs must be laid out in memory as the kernels see x (``g.perm``)."""
     if out is None:
         return None
     single = len(names) == 1
     outs = (out,) if single and not isinstance(out, tuple | list) else tuple(out)
     if len(outs) != len(names):
         raise ValueError(f"out must hold {len(names)} arrays {names}, got {len(outs)}")
-    for o, name, shape in zip(outs, names, shapes, strict=True):
+    for o, name in zip(outs, names, strict=True):
         label = f"out[{name}]"
         meta = array_meta(o, label)
-        if meta.shape != tuple(shape):
-            raise ValueError(f"{label} must have shape {tuple(shape)}, got {meta.shape}")
-        if meta.dtype != dtype:
-            raise TypeError(f"{label} must have dtype {dtype}, got {meta.dtype}")
-        if not (meta.c_contiguous and meta.writeable):
-            raise ValueError(f"{label} must be C-contiguous and writeable")
+        full = name in ("y", "dx", "dz")
+        shape = g.shape if full else (g.C,)
+        if meta.shape != shape:
+            raise ValueError(f"{label} must have shape {shape}, got {meta.shape}")
+        if meta.dtype != g.dtype:
+            raise TypeError(f"{label} must have dtype {g.dtype}, got {meta.dtype}")
+        if not meta.writeable:
+            raise ValueError(f"{label} must be writeable")
         if meta.on_device != on_device:
-            where = "device" if on_device else "host"
-            raise TypeError(f"{label} must be a {where} array like x")
+            raise TypeError(f"{label} must be a {'device' if on_device else 'host'} array like x")
+        if full and not contiguous_in(meta, g.perm):
+            axis = "last" if g.perm[-1] == g.channel_axis and g.layout is not Layout.NC else None
+            raise ValueError(
+                f"{label} must have the memory layout the kernels use for x "
+                f"({_layout_words(g)}, axes {g.perm} in memory order"
+                + (f", channel axis {g.channel_axis} {axis}" if axis else "")
+                + f"); got strides {meta.strides}: allocate it like x, e.g. np.empty_like(x)")
+        if not full and not contiguous_in(meta, (0,)):
+            raise ValueError(f"{label} must be contiguous")
     return outs[0] if single else outs
 
 
-def train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out) -> TrainArgs:
-    g = geometry(x)
+def _x(x, channel_axis):
+    meta = array_meta(x, "x")
+    _check_storage(meta, "x")
+    return _geometry(meta, channel_axis, "x"), meta.on_device
+
+
+def train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
+               channel_axis=1, relu=False, residual=None) -> TrainArgs:
+    g, on_dev = _x(x, channel_axis)
     if g.m < 2:
         raise ValueError(
             f"expected more than 1 value per channel when training, got input shape {g.shape} "
-            f"(m = N·H·W = {g.m})"
+            f"(m = {g.m})"
         )
-    for v, name in ((gamma, "gamma"), (beta, "beta"), (running_mean, "running_mean"),
-                    (running_var, "running_var")):
-        channel_vector(v, name, g.C)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    for v, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-        if v is not None and not array_meta(v, name).writeable:
-            raise ValueError(f"{name} is updated in place and must be writeable")
-    on_dev = array_meta(x, "x").on_device
-    outs = _outputs(out, ("y", "save_mean", "save_invstd"), (g.shape, (g.C,), (g.C,)), g.dtype,
-                    on_dev)
+    C = g.C
+    channel_vector(gamma, "gamma", C)
+    channel_vector(beta, "beta", C)
+    if running_mean is not None or running_var is not None:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var must be given together")
+        for v, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+            if not channel_vector(v, name, C).writeable:
+                raise ValueError(f"{name} is updated in place and must be writeable")
+    relu = _relu_value(relu)
+    if residual is not None:
+        _like_x(residual, "residual", g, on_dev)
+    outs = _outputs(out, ("y", "save_mean", "save_invstd"), g, on_dev)
     return TrainArgs(g, x, gamma, beta, eps_value(eps), running_mean, running_var,
-                     momentum_value(momentum), outs)
+                     momentum_value(momentum), outs, relu, residual)
 
 
-def backward_args(dy, x, save_mean, save_invstd, gamma, out) -> BackwardArgs:
-    g = geometry(x)
-    dmeta = array_meta(dy, "dy")
-    _check_float(dmeta, "dy")
-    if dmeta.shape != g.shape:
-        raise ValueError(f"dy must have x's shape {g.shape}, got {dmeta.shape}")
-    if dmeta.dtype != g.dtype:
-        raise TypeError(f"dy must have x's dtype {g.dtype}, got {dmeta.dtype}")
-    channel_vector(save_mean, "save_mean", g.C, required=True)
-    channel_vector(save_invstd, "save_invstd", g.C, required=True)
-    channel_vector(gamma, "gamma", g.C)
-    on_dev = array_meta(x, "x").on_device
-    outs = _outputs(out, ("dx", "dgamma", "dbeta"), (g.shape, (g.C,), (g.C,)), g.dtype, on_dev)
-    return BackwardArgs(g, dy, x, save_mean, save_invstd, gamma, outs)
+def backward_args(dy, x, save_mean, save_invstd, gamma, out, channel_axis=1, relu=False,
+                  y=None) -> BackwardArgs:
+    g, on_dev = _x(x, channel_axis)
+    _like_x(dy, "dy", g, on_dev)
+    C = g.C
+    channel_vector(save_mean, "save_mean", C, required=True)
+    channel_vector(save_invstd, "save_invstd", C, required=True)
+    channel_vector(gamma, "gamma", C)
+    relu = _relu_value(relu)
+    if relu:
+        if y is None:
+            raise ValueError("y (the forward's output) is required with relu=True: its sign is "
+                             "the ReLU mask")
+        _like_x(y, "y", g, on_dev)
+    outs = _outputs(out, op_outputs(_Op.BACKWARD, "relu" if relu else "none"), g, on_dev)
+    return BackwardArgs(g, dy, x, save_mean, save_invstd, gamma, outs, relu,
+                        y if relu else None)
 
 
-def infer_args(x, running_mean, running_var, gamma, beta, eps, out) -> InferArgs:
-    g = geometry(x)
-    channel_vector(running_mean, "running_mean", g.C, required=True)
-    channel_vector(running_var, "running_var", g.C, required=True)
-    channel_vector(gamma, "gamma", g.C)
-    channel_vector(beta, "beta", g.C)
-    on_dev = array_meta(x, "x").on_device
-    outs = _outputs(out, ("y",), (g.shape,), g.dtype, on_dev)
-    return InferArgs(g, x, running_mean, running_var, gamma, beta, eps_value(eps), outs)
+def infer_args(x, running_mean, running_var, gamma, beta, eps, out, channel_axis=1, relu=False,
+               residual=None) -> InferArgs:
+    g, on_dev = _x(x, channel_axis)
+    C = g.C
+    channel_vector(running_mean, "running_mean", C, required=True)
+    channel_vector(running_var, "running_var", C, required=True)
+    channel_vector(gamma, "gamma", C)
+    channel_vector(beta, "beta", C)
+    relu = _relu_value(relu)
+    if residual is not None:
+        _like_x(residual, "residual", g, on_dev)
+    outs = _outputs(out, ("y",), g, on_dev)
+    return InferArgs(g, x, running_mean, running_var, gamma, beta, eps_value(eps), outs, relu,
+                     residual)

@@ -291,7 +291,7 @@ def test_plans_for_a_132_sm_gpu(shape, K, monkeypatch):
     """Grid math for the benchmark shapes on an H100-sized GPU, without running anything."""
     monkeypatch.setattr(K, "_sm_count", lambda: 132)
     cfg = K.LaunchConfig()
-    g = validate.geometry(np.empty((1,) * len(shape)).reshape((1,) * len(shape)))
+    g = validate.geometry(np.empty((2,) * len(shape)))
     g = replace(g, shape=shape, N=shape[0], C=shape[1], S=int(np.prod(shape[2:])))
     plan = K._LAYOUTS[g.layout].plan(g, cfg)
     threads = int(np.prod(plan.block))
@@ -324,6 +324,7 @@ def test_gpu_bench_smoke(K, tmp_path):
 
 def test_unavailable_backend_says_why(monkeypatch):
     monkeypatch.setitem(registry._STATE.reasons, "cuda", "no usable CUDA driver or GPU found")
+    monkeypatch.setattr(registry._STATE, "fast", {})
     with pytest.raises(nbbn.BackendUnavailable, match="'cuda' is unavailable: no usable CUDA"):
         nbbn.batch_norm_train(np.ones((2, 3), np.float32), backend="cuda")
     assert nbbn.availability()["cuda"] == "no usable CUDA driver or GPU found"

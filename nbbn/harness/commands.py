@@ -154,7 +154,7 @@ _BACKEND_HELP = ", ".join(registry.backend_names())
               help="Ops to time, comma-separated: forward-train, backward, inference. "
                    "[default: all]")
 @click.option("--layout", multiple=True,
-              type=ListChoice(lambda: [x.value for x in Layout], "layout"),
+              type=ListChoice(lambda: ["NC", "NCHW"], "layout"),
               help="Layouts: NC (shapes given as C) and/or NCHW (shapes given as C,H,W). "
                    "[default: both]")
 @click.option("--backend", multiple=True, type=ListChoice(registry.backend_names, "backend"),
@@ -218,7 +218,7 @@ def bench(ctx, op, layout, backend, dtype, batch_sizes, shapes, warmup, min_repe
         sweep = Sweep(
             backends=_flatten(backend) or tuple(registry.backend_names()),
             ops=tuple(Op(o) for o in _flatten(op)) or tuple(Op),
-            layouts=tuple(Layout(x) for x in _flatten(layout)) or tuple(Layout),
+            layouts=tuple(Layout(x) for x in _flatten(layout)) or (Layout.NC, Layout.NCHW),
             dtypes=_flatten(dtype) or ("float32",),
             batch_sizes=parse_int_list(batch_sizes) if batch_sizes is not None
             else (QUICK_BATCH_SIZES if quick else DEFAULT_BATCH_SIZES),

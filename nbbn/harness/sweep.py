@@ -161,7 +161,7 @@ class Sweep:
 
     backends: tuple[str, ...]
     ops: tuple[Op, ...] = tuple(Op)
-    layouts: tuple[Layout, ...] = tuple(Layout)
+    layouts: tuple[Layout, ...] = (Layout.NC, Layout.NCHW)  # NHWC: harness round 2 (#10)
     dtypes: tuple[str, ...] = ("float32",)
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     shapes: tuple[Shape, ...] = field(default_factory=lambda: parse_shapes(DEFAULT_SHAPES))

@@ -72,6 +72,7 @@ class _State:
     loaded: set[str] = field(default_factory=set)
     reasons: dict[str, str | None] = field(default_factory=dict)
     stats: dict[str, Callable] = field(default_factory=dict)
+    parts: dict[str, Parts] = field(default_factory=dict)
 
 
 _STATE = _State()
@@ -103,6 +104,44 @@ def register_stats(backend: str, fn: Callable) -> None:
     _STATE.stats[backend] = fn
 
 
+@dataclass(frozen=True)
+class Parts:
+    """A backend's forward-train and backward cut at their reductions, so the per-channel sums of
+    several processes can be combined between the halves (:mod:`nbbn.distributed`).
+
+    Per-channel arrays crossing this boundary are host float64 NumPy arrays of shape (C,);
+    ``m_total`` is the number of values per channel over every process. The argument bundles are
+    those of :mod:`nbbn.validate` (``train_args(..., min_m=1)`` for a local slice).
+
+    * ``stats(args) -> (mean, m2)``: this x's batch mean and M2 = Σ(x − mean)², by the backend's
+      own statistics code (the same as its forward-train's).
+    * ``normalize(args, mean, var, m_total) -> (y, save_mean, save_invstd)``: the forward's
+      normalization with given statistics (var biased, over m_total values); updates
+      ``args.running_*`` with the unbiased var·m_total/(m_total − 1); honours ``args.out``.
+    * ``grad_sums(args) -> (sum_dy, sum_dy_xmu)``: Σdy and Σdy·(x − save_mean) of this x.
+    * ``grad_apply(args, sum_dy, sum_dy_xmu, m_total) -> (dx, dgamma, dbeta)``: backward's
+      elementwise pass with given (global) sums: dβ = sum_dy, dγ = invstd·sum_dy_xmu.
+    """
+
+    stats: Callable
+    normalize: Callable
+    grad_sums: Callable
+    grad_apply: Callable
+
+
+def register_parts(backend: str, parts: Parts) -> None:
+    _STATE.parts[backend] = parts
+
+
+def parts(backend: str) -> Parts:
+    """The backend's :class:`Parts` (loading it first); ValueError if it registers none."""
+    _ensure_loaded(backend)
+    try:
+        return _STATE.parts[backend]
+    except KeyError:
+        raise ValueError(f"backend {backend!r} registers no forward/backward parts") from None
+
+
 def stats_function(backend: str) -> Callable:
     """The registered statistics function of a backend (loading it first)."""
     _ensure_loaded(backend)
@@ -118,6 +157,7 @@ def unregister_backend(name: str) -> None:
     _STATE.reasons.pop(name, None)
     _STATE.loaded.discard(name)
     _STATE.stats.pop(name, None)
+    _STATE.parts.pop(name, None)
     _STATE.fast.clear()
     for key in [k for k in _STATE.kernels if k[0] == name]:
         del _STATE.kernels[key]

@@ -284,9 +284,10 @@ def _x(x, channel_axis):
 
 
 def train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
-               channel_axis=1, relu=False, residual=None) -> TrainArgs:
+               channel_axis=1, relu=False, residual=None, *, min_m=2) -> TrainArgs:
+    """``min_m=1`` admits one value per channel: a process's slice of a larger batch."""
     g, on_dev = _x(x, channel_axis)
-    if g.m < 2:
+    if g.m < min_m:
         raise ValueError(
             f"expected more than 1 value per channel when training, got input shape {g.shape} "
             f"(m = {g.m})"

@@ -311,3 +311,68 @@ def y_array_rel_err(x, y, mh, ml, ih, il):
         num += d * d
         den += yh * yh
     return np.sqrt(num) / np.sqrt(den) if den > 0.0 else np.sqrt(num)
+
+
+# ---------------------------------------------------------------- double-double backward
+
+@njit(cache=True, inline="always")
+def _dd_xhat(xi, mh, ml, ih, il):
+    """x̂ = (x − μ)·invstd in double-double (x exact in float64)."""
+    s, e = _two_sum(np.float64(xi), -mh)
+    e -= ml
+    dh, dl = _quick_two_sum(s, e)
+    return _dd_mul(dh, dl, ih, il)
+
+
+@njit(cache=True)
+def exact_grad_sums(x, dy, mh, ml, ih, il):
+    """The reductions of backward against the exact statistics, in double-double:
+    dβ = Σ dy, dγ = Σ dy·x̂ with x̂ = (x − μ)·invstd. Returns ``(dbeta_hi, dbeta_lo, dgamma_hi,
+    dgamma_lo, sum_abs_dy, sum_abs_dy_xhat)``; the last two (Σ|dy|, Σ|dy·x̂|, plain float64) are
+    the sizes of the terms each sum adds up, the natural error scale of a sum."""
+    bh = 0.0
+    bl = 0.0
+    gh = 0.0
+    gl = 0.0
+    sb = 0.0
+    sg = 0.0
+    for i in range(x.size):
+        d = np.float64(dy[i])
+        bh, bl = _dd_add(bh, bl, d, 0.0)
+        xh, xl = _dd_xhat(x[i], mh, ml, ih, il)
+        ph, pl = _dd_mul(xh, xl, d, 0.0)
+        gh, gl = _dd_add(gh, gl, ph, pl)
+        sb += abs(d)
+        sg += abs(ph)
+    return bh, bl, gh, gl, sb, sg
+
+
+@njit(cache=True)
+def dx_errors(x, dy, dx, gamma, mh, ml, ih, il, bh, bl, gh, gl):
+    """Errors of a computed dx against the exact gradient of y = γ·(x − μ)·invstd + β with the
+    batch statistics of x:
+
+        dx_ref = γ·invstd·(dy − dβ/m − x̂·dγ/m)      (every quantity in double-double)
+
+    Returns ``(‖dx − dx_ref‖₂, ‖dx_ref‖₂, ‖γ·invstd·dy‖₂)``; the last is dx's term scale (dx
+    itself cancels to ~0 at small m: at m = 2 it is exactly γ·invstd·ε/(σ² + ε)·(dy − dȳ))."""
+    m = x.size
+    mb_h, mb_l = _dd_div(bh, bl, np.float64(m), 0.0)
+    mg_h, mg_l = _dd_div(gh, gl, np.float64(m), 0.0)
+    kh, kl = _dd_mul(gamma, 0.0, ih, il)
+    num = 0.0
+    den = 0.0
+    sc = 0.0
+    for i in range(m):
+        d = np.float64(dy[i])
+        xh, xl = _dd_xhat(x[i], mh, ml, ih, il)
+        th, tl = _dd_mul(xh, xl, mg_h, mg_l)
+        uh, ul = _dd_add(d, 0.0, -mb_h, -mb_l)
+        uh, ul = _dd_add(uh, ul, -th, -tl)
+        rh, rl = _dd_mul(uh, ul, kh, kl)
+        e = (np.float64(dx[i]) - rh) - rl
+        num += e * e
+        den += rh * rh
+        s = kh * d
+        sc += s * s
+    return np.sqrt(num), np.sqrt(den), np.sqrt(sc)

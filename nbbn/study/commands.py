@@ -12,10 +12,8 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from . import parts as _parts
 from .common import StudyError, environment, parse_distributions, parse_sizes
-
-PARTS = {"a": "rounding", "b": "sampling", "c": "estimators"}
-_ALIASES = {**PARTS, **{v: v for v in PARTS.values()}}
 
 
 class _OneLineError(click.ClickException):
@@ -38,18 +36,20 @@ class _Command(click.Command):
 
 
 def parse_parts(text: str | None) -> list[str]:
-    """Comma-separated parts: a/rounding, b/sampling, c/estimators (None: all)."""
+    """Comma-separated parts, by letter or name (None: all registered parts); returns names in
+    the registry's order."""
+    registered = _parts.ordered()
     if text is None:
-        return list(PARTS.values())
+        return [p.name for p in registered]
+    aliases = {k: p.name for p in registered for k in (p.key, p.name)}
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if not names:
-        raise StudyError("--parts is empty; choose from a/rounding, b/sampling, c/estimators")
+        raise StudyError(f"--parts is empty; choose from {_parts.choices()}")
     for n in names:
-        if n not in _ALIASES:
-            raise StudyError(f"unknown part {n!r}; choose from a/rounding, b/sampling, "
-                             "c/estimators")
-    chosen = {_ALIASES[n] for n in names}
-    return [p for p in PARTS.values() if p in chosen]
+        if n not in aliases:
+            raise StudyError(f"unknown part {n!r}; choose from {_parts.choices()}")
+    chosen = {aliases[n] for n in names}
+    return [p.name for p in registered if p.name in chosen]
 
 
 def _writable_dir(out: str) -> Path:
@@ -101,11 +101,12 @@ class _Progress:
 
 @click.command("accuracy", cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True,
-              help="Small grids (m up to 2^20+1 in part a, fewer batches and streams): ~30 s.")
+              help="Small grids (m up to 2^20+1 in part a, 2^16 in part e, fewer batches and "
+                   "streams): about a minute.")
 @click.option("--out", "out", default="results/accuracy", show_default=True, metavar="DIR",
               help="Folder for the tables (CSV, JSON), report.md and the PNG figures.")
 @click.option("--parts", default=None, metavar="LIST",
-              help="Comma-separated parts to run: a/rounding, b/sampling, c/estimators "
+              help=f"Comma-separated parts to run, by letter or name: {_parts.choices()} "
                    "[default: all].")
 @click.option("--distributions", default=None, metavar="LIST",
               help="Populations for parts b and c: normal, uniform, t5, lognormal "
@@ -120,18 +121,26 @@ class _Progress:
               help="A .npy array of real activations, 1-D, (N, C), (N, C, L) or (N, C, H, W), "
                    "studied in part b with its own moments as the population.")
 @click.option("--no-plots", is_flag=True, help="Do not draw the PNG figures.")
+@click.option("--no-peers", is_flag=True,
+              help="Leave out the peer implementations (PyTorch, Flax/XLA, NumPy, CuPy) in "
+                   "parts a and e; they run by default where installed.")
 @click.pass_context
-def accuracy(ctx, quick, out, parts, distributions, sizes, seed, activations, no_plots):
+def accuracy(ctx, quick, out, parts, distributions, sizes, seed, activations, no_plots,
+             no_peers):
     """How accurate are batch-estimated statistics?
 
     \b
     (a) rounding: naive E[x²]−E[x]², two-pass (plain, corrected), Welford (integer and
-        float count), Chan, and each nbbn backend's statistics, in float32 and float64,
+        float count), Chan, each nbbn backend, and the peers people run (PyTorch
+        F.batch_norm, Flax BatchNorm with fast and two-pass variance, NumPy; PyTorch CUDA
+        and CuPy on a GPU): mean, var, invstd and y in float32 and float64,
         κ = |mean|/std in {0, 1, 1e2, 1e3, 1e4}, m from 2 to 2^25, against a
         double-double reference;
     (b) sampling: RMSE of batch mean and variance against the population, beside theory;
     (c) estimators: EMA (momentum 0.01, 0.1, 0.5), Algorithm 2, biased average; bias and
-        RMSE vs batches and m; the train–inference gap.
+        RMSE vs batches and m; the train–inference gap;
+    (e) gradients: dx, dγ, dβ of nbbn, old nbbn (emulated), PyTorch autograd and Flax
+        jax.vjp against a double-double reference, over κ and m, dy ~ N(0, 1).
     """
     try:
         part_list = parse_parts(parts)
@@ -161,67 +170,24 @@ def accuracy(ctx, quick, out, parts, distributions, sizes, seed, activations, no
     skipped: list[dict] = []
     timings = {}
     t_start = time.perf_counter()
+    from .report import write_table
 
     def save(name: str, df: pd.DataFrame) -> None:
         df = df.assign(**env) if len(df) else df
         tables[name] = df
-        from .report import write_table
-
         write_table(df, out_dir, name)
 
-    if "rounding" in part_list:
-        from .rounding import QUICK_SIZES, RoundingConfig, crossover, run_rounding, usable_backends
-
+    run_ctx = _parts.RunContext(
+        quick=quick, sizes=size_list, seed=seed_value, distributions=dists, activations=acts,
+        peers=not no_peers, save=save, skip=skipped.extend, progress=_Progress,
+        echo=lambda text: click.echo(text, err=True), meta=meta)
+    chosen = [p for p in _parts.ordered() if p.name in part_list]
+    for part in chosen:
         t0 = time.perf_counter()
-        cfg = RoundingConfig(sizes=size_list or (QUICK_SIZES if quick else
-                                                 RoundingConfig().sizes), seed=seed_value)
-        backends, sk = usable_backends()
-        skipped += sk
-        click.echo("(a) statistics backends: " + (", ".join(b.name for b in backends) or "none")
-                   + "".join(f"; skipped {s['item']}: {s['reason']}" for s in sk), err=True)
-        with _Progress("(a) rounding", cfg.n_configs(), "m × κ × dtype") as step:
-            df, sk = run_rounding(cfg, step, backends=backends)
-        skipped += sk
-        save("rounding", df)
-        save("rounding_crossover", crossover(df))
-        timings["a"] = time.perf_counter() - t0
-
-    if "sampling" in part_list:
-        from .sampling import QUICK_BATCHES, QUICK_SIZES, SamplingConfig, run_sampling
-
-        t0 = time.perf_counter()
-        cfg = SamplingConfig(distributions=dists, activations=acts, seed=seed_value)
-        if quick:
-            cfg.sizes, cfg.batches = list(QUICK_SIZES), QUICK_BATCHES
-        if size_list:
-            cfg.sizes = size_list
-        todo, _ = cfg.plan()
-        with _Progress("(b) sampling", len(todo), "population × m") as step:
-            df, sk = run_sampling(cfg, step)
-        skipped += sk
-        save("sampling", df)
-        timings["b"] = time.perf_counter() - t0
-
-    if "estimators" in part_list:
-        from .estimators import EstimatorConfig, run_estimators
-
-        t0 = time.perf_counter()
-        cfg = (EstimatorConfig.quick if quick else EstimatorConfig)(distributions=dists,
-                                                                    seed=seed_value)
-        if size_list:
-            cfg.sizes = cfg.gap_sizes = size_list
-        todo, _ = cfg.plan()
-        with _Progress("(c) estimators", len(todo),
-                       f"population × m; {cfg.streams} streams × {cfg.batches} batches") as step:
-            est, gap, sk = run_estimators(cfg, step)
-        skipped += sk
-        save("estimators", est)
-        save("gap", gap)
-        timings["c"] = time.perf_counter() - t0
+        _parts.load(part.run)(run_ctx)
+        timings[part.key] = time.perf_counter() - t0
 
     skipped_df = pd.DataFrame(skipped, columns=["part", "item", "reason"])
-    from .report import write_table
-
     write_table(skipped_df, out_dir, "skipped")
     figures, note = [], None
     if no_plots:
@@ -230,14 +196,18 @@ def accuracy(ctx, quick, out, parts, distributions, sizes, seed, activations, no
         from .report import write_plots
 
         paths, note = write_plots(out_dir, tables)
-        figures = [p.name for p in paths]
+        if note is None:
+            for part in chosen:
+                if part.plots:
+                    paths += _parts.load(part.plots)(out_dir, tables)
+        figures = [p.name for p in paths if p is not None]
     if note:
         click.echo(note, err=True)
     meta["wall_s"] = time.perf_counter() - t_start
     meta["timings"] = ", ".join(f"part {k} {v:.0f} s" for k, v in timings.items())
     from .summary import markdown
 
-    (out_dir / "report.md").write_text(markdown(meta, tables, skipped_df, figures, note),
+    (out_dir / "report.md").write_text(markdown(meta, tables, skipped_df, figures, note, chosen),
                                        encoding="utf-8")
     click.echo(f"wrote {out_dir}/report.md and {len(tables) + 1} tables"
                + (f", {len(figures)} figures" if figures else "")

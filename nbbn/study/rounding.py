@@ -15,6 +15,14 @@ for invstd and y). Errors are against the double-double reference of the same (r
 NaN or Inf where the reference is finite (the naive variance can come out negative) is
 reported as rel_err = inf.
 
+Peers (:mod:`nbbn.study.peers`: PyTorch, Flax/XLA, NumPy, and on a GPU PyTorch CUDA and CuPy)
+run on the same data, each on the layouts it is used with, and report the statistics they return
+in the data's dtype; their rows have ``algorithm = "peer"`` and ``backend`` = the peer's name.
+A mean returned in float32 is off by up to half a unit in its last place, 2^(e − 24) for
+|μ| in [2^e, 2^(e+1)): up to 4.9e-4·σ at κ = 1e4 (σ = 1) whatever the algorithm. nbbn's rows
+report its registered statistics function, which returns float64 (its ``save_mean`` output is
+rounded to x's dtype like everyone's).
+
 Each row also carries the *sampling* error the same statistic has anyway for normal data of that
 m (theory; part (b) checks it): 1/√m for ``mean_in_sd``, √(2m − 1)/m for the biased variance,
 half that for invstd (first order), √(3/(2m)) for y (the train–inference gap, first order), and
@@ -40,6 +48,7 @@ from .algorithms import (
     y_rel_err,
 )
 from .common import rng_for
+from .peers import Peer, load_peers, nchw_shape
 
 DEFAULT_SIZES = [2, 8, 32, 128, 512, 2**11, 2**13, 2**15, 2**17, 2**19, 2**21, 2**23,
                  2**24 + 1, 2**25]
@@ -59,6 +68,7 @@ class RoundingConfig:
     dtypes: tuple[np.dtype, ...] = DTYPES
     algorithms: tuple[str, ...] = tuple(ALGORITHMS)
     backends: bool = True
+    peers: bool = True
     eps: float = EPS
     seed: int = 0
 
@@ -81,13 +91,7 @@ def sampling_rel_rmse(stat: str, m: int, kappa: float) -> float:
     raise ValueError(stat)
 
 
-def _nchw_shape(m: int) -> tuple[int, int, int, int]:
-    """(N, 1, 1, S) with S the largest divisor of m not above min(√m, 1024)."""
-    s = 1
-    for d in range(1, min(math.isqrt(m), 1024) + 1):
-        if m % d == 0:
-            s = d
-    return (m // s, 1, 1, s)
+_nchw_shape = nchw_shape
 
 
 @dataclass
@@ -97,8 +101,10 @@ class StatsBackend:
     stats: Callable
 
 
-def usable_backends() -> tuple[list[StatsBackend], list[dict]]:
-    """Kernel backends whose statistics can be studied here, and a skip row for each other one."""
+def usable_backends(simulator_ok: bool = False, part: str = "rounding"
+                    ) -> tuple[list[StatsBackend], list[dict]]:
+    """Kernel backends whose statistics can be studied here, and a skip row for each other one.
+    A CUDA backend under the simulator is skipped unless ``simulator_ok`` (tests, tiny m)."""
     import numba
 
     from .. import registry
@@ -107,7 +113,8 @@ def usable_backends() -> tuple[list[StatsBackend], list[dict]]:
     for name in registry.backend_names("kernel"):
         info = registry.backend_info(name)
         reason = registry.unavailable_reason(name)
-        if reason is None and info.device != "cpu" and numba.config.ENABLE_CUDASIM:
+        if (reason is None and info.device != "cpu" and numba.config.ENABLE_CUDASIM
+                and not simulator_ok):
             reason = ("runs under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1), far too slow for "
                       "m up to 2^25; run the study on a GPU to include it")
         fn = None
@@ -119,7 +126,7 @@ def usable_backends() -> tuple[list[StatsBackend], list[dict]]:
         if reason is None:
             usable.append(StatsBackend(name, info.device, fn))
         else:
-            skipped.append({"part": "rounding", "item": f"backend {name}", "reason": reason})
+            skipped.append({"part": part, "item": f"backend {name}", "reason": reason})
     return usable, skipped
 
 
@@ -214,12 +221,40 @@ def _backend_rows(b: StatsBackend, p: _Point, x: np.ndarray, eps: float, bad: se
     return rows
 
 
+def _peer_rows(peer: Peer, p: _Point, x: np.ndarray, eps: float, bad: set,
+               skipped: list[dict]) -> list[dict]:
+    """A peer's mean, var, invstd and y on each of its layouts."""
+    rows = []
+    if p.dtype.name not in peer.dtypes:
+        return rows
+    for layout in peer.layouts:
+        if (peer.name, layout) in bad:
+            continue
+        try:
+            f = peer.forward(x, layout, eps)
+        except Exception as exc:  # report it once and go on without this peer × layout
+            bad.add((peer.name, layout))
+            skipped.append({"part": "rounding", "item": f"peer {peer.name} {layout}",
+                            "reason": f"forward failed: {type(exc).__name__}: {exc}"})
+            continue
+        y_err = _finite(y_array_rel_err(x, f.y, p.mh, p.ml, p.ih, p.il))
+        rows += _rows(p, "peer", peer.name, layout, f.mean, f.var, f.invstd, y_err)
+    return rows
+
+
 def run_rounding(cfg: RoundingConfig, progress: Callable[[int], None] = lambda n: None,
-                 backends: list[StatsBackend] | None = None) -> tuple[pd.DataFrame, list[dict]]:
-    """The rounding sweep: a tidy DataFrame (one row per algorithm × point × stat) and skips."""
+                 backends: list[StatsBackend] | None = None, peers: list[Peer] | None = None
+                 ) -> tuple[pd.DataFrame, list[dict]]:
+    """The rounding sweep: a tidy DataFrame (one row per algorithm × point × stat) and skips.
+    ``backends``/``peers`` None: every usable one (unless ``cfg.backends``/``cfg.peers`` is
+    False)."""
     skipped: list[dict] = []
     if backends is None:
-        backends, skipped = usable_backends() if cfg.backends else ([], [])
+        backends, sk = usable_backends() if cfg.backends else ([], [])
+        skipped += sk
+    if peers is None:
+        peers, sk = load_peers(part="rounding") if cfg.peers else ([], [])
+        skipped += sk
     bad: set[tuple[str, str, str]] = set()
     rows: list[dict] = []
     for m in cfg.sizes:
@@ -238,6 +273,8 @@ def run_rounding(cfg: RoundingConfig, progress: Callable[[int], None] = lambda n
                     rows += _rows(p, name, "study", "1-D", mean, var, invstd, y_err)
                 for b in backends:
                     rows += _backend_rows(b, p, x, cfg.eps, bad, skipped)
+                for peer in peers:
+                    rows += _peer_rows(peer, p, x, cfg.eps, bad, skipped)
                 progress(1)
     return pd.DataFrame(rows), skipped
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
+from ..tolerances import tolerance
+from .gradients import OLD_NBBN, OUTPUTS
+from .parts import Section
 from .report import kappa_name, m_name, markdown_table, with_label
 from .rounding import NEGLIGIBLE
 
@@ -74,7 +78,7 @@ def rounding_findings(rnd: pd.DataFrame, cross: pd.DataFrame) -> list[str]:
         out.append(f"**chan (256 chunks × Welford, merged pairwise)** in float32: worst variance "
                    f"rel_err {_g(s['rel_err'].max())} over every κ and m: the tree merge keeps "
                    "sums short, but at κ = 1e4 the per-chunk float32 means still cost ≈ κ·u.")
-    for lab in d.loc[d["backend"] != "study", "label"].unique():
+    for lab in d.loc[d["algorithm"] == "nbbn", "label"].unique():
         parts = []
         for dt in ("float32", "float64"):
             v = var[(var["label"] == lab) & (var["dtype"] == dt)]
@@ -85,7 +89,8 @@ def rounding_findings(rnd: pd.DataFrame, cross: pd.DataFrame) -> list[str]:
         out.append(f"**nbbn {lab}** (its registered statistics and forward-train kernel), worst "
                    "over every κ and m: " + "; ".join(parts) + ".")
     if cross is not None and len(cross):
-        c = with_label(cross[(cross["stat"] == "var") & (cross["dtype"] == "float32")])
+        c = with_label(cross[(cross["stat"] == "var") & (cross["dtype"] == "float32")
+                             & (cross["algorithm"] != "peer")])
         kmax_c = float(c["kappa"].max()) if len(c) else math.nan
 
         def first(cc) -> str:
@@ -100,8 +105,234 @@ def rounding_findings(rnd: pd.DataFrame, cross: pd.DataFrame) -> list[str]:
                    "the first m where rounding is no longer negligible — " + "; ".join(items)
                    + ". Below those m the batch's sampling error dominates and the float32 "
                    "algorithm does not matter; the table below gives every κ and also the mean "
-                   "and y.")
+                   "and y (peers included).")
     return out
+
+
+# -------------------------------------------------------------------------------- peers
+
+#: part (a) statistic -> the nbbn.tolerances output name whose bound says "broken"
+_TOL_NAME = {"var": "var", "invstd": "save_invstd", "y": "y"}
+
+#: why each implementation behaves as it does (from its source; see nbbn/study/peers.py)
+MECHANISM = {
+    "torch-cpu NC": "ATen's CPU kernel sends every (N, C) input down its channels-last path, "
+                    "where each thread adds its rows into a per-thread buffer in the input's "
+                    "dtype (a float32 running sum of m/threads values), merged in double only "
+                    "at the end",
+    "torch-cpu NCHW": "sums each channel sequentially in double, but rounds the mean to float32 "
+                      "before the variance pass and forms y = x·α + β' (β' = β − mean·α) in "
+                      "float32, where x·α and β' cancel when |mean| ≫ std",
+    "torch-cuda NC": "PyTorch on the GPU (cuDNN or ATen's CUDA kernel)",
+    "torch-cuda NCHW": "PyTorch on the GPU (cuDNN or ATen's CUDA kernel)",
+    "flax-fast-var NC": "Flax's default use_fast_variance=True computes max(0, E[x²] − E[x]²) in "
+                        "float32: the two terms agree to about κ²·u and the difference is "
+                        "rounding noise, clamped at 0 (invstd = 1/√ε) when it goes negative",
+    "flax-two-pass NC": "use_fast_variance=False: XLA's float32 reductions are tree-shaped and "
+                        "accurate, but y = (x − mean)·rsqrt(var + ε) uses the float32 mean",
+    "numpy 1-D": "np.mean/np.var sum a contiguous axis pairwise (error ~ u·log m), but y uses "
+                 "the float32 mean",
+    "numpy NC": "x.mean(axis=0) on an (N, C) array reduces along a strided axis: a plain "
+                "sequential float32 sum per channel",
+    "numpy NCHW": "x.mean(axis=(0, 2, 3)) is pairwise within each H·W row but adds the rows "
+                  "sequentially in float32",
+    "cupy 1-D": "CuPy's float32 reductions on the GPU",
+}
+
+
+def _first_over(g: pd.DataFrame, tol: float, col: str = "rel_err") -> tuple | None:
+    """(κ, m) of the smallest κ, then smallest m, where ``col`` exceeds ``tol``."""
+    bad = g[~(g[col] <= tol)]
+    if bad.empty:
+        return None
+    k = bad["kappa"].min()
+    return k, int(bad[bad["kappa"] == k]["m"].min())
+
+
+def _worst(g: pd.DataFrame, col: str = "rel_err") -> tuple[float, float, int]:
+    v = g[col].to_numpy(dtype=float)
+    i = int(np.argmax(np.where(np.isnan(v), np.inf, v)))
+    r = g.iloc[i]
+    return float(v[i]), float(r["kappa"]), int(r["m"])
+
+
+def _where(k: float, m: int) -> str:
+    return f"κ = {kappa_name(k)}, m = {m_name(m)}"
+
+
+def _implementation_sentence(g: pd.DataFrame, stats, tol_of, col: str = "rel_err",
+                             stat_col: str = "stat") -> str:
+    parts = []
+    for stat in stats:
+        s = g[g[stat_col] == stat]
+        if s.empty:
+            continue
+        tol = tol_of(stat)
+        w, wk, wm = _worst(s, col)
+        first = _first_over(s, tol, col)
+        if first is None:
+            parts.append(f"{stat} within {tol:g} everywhere (worst {_g(w)})")
+        else:
+            parts.append(f"{stat} leaves {tol:g} from κ = {kappa_name(first[0])} (there from "
+                         f"m = {m_name(first[1])}), worst {_g(w)} at {_where(wk, wm)}")
+    return "; ".join(parts)
+
+
+def peer_findings(rnd: pd.DataFrame) -> list[str]:
+    """One paragraph per peer and nbbn backend: where it leaves nbbn's tolerance, how far."""
+    d = with_label(rnd[rnd["algorithm"].isin(["peer", "nbbn"])])
+    if d.empty:
+        return []
+    out = []
+    peers = d[d["algorithm"] == "peer"]
+    if len(peers):
+        out.append("**Peers** (the implementations people run, called as people call them; "
+                   "'leaves' = first exceeds nbbn's own tolerance, 1e-5 in float32 and 1e-10 "
+                   "in float64, at some m of the grid):")
+    for lab, g in d.groupby("label", sort=False):
+        texts = []
+        for dt in ("float32", "float64"):
+            gd = g[g["dtype"] == dt]
+            if len(gd):
+                texts.append(f"{dt}: " + _implementation_sentence(
+                    gd, ("var", "invstd", "y"),
+                    lambda st, dt=dt: tolerance(_TOL_NAME[st], dt)))
+        why = MECHANISM.get(lab)
+        kind = "nbbn" if g["algorithm"].iloc[0] == "nbbn" else "peer"
+        head = f"**{lab}**" + (" (nbbn)" if kind == "nbbn" else "")
+        out.append(f"{head}: " + ". ".join(texts) + "." + (f" Why: {why}." if why else ""))
+    f32 = d[(d["dtype"] == "float32") & (d["algorithm"] == "peer") & (d["stat"] == "y")]
+    if len(f32) and f32["kappa"].max() >= 1e3:
+        k = f32["kappa"].max()
+        med = f32[f32["kappa"] == k].groupby("label")["rel_err"].median()
+        out.append(f"**Any float32 mean costs y up to half an ulp of |μ| over σ**: median y "
+                   f"rel_err at κ = {kappa_name(k)} — "
+                   + ", ".join(f"{lab} {_g(v)}" for lab, v in med.items())
+                   + f" (½·ulp({kappa_name(k)})/σ = {_half_ulp32(k):.2g}). nbbn normalizes "
+                   "with its float64 mean (CPU) or a two-float mean (CUDA) and keeps y near "
+                   "float32's own rounding.")
+    return out
+
+
+def _half_ulp32(v: float) -> float:
+    return float(np.spacing(np.float32(v))) / 2 if v else 0.0
+
+
+def _peer_tables(rnd: pd.DataFrame) -> list[str]:
+    d = with_label(rnd[rnd["algorithm"].isin(["peer", "nbbn"])])
+    if d.empty or not (d["algorithm"] == "peer").any():
+        return []
+    L = ["### Peers beside nbbn", "",
+         "Worst rel_err over every m of the grid, per κ (first table per dtype), and the first "
+         "m where the error exceeds nbbn's tolerance (1e-5 float32, 1e-10 float64; `never` = "
+         "not within the grid).", ""]
+    for dt in ("float32", "float64"):
+        for stat in ("var", "invstd", "y"):
+            s = d[(d["dtype"] == dt) & (d["stat"] == stat)]
+            if s.empty:
+                continue
+            p = s.pivot_table(index="label", columns="kappa", values="rel_err",
+                              aggfunc="max", sort=False)
+            p.columns = [f"κ={kappa_name(k)}" for k in p.columns]
+            tol = tolerance(_TOL_NAME[stat], dt)
+            first = {}
+            for (lab, k), g in s.groupby(["label", "kappa"], sort=False):
+                bad = g[~(g["rel_err"] <= tol)]
+                first[(lab, k)] = m_name(int(bad["m"].min())) if len(bad) else "never"
+            q = pd.Series(first).unstack()
+            q = q.reindex(index=p.index)
+            q.columns = [f"κ={kappa_name(k)}" for k in q.columns]
+            L += [f"#### {stat}, {dt}: worst rel_err over m", "", markdown_table(p), "",
+                  f"#### {stat}, {dt}: first m over {tol:g}", "", markdown_table(q), ""]
+    return L
+
+
+# -------------------------------------------------------------------------------- gradients
+
+_GRAD_TOL = {"dx": "tol_err", "dgamma": "tol_err", "dbeta": "tol_err"}
+
+
+def gradient_findings(gr: pd.DataFrame) -> list[str]:
+    out = []
+    f32 = gr[gr["dtype"] == "float32"]
+    m0 = int(gr["m"].min())
+    big = [k for k in sorted(gr["kappa"].unique()) if abs(k) >= 1e3]
+    old = f32[(f32["impl"] == OLD_NBBN) & (f32["m"] == m0) & (f32["output"] == "dx")]
+    if len(old) and big:
+        rows = []
+        for impl, g in f32[(f32["m"] == m0) & (f32["output"] == "dx")].groupby("impl",
+                                                                              sort=False):
+            vals = ", ".join(f"{_g(g[g['kappa'] == k]['tol_err'].max())} at κ = "
+                             f"{kappa_name(abs(k))}" for k in big if (g["kappa"] == k).any())
+            rows.append(f"{impl} {vals}")
+        cpu = f32[(f32["impl"] == "cpu NC") & (f32["m"] == m0) & (f32["output"] == "dx")]
+        verdict = ""
+        if len(cpu):
+            o = old[old["kappa"].isin(big)]["tol_err"].max()
+            c = cpu[cpu["kappa"].isin(big)]["tol_err"].max()
+            verdict = (" The nbbn kernels in this run fold the residual: their dx is "
+                       f"{_g(o / c) if c > 0 else 'far'} times closer than the emulated old "
+                       "backward." if c < o / 10 else
+                       " The nbbn kernels in this run still compute x̂ from the rounded "
+                       "save_mean (they match the emulation): the fold has not landed in "
+                       "them yet.")
+        out.append(f"**dx at m = {m0}, float32, |mean|/std ≥ 1e3** (error relative to "
+                   "‖γ·invstd·dy‖, as nbbn.tolerances measures it; tolerance 1e-4): "
+                   + "; ".join(rows) + ". `save_mean` is returned in float32, off by up to "
+                   "half an ulp of |μ|; a backward that forms x̂ = (x − save_mean)·invstd "
+                   "inherits that error." + verdict)
+    for impl, g in gr.groupby("impl", sort=False):
+        texts = []
+        for dt in ("float32", "float64"):
+            gd = g[g["dtype"] == dt]
+            if len(gd):
+                texts.append(f"{dt}: " + _implementation_sentence(
+                    gd, OUTPUTS, lambda o, dt=dt: tolerance(o, dt), col="tol_err",
+                    stat_col="output"))
+        out.append(f"**{impl}** gradients: " + ". ".join(texts) + ".")
+    return out
+
+
+def report_gradients(tables: dict[str, pd.DataFrame]) -> Section:
+    gr = tables.get("gradients")
+    if gr is None or not len(gr):
+        return Section()
+    m0 = int(gr["m"].min())
+    ms = sorted(gr["m"].unique())
+    m_mid = int(min(ms, key=lambda m: abs(math.log2(m) - 12)))
+    m_max = int(gr["m"].max())
+    L = ["## (e) Rounding error of the gradients", "",
+         "x = κ + z and dy, z and dy ~ N(0, 1) (one draw per m; float32 data are the float64 "
+         "values rounded once), γ = 1, β = 0. Reference: the exact gradient with the exact "
+         "batch statistics, dx = γ·invstd·(dy − dβ/m − x̂·dγ/m), dβ = Σdy, dγ = Σdy·x̂, in "
+         "double-double. `tol_err` is the error as `nbbn.tolerances` measures it: dx relative "
+         "to max(‖dx‖, ‖γ·invstd·dy‖) (dx nearly vanishes at small m), dγ and dβ relative to "
+         "their own value; `rel_err` (relative to ‖out‖ alone) and `rel_err_scale` (relative "
+         "to ‖γ·invstd·dy‖, Σ|dy·x̂|, Σ|dy|) are in `gradients.csv`. "
+         f"`{OLD_NBBN}` is backward in float64 from save_mean and save_invstd rounded to x's "
+         "dtype, x̂ = (x − save_mean)·save_invstd — what nbbn's kernels computed before the "
+         "fold; the `cpu`/`cuda` rows are the kernels of this run. Tolerance: 1e-4 float32, "
+         "1e-10 float64.", ""]
+    for dt in ("float32", "float64"):
+        for out, m in (("dx", m0), ("dx", m_mid), ("dgamma", m_mid), ("dx", m_max),
+                       ("dgamma", m_max), ("dbeta", m_max)):
+            s = gr[(gr["dtype"] == dt) & (gr["output"] == out) & (gr["m"] == m)]
+            if s.empty:
+                continue
+            p = s.pivot_table(index="impl", columns="kappa", values="tol_err",
+                              aggfunc="first", sort=False)
+            p.columns = [f"κ={kappa_name(k)}" for k in p.columns]
+            L += [f"### tol_err({out}), {dt}, m = {m_name(m)}", "", markdown_table(p), ""]
+        s = gr[gr["dtype"] == dt]
+        first = {}
+        for (impl, out, k), g in s.groupby(["impl", "output", "kappa"], sort=False):
+            bad = g[~(g["tol_err"] <= g["tolerance"])]
+            first[(f"{impl}: {out}", k)] = m_name(int(bad["m"].min())) if len(bad) else "never"
+        q = pd.Series(first).unstack()
+        q.columns = [f"κ={kappa_name(k)}" for k in q.columns]
+        L += [f"### First m where tol_err exceeds the tolerance, {dt}", "", markdown_table(q),
+              ""]
+    return Section(gradient_findings(gr), L)
 
 
 def sampling_findings(smp: pd.DataFrame) -> list[str]:
@@ -215,117 +446,145 @@ def _pivot_cross(cross: pd.DataFrame, dtype: str, stat: str) -> str:
     return markdown_table(p)
 
 
-def markdown(meta: dict, tables: dict[str, pd.DataFrame], skipped: pd.DataFrame,
-             figures: list[str], plot_note: str | None) -> str:
+def _header(meta: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
     L = ["# nbbn accuracy study", "",
          f"Command: `{meta['command']}`", "",
          f"Run {meta['date']} on {meta['cpu']} ({meta['cpus']} CPUs, {meta['threads']} Numba "
          f"threads), Python {meta['python_version']}, NumPy {meta['numpy_version']}, "
          f"Numba {meta['numba_version']}, nbbn {meta['nbbn_version']}; seed {meta['seed']}; "
-         f"wall time {meta['wall_s']:.0f} s ({meta['timings']}).", "",
-         "Tidy tables beside this file (CSV and JSON, one row per point, environment in every "
-         "row): " + ", ".join(f"`{k}.csv`" for k in tables) + ". Formulas: the docstrings of "
-         "`nbbn/study/{algorithms,rounding,sampling,estimators}.py`.", ""]
-    rnd, cross = tables.get("rounding"), tables.get("rounding_crossover")
-    smp, est, gap = tables.get("sampling"), tables.get("estimators"), tables.get("gap")
+         f"wall time {meta['wall_s']:.0f} s ({meta['timings']}).", ""]
+    pv = meta.get("peer_versions")
+    if pv:
+        L += ["Peers: " + ", ".join(f"{k} {v}" for k, v in pv.items()) + ".", ""]
+        for name, how in meta.get("peer_how", {}).items():
+            L += [f"- `{name}`: {how}"]
+        L += [""]
+    L += ["Tidy tables beside this file (CSV and JSON, one row per point, environment in every "
+          "row): " + ", ".join(f"`{k}.csv`" for k in tables) + ". Formulas: the docstrings of "
+          "`nbbn/study/{algorithms,rounding,peers,sampling,estimators,gradients}.py`.", ""]
+    return L
 
-    findings = []
-    if rnd is not None and len(rnd):
-        findings += rounding_findings(rnd, cross)
-    if smp is not None and len(smp):
-        findings += sampling_findings(smp)
-    if est is not None and len(est):
-        findings += estimator_findings(est, gap)
+
+def report_rounding(tables: dict[str, pd.DataFrame]) -> Section:
+    rnd, cross = tables.get("rounding"), tables.get("rounding_crossover")
+    if rnd is None or not len(rnd):
+        return Section()
+    findings = rounding_findings(rnd, cross) + peer_findings(rnd)
+    m_max = int(rnd["m"].max())
+    ms = sorted(rnd["m"].unique())
+    m_mid = int(min(ms, key=lambda m: abs(math.log2(m) - 10)))
+    L = ["## (a) Rounding error of the statistics", "",
+         "Data x = κ + z, z ~ N(0, 1), one draw per m shared by every κ and dtype; float32 "
+         "data are those values rounded once. The study's algorithms (`naive`, `two-pass`, "
+         "`two-pass-corrected`, `welford`, `welford-fcount`, `chan`) accumulate "
+         "sequentially in the data's dtype; "
+         "`<backend> <layout>` rows are the nbbn kernels (statistics from the backend's "
+         "registered statistics function, invstd and y from its forward-train kernel, on x "
+         "viewed as NC (m, 1) and NCHW (N, 1, 1, S)) and the peers (`torch-cpu`, "
+         "`flax-fast-var`, `flax-two-pass`, `numpy`, and on a GPU `torch-cuda`, `cupy`; "
+         "`nbbn/study/peers.py` says how each is called; NumPy's NC and NCHW rows hold x in "
+         "both of 2 channels so that the reduction axis is strided, as in real data). "
+         "Reference: double-double (≈106-bit) sums, deviations and squares of the same data, "
+         "checked against exact rational arithmetic in the tests. ε = 1e-5. `mean_in_sd` is "
+         "|μ̂ − μ|/σ. inf = NaN result.", ""]
+    L += _peer_tables(rnd)
+    for dt in ("float32", "float64"):
+        for stat in ("var", "y"):
+            for m in (m_mid, m_max):
+                L += [f"### rel_err({stat}), {dt}, m = {m_name(m)}", "",
+                      _pivot_rounding(rnd, stat, dt, m), ""]
+    if cross is not None and len(cross):
+        L += [f"### First m where rounding is no longer negligible (> {NEGLIGIBLE:g} × "
+              "sampling RMSE of normal data), float32", ""]
+        for stat in ("var", "mean_in_sd", "y"):
+            L += [f"{stat}:", "", _pivot_cross(cross, "float32", stat), ""]
+        L += ["float64, var:", "", _pivot_cross(cross, "float64", "var"), ""]
+    return Section(findings, L)
+
+
+def report_sampling(tables: dict[str, pd.DataFrame]) -> Section:
+    smp = tables.get("sampling")
+    if smp is None or not len(smp):
+        return Section()
+    iid = smp[(smp["sampling"] == "iid")]
+    L = ["## (b) Sampling error of batch statistics", "",
+         "RMSE over B batches against the population, beside the i.i.d. theory: σ/√m for "
+         "the mean; for the biased variance RMSE² = σ⁴/m² + ((m−1)/m)²·(μ4 − σ⁴(m−3)/(m−1))/m."
+         " For NCHW m = N·H·W, and for i.i.d. values only m matters, not how it splits into "
+         "N and H·W; real activations (`--activations`, 3-D/4-D) are also sampled as whole "
+         "images to show what spatial correlation does. `rmse_rel_se` in the CSV is the "
+         "standard error of each RMSE (≈ 1/√(2B) for normal errors).", ""]
+    for stat in ("mean", "var"):
+        p = iid[iid["stat"] == stat].pivot_table(index="m", columns="distribution",
+                                                 values="ratio", aggfunc="mean", sort=False)
+        L += [f"### RMSE / theory, batch {stat} (activations: mean over channels)", "",
+              markdown_table(p, ".3f"), ""]
+    img = smp[smp["sampling"] == "images"]
+    if len(img):
+        p = img.pivot_table(index="m", columns="stat", values="ratio", aggfunc="median")
+        L += ["### Activations sampled as whole images: RMSE / i.i.d. theory (median over "
+              "channels)", "", markdown_table(p, ".3f"), ""]
+    return Section(sampling_findings(smp), L)
+
+
+def report_estimators(tables: dict[str, pd.DataFrame]) -> Section:
+    est, gap = tables.get("estimators"), tables.get("gap")
+    if est is None or not len(est):
+        return Section()
+    K = int(est["batches"].max())
+    e = est[est["batches"] == K].copy()
+    e["estimator"] = [f"ema {r['momentum']:g}" if r["estimator"] == "ema" else r["estimator"]
+                      for r in e[["estimator", "momentum"]].to_dict(orient="records")]
+    L = ["## (c) Population estimators and the train–inference gap", "",
+         "EMA in PyTorch's convention (running = (1 − momentum)·running + momentum·batch, "
+         "unbiased batch variance, starting from running_mean = 0, running_var = 1), run by "
+         "the nbbn forward-train kernel; Algorithm 2 (cumulative average, variance × "
+         "m/(m − 1)); the biased cumulative average. Bias and RMSE over independent streams "
+         "(relative to σ for the mean, σ² for the variance).", ""]
+    first = e["distribution"].iloc[0]
+    for name in list(dict.fromkeys(e["distribution"])):
+        for stat in ("mean", "var") if name == first else ("var",):
+            p = e[(e["distribution"] == name) & (e["stat"] == stat)]
+            p = p.assign(cell=[f"{b:+.3g} / {r:.3g}"
+                               for b, r in zip(p["rel_bias"], p["rel_rmse"], strict=True)])
+            q = p.pivot_table(index="estimator", columns="m", values="cell",
+                              aggfunc="first", sort=False)
+            q.columns = [f"m={c}" for c in q.columns]
+            L += [f"### {name}: bias / RMSE of the {stat} after {K} batches (relative to "
+                  + ("σ)" if stat == "mean" else "σ²)"), "", markdown_table(q), ""]
+    if gap is not None and len(gap):
+        p = gap[gap["inference_stats"] == "population"].pivot_table(
+            index="m", columns="distribution", values="gap_rms", aggfunc="first", sort=False)
+        t = gap[gap["inference_stats"] == "population"].pivot_table(
+            index="m", columns="distribution", values="theory", aggfunc="first", sort=False)
+        t.columns = [f"{c} theory" for c in t.columns]
+        L += ["### Train–inference gap, RMS of ‖BN_train(x) − BN_infer(x)‖/‖BN_infer(x)‖ "
+              "(BN_infer with the exact population statistics)", "",
+              markdown_table(pd.concat([p, t], axis=1), ".3g"), ""]
+        first = gap["distribution"].iloc[0]
+        q = gap[gap["distribution"] == first].pivot_table(
+            index="m", columns="inference_stats", values="gap_rms", aggfunc="first",
+            sort=False).dropna()
+        if len(q):
+            L += [f"### {first}: RMS gap when BN_infer uses each estimator after "
+                  f"{int(gap['stream_batches'].max())} batches", "",
+                  markdown_table(q, ".3g"), ""]
+    return Section(estimator_findings(est, gap), L)
+
+
+def markdown(meta: dict, tables: dict[str, pd.DataFrame], skipped: pd.DataFrame,
+             figures: list[str], plot_note: str | None, parts=None) -> str:
+    """report.md: header, every part's key findings, every part's section, skips, figures."""
+    from . import parts as _parts
+
+    parts = _parts.ordered() if parts is None else parts
+    sections = [_parts.load(p.report)(tables) for p in parts if p.report]
+    L = _header(meta, tables)
+    findings = [f for sec in sections for f in sec.findings]
     if findings:
         L += ["## Key findings", ""] + [f"- {f}" for f in findings] + [""]
-
-    if rnd is not None and len(rnd):
-        m_max = int(rnd["m"].max())
-        ms = sorted(rnd["m"].unique())
-        m_mid = int(min(ms, key=lambda m: abs(math.log2(m) - 10)))
-        L += ["## (a) Rounding error of the statistics", "",
-              "Data x = κ + z, z ~ N(0, 1), one draw per m shared by every κ and dtype; float32 "
-              "data are those values rounded once. The study's algorithms (`naive`, `two-pass`, "
-              "`two-pass-corrected`, `welford`, `welford-fcount`, `chan`) accumulate "
-              "sequentially in the data's dtype; "
-              "`<backend> <layout>` rows are the nbbn kernels (statistics from the backend's "
-              "registered statistics function, invstd and y from its forward-train kernel, on x "
-              "viewed as NC (m, 1) and NCHW (N, 1, 1, S)). Reference: double-double (≈106-bit) "
-              "sums, deviations and squares of the same data, checked against exact rational "
-              "arithmetic in the tests. ε = 1e-5. `mean_in_sd` is |μ̂ − μ|/σ. inf = NaN result.",
-              ""]
-        for dt in ("float32", "float64"):
-            for stat in ("var", "y"):
-                for m in (m_mid, m_max):
-                    L += [f"### rel_err({stat}), {dt}, m = {m_name(m)}", "",
-                          _pivot_rounding(rnd, stat, dt, m), ""]
-        if cross is not None and len(cross):
-            L += [f"### First m where rounding is no longer negligible (> {NEGLIGIBLE:g} × "
-                  "sampling RMSE of normal data), float32", ""]
-            for stat in ("var", "mean_in_sd", "y"):
-                L += [f"{stat}:", "", _pivot_cross(cross, "float32", stat), ""]
-            L += ["float64, var:", "", _pivot_cross(cross, "float64", "var"), ""]
-
-    if smp is not None and len(smp):
-        iid = smp[(smp["sampling"] == "iid")]
-        L += ["## (b) Sampling error of batch statistics", "",
-              "RMSE over B batches against the population, beside the i.i.d. theory: σ/√m for "
-              "the mean; for the biased variance RMSE² = σ⁴/m² + ((m−1)/m)²·(μ4 − σ⁴(m−3)/(m−1))/m."
-              " For NCHW m = N·H·W, and for i.i.d. values only m matters, not how it splits into "
-              "N and H·W; real activations (`--activations`, 3-D/4-D) are also sampled as whole "
-              "images to show what spatial correlation does. `rmse_rel_se` in the CSV is the "
-              "standard error of each RMSE (≈ 1/√(2B) for normal errors).", ""]
-        for stat in ("mean", "var"):
-            p = iid[iid["stat"] == stat].pivot_table(index="m", columns="distribution",
-                                                     values="ratio", aggfunc="mean", sort=False)
-            L += [f"### RMSE / theory, batch {stat} (activations: mean over channels)", "",
-                  markdown_table(p, ".3f"), ""]
-        img = smp[smp["sampling"] == "images"]
-        if len(img):
-            p = img.pivot_table(index="m", columns="stat", values="ratio", aggfunc="median")
-            L += ["### Activations sampled as whole images: RMSE / i.i.d. theory (median over "
-                  "channels)", "", markdown_table(p, ".3f"), ""]
-
-    if est is not None and len(est):
-        K = int(est["batches"].max())
-        e = est[est["batches"] == K].copy()
-        e["estimator"] = [f"ema {r['momentum']:g}" if r["estimator"] == "ema" else r["estimator"]
-                          for r in e[["estimator", "momentum"]].to_dict(orient="records")]
-        L += ["## (c) Population estimators and the train–inference gap", "",
-              "EMA in PyTorch's convention (running = (1 − momentum)·running + momentum·batch, "
-              "unbiased batch variance, starting from running_mean = 0, running_var = 1), run by "
-              "the nbbn forward-train kernel; Algorithm 2 (cumulative average, variance × "
-              "m/(m − 1)); the biased cumulative average. Bias and RMSE over independent streams "
-              "(relative to σ for the mean, σ² for the variance).", ""]
-        first = e["distribution"].iloc[0]
-        for name in list(dict.fromkeys(e["distribution"])):
-            for stat in ("mean", "var") if name == first else ("var",):
-                p = e[(e["distribution"] == name) & (e["stat"] == stat)]
-                p = p.assign(cell=[f"{b:+.3g} / {r:.3g}"
-                                   for b, r in zip(p["rel_bias"], p["rel_rmse"], strict=True)])
-                q = p.pivot_table(index="estimator", columns="m", values="cell",
-                                  aggfunc="first", sort=False)
-                q.columns = [f"m={c}" for c in q.columns]
-                L += [f"### {name}: bias / RMSE of the {stat} after {K} batches (relative to "
-                      + ("σ)" if stat == "mean" else "σ²)"), "", markdown_table(q), ""]
-        if gap is not None and len(gap):
-            p = gap[gap["inference_stats"] == "population"].pivot_table(
-                index="m", columns="distribution", values="gap_rms", aggfunc="first", sort=False)
-            t = gap[gap["inference_stats"] == "population"].pivot_table(
-                index="m", columns="distribution", values="theory", aggfunc="first", sort=False)
-            t.columns = [f"{c} theory" for c in t.columns]
-            L += ["### Train–inference gap, RMS of ‖BN_train(x) − BN_infer(x)‖/‖BN_infer(x)‖ "
-                  "(BN_infer with the exact population statistics)", "",
-                  markdown_table(pd.concat([p, t], axis=1), ".3g"), ""]
-            first = gap["distribution"].iloc[0]
-            q = gap[gap["distribution"] == first].pivot_table(
-                index="m", columns="inference_stats", values="gap_rms", aggfunc="first",
-                sort=False).dropna()
-            if len(q):
-                L += [f"### {first}: RMS gap when BN_infer uses each estimator after "
-                      f"{int(gap['stream_batches'].max())} batches", "",
-                      markdown_table(q, ".3g"), ""]
-
+    for sec in sections:
+        L += sec.lines
     L += ["## Skipped", ""]
     if skipped is not None and len(skipped):
         L += [markdown_table(skipped, index=False), ""]

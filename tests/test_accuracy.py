@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -17,9 +18,18 @@ import pytest
 from click.testing import CliRunner
 
 from nbbn.study import algorithms as A
-from nbbn.study.commands import accuracy
+from nbbn.study.commands import accuracy, parse_parts
 from nbbn.study.common import POPULATIONS, StudyError, parse_size, parse_sizes, rng_for
 from nbbn.study.estimators import EstimatorConfig, run_estimators
+from nbbn.study.gradients import (
+    OLD_NBBN,
+    GradientConfig,
+    old_nbbn_backward,
+    reference_point,
+    run_gradients,
+)
+from nbbn.study.gradients import _rows as _grad_rows
+from nbbn.study.peers import _flax_peer, from_layout, load_peers, nchw_shape, to_layout
 from nbbn.study.rounding import DEFAULT_SIZES, RoundingConfig, run_rounding, usable_backends
 from nbbn.study.sampling import SamplingConfig, load_activations, run_sampling
 from nbbn.tolerances import tolerance
@@ -76,7 +86,7 @@ def kappa_sweep():
     """float32, κ ∈ {1, 1e2, 1e4}, small m, the study's algorithms and every usable backend."""
     backends, skipped = usable_backends()
     cfg = RoundingConfig(sizes=[16, 32, 64, 128, 256], kappas=(1.0, 1e2, 1e4), dtypes=(F32,))
-    df, sk = run_rounding(cfg, backends=backends)
+    df, sk = run_rounding(cfg, backends=backends, peers=[])
     return df, backends, skipped + sk
 
 
@@ -137,6 +147,272 @@ def _cudasim() -> bool:
 
 def test_default_grid_goes_beyond_2_pow_24():
     assert max(DEFAULT_SIZES) > 2**24 and 2**24 + 1 in DEFAULT_SIZES
+
+
+# ----------------------------------------------------------------------------- peers
+
+def _need(peers: dict, name: str, skipped: list[dict]) -> None:
+    """Skip (with the loader's reason) when a peer is missing; where the environment says the
+    peers must be there (CI sets NBBN_REQUIRE_PEERS=1 after installing nbbn[peers]), fail."""
+    if name in peers:
+        return
+    reason = next((s["reason"] for s in skipped if s["item"] == f"peer {name}"), "not loaded")
+    if os.environ.get("NBBN_REQUIRE_PEERS") == "1":
+        pytest.fail(f"peer {name} is required here (NBBN_REQUIRE_PEERS=1) but: {reason}")
+    pytest.skip(f"peer {name} unavailable: {reason}")
+
+
+@pytest.fixture(scope="module")
+def cpu_peers():
+    peers, skipped = load_peers(["torch-cpu", "flax-fast-var", "flax-two-pass", "numpy"])
+    return {p.name: p for p in peers}, skipped
+
+
+@pytest.fixture(scope="module")
+def kappa_1e4_point(cpu_peers):
+    """Part (a) at κ = 1e4, float32, m = 4096: every peer that loads and every nbbn backend."""
+    peers, skipped = cpu_peers
+    backends, _ = usable_backends()
+    cfg = RoundingConfig(sizes=[4096], kappas=(1e4,), dtypes=(F32,), algorithms=())
+    df, sk = run_rounding(cfg, backends=backends, peers=list(peers.values()))
+    assert not sk, sk
+    return df.assign(label=[f"{b} {lay}" for b, lay in zip(df["backend"], df["layout"],
+                                                           strict=True)])
+
+
+def _stat(df, label, stat):
+    s = df[(df["label"] == label) & (df["stat"] == stat)]["rel_err"]
+    assert len(s) == 1, (label, stat)
+    return float(s.iloc[0])
+
+
+def test_fast_variance_breaks_at_kappa_1e4_where_torch_and_nbbn_hold(cpu_peers, kappa_1e4_point):
+    """The issue's acceptance point: E[x²] − E[x]² (Flax's default) is far off at κ = 1e4 in
+    float32 (clamped at 0, or NaN), while PyTorch's and nbbn's statistics stay within 1e-4."""
+    peers, skipped = cpu_peers
+    for name in ("flax-fast-var", "torch-cpu"):
+        _need(peers, name, skipped)
+    df = kappa_1e4_point
+    fast = _stat(df, "flax-fast-var NC", "var")
+    assert not fast <= 0.1, f"fast variance should be far off at κ = 1e4, rel_err {fast}"
+    assert not _stat(df, "flax-fast-var NC", "y") <= 0.1
+    for label in ("torch-cpu NC", "torch-cpu NCHW", "flax-two-pass NC"):
+        for stat in ("var", "invstd"):
+            assert _stat(df, label, stat) <= 1e-4, (label, stat)
+    nb = df[df["algorithm"] == "nbbn"]
+    assert len(nb) and set(nb["layout"]) == {"NC", "NCHW"}
+    for label in nb["label"].unique():
+        for stat in ("var", "invstd"):
+            assert _stat(df, label, stat) <= 1e-4, (label, stat)
+        assert _stat(df, label, "y") <= tolerance("y", F32), label
+
+
+def test_float32_mean_costs_every_peer_y_at_kappa_1e4(cpu_peers, kappa_1e4_point):
+    """A float32 mean is off by up to ½ulp(1e4) = 4.9e-4 σ: every peer's y (which subtracts it)
+    leaves nbbn's float32 tolerance at κ = 1e4; nbbn's stays 100× inside it."""
+    peers, _ = cpu_peers
+    df = kappa_1e4_point
+    labels = [lab for lab in df[df["algorithm"] == "peer"]["label"].unique()
+              if not lab.startswith("flax-fast-var")]
+    assert any(lab.startswith("numpy") for lab in labels)
+    tol = tolerance("y", F32)
+    for label in labels:
+        assert _stat(df, label, "y") > tol, label
+    for label in df[df["algorithm"] == "nbbn"]["label"].unique():
+        assert _stat(df, label, "y") < tol / 100, label
+
+
+def test_torch_peer_reports_what_aten_computed(cpu_peers):
+    """The torch-cpu peer's numbers are F.batch_norm's: the same y, mean and invstd as
+    torch.native_batch_norm, bit for bit, on both layouts."""
+    peers, skipped = cpu_peers
+    _need(peers, "torch-cpu", skipped)
+    import torch
+
+    x = (1e3 + rng_for(5, "torch").standard_normal(300)).astype(F32)
+    for layout in ("NC", "NCHW"):
+        f = peers["torch-cpu"].forward(x, layout, 1e-5)
+        xt = torch.from_numpy(to_layout(x.reshape(-1, 1), layout))
+        y, mean, invstd = torch.native_batch_norm(xt, None, None, None, None, True, 0.0, 1e-5)
+        assert np.array_equal(f.y, from_layout(y.numpy(), layout).reshape(-1)), layout
+        assert f.mean == float(mean[0]) and f.invstd == float(invstd[0]), layout
+        assert f.var == pytest.approx(float(x.astype(np.float64).var()), rel=1e-5)
+
+
+def test_flax_fallback_is_flax(cpu_peers, monkeypatch):
+    """Without Flax the peer re-implements _compute_stats/_normalize in jax.numpy; with Flax
+    installed both give the same numbers (forward and gradients)."""
+    import sys
+
+    peers, skipped = cpu_peers
+    _need(peers, "flax-fast-var", skipped)
+    if "flax" not in peers["flax-fast-var"].versions:
+        pytest.skip("flax is not installed: only the re-implementation is available")
+    x = (1e2 + rng_for(6, "flax").standard_normal((64, 3))).astype(F32)
+    dy = rng_for(7, "flax").standard_normal((64, 3)).astype(F32)
+    real = {fast: peers["flax-fast-var" if fast else "flax-two-pass"] for fast in (True, False)}
+    monkeypatch.setitem(sys.modules, "flax", None)
+    monkeypatch.setitem(sys.modules, "flax.linen", None)
+    for fast in (True, False):
+        mine = _flax_peer(fast)
+        assert "re-implemented" in mine.how and "flax" not in mine.versions
+        a, b = real[fast].forward(x[:, 0], "NC", 1e-5), mine.forward(x[:, 0], "NC", 1e-5)
+        assert (a.mean, a.var, a.invstd) == pytest.approx((b.mean, b.var, b.invstd), rel=1e-6)
+        np.testing.assert_allclose(a.y, b.y, rtol=1e-5, atol=1e-5)
+        ga, gb = real[fast].backward(x, dy, "NC", 1e-5), mine.backward(x, dy, "NC", 1e-5)
+        for u, v in ((ga.dx, gb.dx), (ga.dgamma, gb.dgamma), (ga.dbeta, gb.dbeta)):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+
+
+def test_layouts_round_trip():
+    a = np.ascontiguousarray(np.arange(36 * 3).reshape(36, 3))
+    for layout in ("NC", "NCHW"):
+        b = to_layout(a, layout)
+        assert b.flags.c_contiguous and b.shape[1] == 3
+        assert np.array_equal(from_layout(b, layout), a)
+    n, _, _, s = nchw_shape(36)
+    assert to_layout(a, "NCHW")[1, 2, 0, 3] == a[1 * s + 3, 2]
+
+
+def test_missing_peers_are_skipped_with_their_reason(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("torch", "jax", "cupy") else real(name,
+                                                                                            *a))
+    peers, skipped = load_peers()
+    assert [p.name for p in peers] == ["numpy"]
+    reasons = {s["item"]: s["reason"] for s in skipped}
+    assert "torch is not installed" in reasons["peer torch-cpu"]
+    assert "jax is not installed" in reasons["peer flax-fast-var"]
+    assert "cupy is not installed" in reasons["peer cupy"]
+
+
+# ----------------------------------------------------------------------------- part (e)
+
+def _exact_backward(x, dy, ih, il):
+    """dβ, dγ and dx in exact rational arithmetic, for the given (double-double) invstd."""
+    fx = [Fraction(float(v)) for v in x]
+    fd = [Fraction(float(v)) for v in dy]
+    m = len(fx)
+    mu = sum(fx) / m
+    inv = Fraction(ih) + Fraction(il)
+    xhat = [(v - mu) * inv for v in fx]
+    db = sum(fd)
+    dg = sum(d * h for d, h in zip(fd, xhat, strict=True))
+    dx = [inv * (d - db / m - h * dg / m) for d, h in zip(fd, xhat, strict=True)]
+    return db, dg, dx
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("kappa", [0.0, 1e4])
+@pytest.mark.parametrize("m", [2, 7, 100])
+def test_double_double_gradients_match_exact_rationals(dtype, kappa, m):
+    g = rng_for(3, "gref", m)
+    x = (kappa + g.standard_normal(m)).astype(dtype)
+    dy = g.standard_normal(m).astype(dtype)
+    mh, ml, vh, vl = A.exact_stats(x)
+    ih, il = A.exact_invstd(vh, vl, 1e-5)
+    bh, bl, gh, gl, sb, sg = A.exact_grad_sums(x, dy, mh, ml, ih, il)
+    db, dg, dx = _exact_backward(x, dy, ih, il)
+    assert abs(Fraction(bh) + Fraction(bl) - db) <= 1e-28 * max(sb, 1e-300)
+    assert abs(Fraction(gh) + Fraction(gl) - dg) <= 1e-28 * max(sg, 1e-300)
+    dx64 = np.array([float(v) for v in dx])  # dx rounded once to float64
+    err, ref, scale = A.dx_errors(x, dy, dx64, 1.0, mh, ml, ih, il, bh, bl, gh, gl)
+    exact_err = math.sqrt(float(sum((Fraction(a) - b) ** 2 for a, b in zip(dx64, dx,
+                                                                           strict=True))))
+    norm = math.sqrt(float(sum(v * v for v in dx)))
+    assert abs(err - exact_err) <= 1e-25 * scale + 1e-300
+    assert ref == pytest.approx(norm, rel=1e-14)
+    assert scale == pytest.approx(float(np.linalg.norm(dy.astype(np.float64))) * (ih + il),
+                                  rel=1e-14)
+
+
+def test_gradient_rows_measure_like_nbbn_tolerances():
+    """tol_err is nbbn.tolerances.rel_err (with reference.dx_scale for dx) of the same output."""
+    from nbbn import reference as R
+    from nbbn.tolerances import rel_err
+
+    p = reference_point(5, 1e3, F32, seed=1, channels=3)
+    mean = np.array([r[0] for r in p.refs])
+    invstd = np.array([r[2] for r in p.refs])
+    dx, dg, db = old_nbbn_backward(p.x, p.dy, mean, invstd, 1.0)
+    rows = {r["output"]: r for r in _grad_rows(p, "t", "emulation", "e", "-", dx, dg, db)}
+    rdx, rdg, rdb = R.backward(p.dy, p.x, R.batch_stats(p.x.astype(np.float64))[0],
+                               1 / np.sqrt(R.batch_stats(p.x.astype(np.float64))[1] + 1e-5))
+    scale = R.dx_scale(p.dy, invstd)
+    assert rows["dx"]["tol_err"] == pytest.approx(rel_err(dx, rdx, scale), rel=1e-3)
+    assert rows["dgamma"]["tol_err"] == pytest.approx(rel_err(dg, rdg), rel=1e-3)
+    assert rows["dbeta"]["tol_err"] == pytest.approx(rel_err(db, rdb), rel=1e-3, abs=1e-12)
+    assert rows["dx"]["rel_err_scale"] == pytest.approx(rows["dx"]["err"] / scale, rel=1e-6)
+
+
+GRID = dict(sizes=[2, 3, 16, 256, 4096], kappas=(0.0, 1.0, 1e2, 1e3, -1e3, 1e4))
+
+
+@pytest.fixture(scope="module")
+def grad_sweep():
+    backends, skipped = usable_backends(part="gradients")
+    df, sk = run_gradients(GradientConfig(**GRID), backends=backends, peers=[])
+    return df, backends, skipped + sk
+
+
+def test_nbbn_gradients_within_tolerance_over_the_grid(grad_sweep):
+    """dx, dγ, dβ of every nbbn backend within nbbn.tolerances at every (m, κ, dtype) of the
+    grid, the N = 2, mean ±1e3 float32 NC case included (needs backward to fold the residual
+    Σ(x − save_mean)/m into its mean)."""
+    df, backends, skipped = grad_sweep
+    assert backends, skipped
+    nb = df[df["family"] == "nbbn"]
+    assert set(nb["backend"]) == {b.name for b in backends}
+    case = nb[(nb["m"] == 2) & (nb["kappa"].abs() == 1e3) & (nb["dtype"] == "float32")
+              & (nb["layout"] == "NC")]
+    assert len(case) == 3 * 2 * len(backends)
+    bad = nb[~nb["within_tolerance"]]
+    assert bad.empty, "\n" + bad[["impl", "dtype", "kappa", "m", "output", "tol_err",
+                                   "tolerance"]].to_string()
+
+
+def test_n2_mean_1e3_case_exercises_a_rounded_mean(grad_sweep):
+    """The case would catch a backward that uses the rounded save_mean: the emulated old
+    backward is out of tolerance there (and at κ = 1e4), in float64 nothing is."""
+    df, _, _ = grad_sweep
+    old = df[(df["impl"] == OLD_NBBN) & (df["output"] == "dx")]
+    f32 = old[old["dtype"] == "float32"].set_index(["m", "kappa"])["tol_err"]
+    assert f32[(2, 1e3)] > 1e-4 and f32[(2, -1e3)] > 1e-4 and f32[(2, 1e4)] > 1e-4
+    assert (f32.xs(0.0, level="kappa") <= 1e-5).all()
+    assert (old[old["dtype"] == "float64"]["tol_err"] <= 1e-10).all()
+
+
+def test_cuda_gradients_at_n2_mean_1e3():
+    """The same N = 2, mean ±1e3 float32 case on the CUDA backend (the simulator in tests,
+    a tiny grid because it is slow there)."""
+    backends, skipped = usable_backends(simulator_ok=True, part="gradients")
+    cuda = [b for b in backends if b.device == "cuda"]
+    if not cuda:
+        pytest.skip("no CUDA backend here: " + "; ".join(s["reason"] for s in skipped))
+    df, sk = run_gradients(GradientConfig(sizes=[2], kappas=(1e3, -1e3), dtypes=(F32,),
+                                          emulate_old=False), backends=cuda, peers=[])
+    assert not sk, sk
+    bad = df[~df["within_tolerance"]]
+    assert bad.empty, "\n" + bad[["impl", "kappa", "output", "tol_err"]].to_string()
+
+
+def test_peer_gradients_at_kappa_1e4(cpu_peers):
+    """Autograd of the peers against the same reference: fast variance's dx is far off at
+    κ = 1e4; PyTorch's and Flax two-pass's dx stay within 1e-4 at m = 4096."""
+    peers, skipped = cpu_peers
+    for name in ("torch-cpu", "flax-fast-var"):
+        _need(peers, name, skipped)
+    df, sk = run_gradients(GradientConfig(sizes=[4096], kappas=(1e4,), dtypes=(F32,),
+                                          backends=False), backends=[],
+                           peers=list(peers.values()))
+    assert not any(s["item"] != "peer numpy" for s in sk), sk
+    dx = df[df["output"] == "dx"].set_index("impl")["tol_err"]
+    assert not dx["flax-fast-var NC"] <= 1e-2
+    for impl in ("torch-cpu NC", "torch-cpu NCHW", "flax-two-pass NC"):
+        assert dx[impl] <= 1e-4, impl
 
 
 # ----------------------------------------------------------------------------- part (b)
@@ -248,7 +524,9 @@ REQUIRED = {
 
 def test_cli_quick_writes_tables_report_and_figures(tmp_path):
     out = tmp_path / "acc"
-    res = CliRunner().invoke(accuracy, ["--quick", "--out", str(out), "--seed", "0"])
+    args = ["--quick", "--sizes", "2,64,4096", "--distributions", "normal", "--out", str(out),
+            "--seed", "0"]
+    res = CliRunner().invoke(accuracy, args)
     assert res.exit_code == 0, res.output
     for name, cols in REQUIRED.items():
         df = pd.read_csv(out / f"{name}.csv")
@@ -256,16 +534,22 @@ def test_cli_quick_writes_tables_report_and_figures(tmp_path):
         assert {"numba_version", "threads", "seed"} <= set(df.columns)
         assert len(df) == len(json.loads((out / f"{name}.json").read_text()))
     rnd = pd.read_csv(out / "rounding.csv")
-    assert set(rnd["algorithm"]) >= {"naive", "two-pass", "welford", "chan"}
+    assert set(rnd["algorithm"]) >= {"naive", "two-pass", "welford", "chan", "nbbn", "peer"}
+    assert set(rnd[rnd["algorithm"] == "peer"]["backend"]) >= {"numpy"}  # always installed
     assert set(rnd["dtype"]) == {"float32", "float64"}
     assert set(rnd["kappa"]) == {0, 1, 1e2, 1e3, 1e4}
-    assert rnd["m"].max() > 2**20
+    assert set(rnd["m"]) == {2, 64, 4096}
+    grad = pd.read_csv(out / "gradients.csv")
+    assert set(grad["output"]) == {"dx", "dgamma", "dbeta"}
+    assert {"old-nbbn (emulated)", "cpu NC", "cpu NCHW"} <= set(grad["impl"])
     skipped = pd.read_csv(out / "skipped.csv")
     assert skipped["reason"].notna().all()
     md = (out / "report.md").read_text()
     assert md.startswith("# nbbn accuracy study")
-    assert f"Command: `nbbn accuracy --quick --out {out} --seed 0`" in md
-    assert "## Key findings" in md
+    assert (f"Command: `nbbn accuracy --quick --out {out} --distributions normal --sizes "
+            "2,64,4096 --seed 0`") in md
+    assert "## Key findings" in md and "## (e) Rounding error of the gradients" in md
+    assert "Peers: " in md and f"numpy {np.__version__}" in md
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -274,6 +558,48 @@ def test_cli_quick_writes_tables_report_and_figures(tmp_path):
         pngs = sorted(p.name for p in out.glob("*.png"))
         assert "rounding_vs_m_var.png" in pngs and "estimators_rmse_vs_batches.png" in pngs
         assert "gap_vs_m.png" in pngs and "sampling_vs_m.png" in pngs
+        assert {"peers_vs_kappa.png", "gradients_vs_kappa.png", "gradients_vs_m.png"} <= set(pngs)
+
+
+def test_cli_no_peers_and_parts_by_letter(tmp_path):
+    out = tmp_path / "np"
+    res = CliRunner().invoke(accuracy, ["--parts", "a,e", "--sizes", "2,32", "--no-peers",
+                                        "--no-plots", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert not (pd.read_csv(out / "rounding.csv")["algorithm"] == "peer").any()
+    assert set(pd.read_csv(out / "gradients.csv")["family"]) == {"nbbn", "emulation"}
+    sk = pd.read_csv(out / "skipped.csv")
+    assert ((sk["item"] == "peers") & (sk["reason"] == "--no-peers")).any()
+    assert not (out / "sampling.csv").exists()
+
+
+def test_a_registered_part_runs_and_reports(tmp_path, monkeypatch):
+    """Adding a part is one registry entry: the command runs it, saves its table, puts its
+    findings and section in report.md (the distributed part d is added this way)."""
+    from nbbn.study import parts
+
+    monkeypatch.setitem(parts.PARTS, "z", parts.Part(
+        "z", "dummy", "a test part", run=f"{__name__}:_dummy_run",
+        report=f"{__name__}:_dummy_report"))
+    assert parse_parts("z") == ["dummy"] and parse_parts("dummy,a") == ["rounding", "dummy"]
+    out = tmp_path / "z"
+    res = CliRunner().invoke(accuracy, ["--parts", "z", "--no-plots", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(out / "dummy.csv")["value"].tolist() == [3]
+    md = (out / "report.md").read_text()
+    assert "- dummy finding: 3" in md and "## (z) dummy" in md and "part z" in md
+
+
+def _dummy_run(ctx):
+    ctx.save("dummy", pd.DataFrame({"value": [3]}))
+    ctx.skip([{"part": "dummy", "item": "nothing", "reason": "a test"}])
+
+
+def _dummy_report(tables):
+    from nbbn.study.parts import Section
+
+    v = int(tables["dummy"]["value"].iloc[0])
+    return Section([f"dummy finding: {v}"], ["## (z) dummy", ""])
 
 
 def test_cli_group_has_accuracy():
@@ -293,7 +619,7 @@ def bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--parts", "d"], "unknown part"),
+    (["--parts", "q"], "unknown part"),
     (["--parts", ","], "empty"),
     (["--distributions", "cauchy"], "unknown distribution"),
     (["--sizes", "1"], "m ≥ 2"),

@@ -73,6 +73,7 @@ def _grid(plt, d: pd.DataFrame, panels, value: str, ylabel, title: str, path: Pa
             if tols:
                 ax.axhline(tols[(what, dt)], color="k", lw=0.8, ls="-.")
             ax.set_xscale("symlog", linthresh=1)
+            ax.set_xlim(0, max(1.0, float(d["kappa"].max())) * 1.6)
             ax.set_yscale("log")
             ax.set_title(f"{what}, {dt}, m = {m_name(m)}", fontsize=9)
             ax.set_xlabel("κ = |mean|/std")

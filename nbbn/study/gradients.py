@@ -51,8 +51,7 @@ from .common import rng_for
 from .peers import Peer, from_layout, load_peers, to_layout
 from .rounding import DTYPES, EPS, KAPPAS, StatsBackend, usable_backends
 
-DEFAULT_SIZES = [2, 3, 8, 32, 128, 512, 2**11, 2**13, 2**15, 2**17, 2**19, 2**21, 2**23,
-                 2**24 + 1]
+DEFAULT_SIZES = [2, 3, 8, 32, 128, 512, 2**11, 2**13, 2**15, 2**17, 2**19, 2**21, 2**23]
 QUICK_SIZES = [2, 16, 256, 4096, 2**16]
 OUTPUTS = ("dx", "dgamma", "dbeta")
 #: channels per point: min(MAX_CHANNELS, WORK // m), at least 1

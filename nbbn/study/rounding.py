@@ -53,6 +53,7 @@ from .peers import Peer, load_peers, nchw_shape
 DEFAULT_SIZES = [2, 8, 32, 128, 512, 2**11, 2**13, 2**15, 2**17, 2**19, 2**21, 2**23,
                  2**24 + 1, 2**25]
 QUICK_SIZES = [2, 16, 128, 1024, 2**13, 2**16, 2**20 + 1]
+PEER_MAX_M = 2**24 + 1
 KAPPAS = (0.0, 1.0, 1e2, 1e3, 1e4)
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 STATS = ("mean", "mean_in_sd", "var", "invstd", "y")
@@ -69,6 +70,9 @@ class RoundingConfig:
     algorithms: tuple[str, ...] = tuple(ALGORITHMS)
     backends: bool = True
     peers: bool = True
+    #: peers run only up to this m (None: every size); the default run stops them at 2^24 + 1
+    #: to stay within a few minutes (their largest arrays cost seconds each)
+    peer_max_m: int | None = None
     eps: float = EPS
     seed: int = 0
 
@@ -255,6 +259,11 @@ def run_rounding(cfg: RoundingConfig, progress: Callable[[int], None] = lambda n
     if peers is None:
         peers, sk = load_peers(part="rounding") if cfg.peers else ([], [])
         skipped += sk
+    above = [m for m in cfg.sizes if cfg.peer_max_m is not None and m > cfg.peer_max_m]
+    if peers and above:
+        skipped.append({"part": "rounding", "item": "peers at m = " + ", ".join(map(str, above)),
+                        "reason": f"peers run up to m = {cfg.peer_max_m} in the default grid "
+                                  "(time); --sizes runs them at any m"})
     bad: set[tuple[str, str, str]] = set()
     rows: list[dict] = []
     for m in cfg.sizes:
@@ -273,8 +282,9 @@ def run_rounding(cfg: RoundingConfig, progress: Callable[[int], None] = lambda n
                     rows += _rows(p, name, "study", "1-D", mean, var, invstd, y_err)
                 for b in backends:
                     rows += _backend_rows(b, p, x, cfg.eps, bad, skipped)
-                for peer in peers:
-                    rows += _peer_rows(peer, p, x, cfg.eps, bad, skipped)
+                if cfg.peer_max_m is None or m <= cfg.peer_max_m:
+                    for peer in peers:
+                        rows += _peer_rows(peer, p, x, cfg.eps, bad, skipped)
                 progress(1)
     return pd.DataFrame(rows), skipped
 

@@ -25,10 +25,18 @@ def _peers(ctx: RunContext, part: str):
 
 
 def run_rounding_part(ctx: RunContext) -> None:
-    from .rounding import QUICK_SIZES, RoundingConfig, crossover, run_rounding, usable_backends
+    from .rounding import (
+        PEER_MAX_M,
+        QUICK_SIZES,
+        RoundingConfig,
+        crossover,
+        run_rounding,
+        usable_backends,
+    )
 
     cfg = RoundingConfig(sizes=ctx.sizes or (QUICK_SIZES if ctx.quick else
-                                             RoundingConfig().sizes), seed=ctx.seed)
+                                             RoundingConfig().sizes), seed=ctx.seed,
+                         peer_max_m=None if ctx.sizes else PEER_MAX_M)
     backends, sk = usable_backends()
     ctx.skip(sk)
     ctx.echo("(a) statistics backends: " + (", ".join(b.name for b in backends) or "none")

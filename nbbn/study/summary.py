@@ -186,9 +186,8 @@ def peer_findings(rnd: pd.DataFrame) -> list[str]:
     out = []
     peers = d[d["algorithm"] == "peer"]
     if len(peers):
-        out.append("**Peers** (the implementations people run, called as people call them; "
-                   "'leaves' = first exceeds nbbn's own tolerance, 1e-5 in float32 and 1e-10 "
-                   "in float64, at some m of the grid):")
+        out.append("'leaves' = first exceeds nbbn's own tolerance (1e-5 in float32, 1e-10 in "
+                   "float64) at some m of the grid; κ ascending, then m.")
     for lab, g in d.groupby("label", sort=False):
         texts = []
         for dt in ("float32", "float64"):
@@ -332,7 +331,9 @@ def report_gradients(tables: dict[str, pd.DataFrame]) -> Section:
         q.columns = [f"κ={kappa_name(k)}" for k in q.columns]
         L += [f"### First m where tol_err exceeds the tolerance, {dt}", "", markdown_table(q),
               ""]
-    return Section(gradient_findings(gr), L)
+    per = gradient_findings(gr)
+    L[2:2] = ["### Per implementation", ""] + [f"- {t}" for t in per] + [""]
+    return Section([], L)
 
 
 def sampling_findings(smp: pd.DataFrame) -> list[str]:
@@ -469,7 +470,7 @@ def report_rounding(tables: dict[str, pd.DataFrame]) -> Section:
     rnd, cross = tables.get("rounding"), tables.get("rounding_crossover")
     if rnd is None or not len(rnd):
         return Section()
-    findings = rounding_findings(rnd, cross) + peer_findings(rnd)
+    findings = rounding_findings(rnd, cross)
     m_max = int(rnd["m"].max())
     ms = sorted(rnd["m"].unique())
     m_mid = int(min(ms, key=lambda m: abs(math.log2(m) - 10)))
@@ -487,6 +488,9 @@ def report_rounding(tables: dict[str, pd.DataFrame]) -> Section:
          "Reference: double-double (≈106-bit) sums, deviations and squares of the same data, "
          "checked against exact rational arithmetic in the tests. ε = 1e-5. `mean_in_sd` is "
          "|μ̂ − μ|/σ. inf = NaN result.", ""]
+    per = peer_findings(rnd)
+    if per:
+        L += ["### Per implementation", ""] + [f"- {t}" for t in per] + [""]
     L += _peer_tables(rnd)
     for dt in ("float32", "float64"):
         for stat in ("var", "y"):
@@ -572,6 +576,177 @@ def report_estimators(tables: dict[str, pd.DataFrame]) -> Section:
     return Section(estimator_findings(est, gap), L)
 
 
+def _wst(df: pd.DataFrame, col: str = "rel_err") -> str:
+    return _g(_worst(df, col)[0]) if len(df) else "n/a"
+
+
+def practitioner_findings(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The few things to act on, each from the tables of parts (a) and (e)."""
+    rnd, gr = tables.get("rounding"), tables.get("gradients")
+    out = []
+    d = with_label(rnd[rnd["algorithm"].isin(["peer", "nbbn"])]) if rnd is not None and len(
+        rnd) else pd.DataFrame(columns=["label", "dtype", "stat", "kappa", "m", "rel_err"])
+    g = gr if gr is not None and len(gr) else pd.DataFrame(
+        columns=["impl", "dtype", "output", "kappa", "m", "tol_err", "family"])
+
+    def a(label, dt, stat, **kw):
+        r = d[(d["label"] == label) & (d["dtype"] == dt) & (d["stat"] == stat)]
+        for k, v in kw.items():
+            r = r[r[k] == v]
+        return r
+
+    def e(impl, dt, out_, **kw):
+        r = g[(g["impl"] == impl) & (g["dtype"] == dt) & (g["output"] == out_)]
+        for k, v in kw.items():
+            r = r[r[k] == v]
+        return r
+
+    kmax = float(d["kappa"].max()) if len(d) else 1e4
+    fv = a("flax-fast-var NC", "float32", "var")
+    if len(fv):
+        at_k = fv[fv["kappa"] == kmax]
+        zero = int((at_k["value"] == 0).sum()) if "value" in at_k else 0
+        two = a("flax-two-pass NC", "float32", "var")
+        dx = e("flax-fast-var NC", "float32", "dx", kappa=kmax)
+        out.append(
+            "**Flax `BatchNorm`'s default, `use_fast_variance=True` (E[x²] − E[x]²), is wrong "
+            "in float32 once |mean|/std ≳ 100**: variance off by "
+            f"{_wst(fv[fv['kappa'] == 1e2])} at κ = 1e2 and {_wst(at_k)} at κ = "
+            f"{kappa_name(kmax)} (worst over m; {zero} of {len(at_k)} points at κ = "
+            f"{kappa_name(kmax)} come out exactly 0 after Flax's clamp, so invstd = 1/√ε and "
+            f"y is off by {_wst(a('flax-fast-var NC', 'float32', 'y', kappa=kmax))})"
+            + (f"; dx off by {_wst(dx, 'tol_err')}" if len(dx) else "")
+            + ". Even float64 leaves 1e-10 from κ = 1e3 "
+            f"({_wst(a('flax-fast-var NC', 'float64', 'var'))} worst). What to do: "
+            "`use_fast_variance=False` (two-pass: variance within "
+            f"{_wst(two)} everywhere here), or nbbn.")
+    tn = a("torch-cpu NC", "float32", "var")
+    if len(tn):
+        first = _first_over(tn, tolerance("var", "float32"))
+        tc = a("torch-cpu NCHW", "float32", "var")
+        gd = e("torch-cpu NC", "float32", "dgamma")
+        gf = _first_over(gd, 1e-4, "tol_err") if len(gd) else None
+        out.append(
+            "**PyTorch CPU on (N, C) inputs** (`BatchNorm1d`, and any input with H·W = 1, which "
+            "ATen treats as channels-last) sums each thread's rows in a float32 buffer: "
+            "variance leaves 1e-5 "
+            + (f"from m = {m_name(first[1])} already at κ = {kappa_name(first[0])}"
+               if first else "nowhere in the grid")
+            + f", worst {_wst(tn)} (κ, m: {_where(*_worst(tn)[1:])})"
+            + (f"; dγ leaves 1e-4 from m = {m_name(gf[1])} (κ = {kappa_name(gf[0])})"
+               if gf else "")
+            + f". The same op on NCHW input sums in double (variance worst {_wst(tc)}). The "
+            "error depends on the thread count (m/threads values per float32 sum; "
+            "`torch_threads` in the header). What to do: batches of m ≳ 2^18 "
+            "per channel in float32 need float64 statistics (or nbbn).")
+    nn = a("numpy NC", "float32", "var")
+    if len(nn):
+        first = _first_over(nn, tolerance("var", "float32"))
+        out.append(
+            "**NumPy `x.mean(axis=0)`, `x.var(axis=0)` on (N, C) float32** add the rows "
+            "sequentially in float32 (pairwise summation only runs along a contiguous axis): "
+            "variance leaves 1e-5 "
+            + (f"from m = {m_name(first[1])} (κ = {kappa_name(first[0])})" if first else
+               "nowhere in the grid")
+            + f", worst {_wst(nn)}; on a contiguous 1-D row the same calls stay within "
+            f"{_wst(a('numpy 1-D', 'float32', 'var'))}. What to do: `dtype=np.float64` in "
+            "the reductions.")
+    ys = d[(d["dtype"] == "float32") & (d["stat"] == "y") & (d["kappa"] == kmax)
+           & (d["algorithm"] == "peer") & (d["label"] != "flax-fast-var NC")]
+    if len(ys):
+        med = ys.groupby("label")["rel_err"].median()
+        nb = d[(d["dtype"] == "float32") & (d["stat"] == "y") & (d["algorithm"] == "nbbn")]
+        out.append(
+            "**Every float32 mean costs y up to ½ ulp(|mean|)/std**: the peers normalize with a "
+            f"mean stored in float32, so at κ = {kappa_name(kmax)} their y is off by "
+            + ", ".join(f"{lab} {_g(v)}" for lab, v in med.items())
+            + f" (median over m; ½·ulp({kappa_name(kmax)}) = {_half_ulp32(kmax):.2g}), beyond "
+            "nbbn's 1e-5 from κ ≈ 1e3. nbbn subtracts a float64 mean (CPU) or a two-float mean "
+            f"(CUDA): y within {_wst(nb)} everywhere.")
+    m0 = int(g["m"].min()) if len(g) else None
+    if m0 is not None:
+        rows = []
+        for impl in [OLD_NBBN, "torch-cpu NCHW", "flax-two-pass NC", "cpu NC"]:
+            r = e(impl, "float32", "dx", m=m0)
+            if len(r):
+                rows.append(f"{impl} {_g(r[r['kappa'] == 1e2]['tol_err'].max())} / "
+                            f"{_g(r[r['kappa'] == 1e3]['tol_err'].max())} / "
+                            f"{_g(r[r['kappa'] == kmax]['tol_err'].max())}")
+        old = e(OLD_NBBN, "float32", "dx", m=m0)
+        cpu = e("cpu NC", "float32", "dx", m=m0)
+        folded = (len(cpu) and len(old) and cpu["tol_err"].max() < old["tol_err"].max() / 10)
+        gd = e(OLD_NBBN, "float32", "dgamma")
+        out.append(
+            f"**Backward from a float32 `save_mean`** (PyTorch, Flax, nbbn before the fold): at "
+            f"m = {m0} (64 channels), dx error relative to ‖γ·invstd·dy‖ at κ = 1e2 / 1e3 / "
+            f"{kappa_name(kmax)}: " + "; ".join(rows)
+            + f" (tolerance 1e-4); dγ up to {_wst(gd, 'tol_err')}. The saved mean is off by up "
+            "to ½ ulp(|mean|) — a large fraction of σ when a channel's values lie close "
+            "together — and x̂ = (x − save_mean)·invstd inherits it. nbbn's backward folds "
+            "the residual Σ(x − save_mean)/m into its mean; "
+            + ("in this run its kernels do, and dx stays within "
+               f"{_wst(e('cpu NC', 'float32', 'dx'), 'tol_err')}." if folded else
+               "the kernels of this run do not yet (they match the emulation)."))
+    return out
+
+
+def _cell_first(g: pd.DataFrame, tol: float, col: str) -> str:
+    f = _first_over(g, tol, col)
+    return "never" if f is None else f"κ={kappa_name(f[0])}, m={m_name(f[1])}"
+
+
+def _cell_worst(g: pd.DataFrame, col: str) -> str:
+    w, k, m = _worst(g, col)
+    return f"{_g(w)} (κ={kappa_name(k)}, m={m_name(m)})"
+
+
+def practitioner_table(tables: dict[str, pd.DataFrame], dtype: str) -> pd.DataFrame | None:
+    """One row per implementation (peers, nbbn backends, the emulated old nbbn): where its
+    var and y (part a) and dx and dγ (part e) first leave nbbn's tolerance, and the worst
+    error with where it occurs."""
+    rnd, gr = tables.get("rounding"), tables.get("gradients")
+    rows: dict[str, dict] = {}
+    if rnd is not None and len(rnd):
+        d = with_label(rnd[rnd["algorithm"].isin(["peer", "nbbn"]) & (rnd["dtype"] == dtype)])
+        for lab, g in d.groupby("label", sort=False):
+            r = rows.setdefault(lab, {})
+            for stat in ("var", "y"):
+                gs = g[g["stat"] == stat]
+                tol = tolerance(_TOL_NAME[stat], dtype)
+                r[f"{stat} > {tol:g} from"] = _cell_first(gs, tol, "rel_err")
+                r[f"worst {stat}"] = _cell_worst(gs, "rel_err")
+    if gr is not None and len(gr):
+        d = gr[(gr["dtype"] == dtype) & (gr["kappa"] >= 0)]
+        for impl, g in d.groupby("impl", sort=False):
+            r = rows.setdefault(impl, {})
+            for out in ("dx", "dgamma"):
+                go = g[g["output"] == out]
+                tol = tolerance(out, dtype)
+                r[f"{out} > {tol:g} from"] = _cell_first(go, tol, "tol_err")
+                r[f"worst {out}"] = _cell_worst(go, "tol_err")
+    if not rows:
+        return None
+    df = pd.DataFrame.from_dict(rows, orient="index").fillna("n/a")
+    df.index.name = "implementation"
+    return df
+
+
+def _practitioner_lines(tables: dict[str, pd.DataFrame]) -> list[str]:
+    L = []
+    for dt in ("float32", "float64"):
+        t = practitioner_table(tables, dt)
+        if t is None:
+            continue
+        L += [f"### Where each implementation leaves nbbn's tolerance, {dt}", "",
+              "First (smallest κ, then smallest m) grid point where the error exceeds nbbn's "
+              "own tolerance for that output (var, y: 1e-5 in float32, 1e-10 in float64; dx, "
+              "dγ: 1e-4 / 1e-10, measured as nbbn.tolerances does), and the worst error over "
+              "the grid. var, y from part (a) (one channel); dx, dγ from part (e); `n/a`: "
+              "not measured (forward-only peers, the emulation).", "",
+              markdown_table(t), ""]
+    return L
+
+
 def markdown(meta: dict, tables: dict[str, pd.DataFrame], skipped: pd.DataFrame,
              figures: list[str], plot_note: str | None, parts=None) -> str:
     """report.md: header, every part's key findings, every part's section, skips, figures."""
@@ -580,9 +755,14 @@ def markdown(meta: dict, tables: dict[str, pd.DataFrame], skipped: pd.DataFrame,
     parts = _parts.ordered() if parts is None else parts
     sections = [_parts.load(p.report)(tables) for p in parts if p.report]
     L = _header(meta, tables)
+    acts = practitioner_findings(tables)
     findings = [f for sec in sections for f in sec.findings]
-    if findings:
-        L += ["## Key findings", ""] + [f"- {f}" for f in findings] + [""]
+    practitioner = _practitioner_lines(tables)
+    if acts or findings or practitioner:
+        L += ["## Key findings", ""] + [f"- {f}" for f in acts] + [""] + practitioner
+        if findings:
+            L += (["### Further findings", ""] if acts or practitioner else [])
+            L += [f"- {f}" for f in findings] + [""]
     for sec in sections:
         L += sec.lines
     L += ["## Skipped", ""]

@@ -585,7 +585,8 @@ def practitioner_findings(tables: dict[str, pd.DataFrame]) -> list[str]:
     rnd, gr = tables.get("rounding"), tables.get("gradients")
     out = []
     d = with_label(rnd[rnd["algorithm"].isin(["peer", "nbbn"])]) if rnd is not None and len(
-        rnd) else pd.DataFrame(columns=["label", "dtype", "stat", "kappa", "m", "rel_err"])
+        rnd) else pd.DataFrame(columns=["label", "algorithm", "dtype", "stat", "kappa", "m",
+                                        "rel_err", "value"])
     g = gr if gr is not None and len(gr) else pd.DataFrame(
         columns=["impl", "dtype", "output", "kappa", "m", "tol_err", "family"])
 

@@ -102,7 +102,7 @@ class _Progress:
 @click.command("accuracy", cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True,
               help="Small grids (m up to 2^20+1 in part a, 2^16 in part e, fewer batches and "
-                   "streams): about a minute.")
+                   "streams): a minute or two.")
 @click.option("--out", "out", default="results/accuracy", show_default=True, metavar="DIR",
               help="Folder for the tables (CSV, JSON), report.md and the PNG figures.")
 @click.option("--parts", default=None, metavar="LIST",

@@ -332,7 +332,7 @@ def report_gradients(tables: dict[str, pd.DataFrame]) -> Section:
         L += [f"### First m where tol_err exceeds the tolerance, {dt}", "", markdown_table(q),
               ""]
     per = gradient_findings(gr)
-    L[2:2] = ["### Per implementation", ""] + [f"- {t}" for t in per] + [""]
+    L[4:4] = ["### Per implementation", ""] + [f"- {t}" for t in per] + [""]
     return Section([], L)
 
 

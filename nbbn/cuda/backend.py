@@ -38,7 +38,6 @@ reused, so steady-state calls allocate only their outputs (none with ``out=``).
 
 from __future__ import annotations
 
-import math
 import threading
 
 import numpy as np
@@ -46,7 +45,16 @@ from numba import cuda
 from numba.cuda.cudadrv import devicearray
 
 from .. import registry, validate
-from ..spec import BackwardArgs, Geometry, InferArgs, Layout, Op, TrainArgs, inverse_perm
+from ..spec import (
+    BackwardArgs,
+    Fusion,
+    Geometry,
+    InferArgs,
+    Layout,
+    Op,
+    TrainArgs,
+    inverse_perm,
+)
 from . import kernels as K
 from .launch import DEFAULT_LAUNCH, LAYOUTS, LaunchConfig, LayoutKernels, Plan
 from .reduce import SIMULATOR
@@ -584,12 +592,23 @@ def _bind(fn, variant: str):
     return run
 
 
+#: Fusions each op computes in its own passes (backward: the ReLU only; a residual's gradient is
+#: dz itself).
+FUSIONS = {
+    Op.FORWARD_TRAIN: frozenset(Fusion),
+    Op.INFERENCE: frozenset(Fusion),
+    Op.BACKWARD: frozenset({Fusion.NONE, Fusion.RELU}),
+}
+# KernelSpec.fusions is newer than some registries this module meets: declare it where it exists.
+_HAS_FUSIONS = "fusions" in getattr(registry.KernelSpec, "__dataclass_fields__", {})
+
 for _op, _fn in _OPS.items():
     for _layout in Layout:
         for _v in VARIANTS:
+            _extra = {"fusions": FUSIONS[_op]} if _HAS_FUSIONS else {}
             registry.register(registry.KernelSpec("cuda", _op, _layout, _bind(_fn, _v),
                                                   _DESCRIPTIONS[(_op, _v)], variant=_v,
-                                                  dtypes=DTYPES))
+                                                  dtypes=DTYPES, **_extra))
 registry.register_stats("cuda", batch_stats)
 registry.register_parts("cuda", registry.Parts(part_stats, part_normalize, part_grad_sums,
                                                part_grad_apply))

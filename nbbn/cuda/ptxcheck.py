@@ -53,6 +53,7 @@ def _ptx_facts(ptx: str) -> dict:
         "fp64_ops": len(re.findall(r"\b(?:add|sub|mul|fma|div)(?:\.rn)?\.f64\b", ptx)),
         "fp64_compares": len(re.findall(r"\bsetp\.\w+\.f64\b", ptx)),
         "local_memory": ".local" in ptx,  # local arrays / spills at PTX level
+        "calls": bool(re.search(r"\bcall(?:\.uni)?\b", ptx)),  # out-of-line device calls
     }
 
 

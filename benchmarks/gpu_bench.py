@@ -3,14 +3,15 @@
     python benchmarks/gpu_bench.py --out DIR            # on a machine with an NVIDIA GPU
     python benchmarks/gpu_bench.py --out DIR --smoke    # tiny shapes under the CUDA simulator
 
-For each op × shape (float32, data already on the device) and each kernel version (v1: merge
-kernel, v2: last-block ticket), the script
+For each op × shape (float32, data already on the device) and each registry variant of the cuda
+backend (v1: merge kernel, v2: last-block ticket), the script
 
 1. runs nbbn once with preallocated device outputs and checks every output against the float64
    reference (nbbn.reference, nbbn.tolerances); only what passed is timed;
-2. times nbbn (public API, ``out=`` preallocated), PyTorch (``torch.nn.functional.batch_norm``,
-   cuDNN where it applies; backward through autograd on a retained graph) and a device-to-device
-   copy of x, all with CUDA events on the legacy default stream after warm-up;
+2. times nbbn (the registered variant on validated arguments, ``out=`` preallocated), PyTorch
+   (``torch.nn.functional.batch_norm``, cuDNN where it applies; backward through autograd on a
+   retained graph) and a device-to-device copy of x, all with CUDA events on the legacy default
+   stream after warm-up;
 3. writes ``gpu_bench.csv`` and ``gpu_bench.md`` (one row per op × shape × version).
 
 Timing (nvbench's "blocking kernel"): a spin kernel holds the GPU while the host enqueues
@@ -34,7 +35,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ SHAPES = {
 SMOKE_SHAPES = {"NCHW": [(2, 3, 5, 5)], "NC": [(37, 3)]}
 OPS = ("forward-train", "inference", "backward")
 BYTES_PER_X = {"forward-train": 3, "inference": 2, "backward": 5}
-VARIANTS = (1, 2)
+VARIANTS = ("v1", "v2")
 COLUMNS = ["op", "layout", "shape", "dtype", "variant", "time_ms_p50", "time_ms_p20",
            "time_ms_p80", "host_ms", "first_call_s", "gbps", "copy_gbps", "pct_of_copy",
            "torch_ms", "speedup_vs_torch", "rel_err", "passed", "device", "reps", "versions"]
@@ -130,10 +130,10 @@ def _versions() -> str:
 class Case:
     """Device data, reference results and the three timed callables of one (op, shape)."""
 
-    def __init__(self, op, shape, cuda, torch, torch_device):
+    def __init__(self, op, layout, shape, cuda, torch, torch_device):
         from nbbn import reference as ref
 
-        self.op, self.shape, self.cuda = op, shape, cuda
+        self.op, self.layout, self.shape, self.cuda = op, layout, shape, cuda
         self.torch, self.torch_device = torch, torch_device
         x, dy, gamma, beta = _data(shape)  # float32, x = −2.3 + 0.5·randn (non-zero mean)
         C = shape[1]
@@ -165,22 +165,25 @@ class Case:
             self.scales = {"dx": ref.dx_scale(dy, si, gamma)}
         self.x_host, self.dy_host, self.gamma_host, self.beta_host = x, dy, gamma, beta
 
-    def nbbn(self):
-        import nbbn
+    def nbbn(self, variant: str = "v1"):
+        """One call of the registered cuda kernel of ``variant`` (what the public API runs for
+        the default variant: validation, then the kernel)."""
+        from nbbn import registry, validate
 
+        fn = registry.select("cuda", self.op, self.layout, variant).fn
         if self.op == "forward-train":
-            return nbbn.batch_norm_train(self.x, self.gamma, self.beta, running_mean=self.rm,
-                                         running_var=self.rv, backend="cuda", out=self.out)
+            return fn(validate.train_args(self.x, self.gamma, self.beta, 1e-5, self.rm, self.rv,
+                                          0.1, self.out))
         if self.op == "inference":
-            return (nbbn.batch_norm_infer(self.x, self.rm, self.rv, self.gamma, self.beta,
-                                          backend="cuda", out=self.out),)
-        return nbbn.batch_norm_backward(self.dy, self.x, self.sm, self.si, self.gamma,
-                                        backend="cuda", out=self.out)
+            return fn(validate.infer_args(self.x, self.rm, self.rv, self.gamma, self.beta, 1e-5,
+                                          self.out))
+        return fn(validate.backward_args(self.dy, self.x, self.sm, self.si, self.gamma,
+                                         self.out))
 
-    def check(self) -> tuple[float, bool]:
+    def check(self, variant: str) -> tuple[float, bool]:
         from nbbn.tolerances import check_outputs, passed
 
-        outs = [o.copy_to_host() for o in self.nbbn()]
+        outs = [o.copy_to_host() for o in self.nbbn(variant)]
         errs = check_outputs(self.op, outs, self.refs, getattr(self, "scales", None))
         return max(errs.values()), passed(errs, np.float32)
 
@@ -233,7 +236,6 @@ def run(out_dir: Path, smoke: bool, reps: int, warmup: int, ops, variants) -> li
     from numba import cuda
 
     from nbbn import registry
-    from nbbn.cuda import kernels
 
     simulator = bool(cuda.config.ENABLE_CUDASIM)
     reason = registry.unavailable_reason("cuda")
@@ -253,10 +255,9 @@ def run(out_dir: Path, smoke: bool, reps: int, warmup: int, ops, variants) -> li
     print(f"{len(configs)} (op, shape) configurations × {len(variants)} kernel versions on "
           f"{device}; {reps} timed reps after {warmup} warm-up calls")
     versions = _versions()
-    default = kernels.DEFAULT
     rows = []
     for op, layout, shape in configs:
-        case = Case(op, shape, cuda, torch, torch_device)
+        case = Case(op, layout, shape, cuda, torch, torch_device)
         copy_ms = _percentiles(timer(case.copy)[0])[0]
         copy_gbps = 2 * case.nbytes / copy_ms / 1e6
         torch_ms = float("nan")
@@ -264,29 +265,25 @@ def run(out_dir: Path, smoke: bool, reps: int, warmup: int, ops, variants) -> li
         if tfn is not None:
             torch_ms = _percentiles(timer(tfn)[0])[0]
         for variant in variants:
-            kernels.DEFAULT = replace(default, variant=variant)
-            try:
-                t0 = time.perf_counter()
-                case.nbbn()
-                cuda.synchronize()
-                first = time.perf_counter() - t0
-                err, ok = case.check()
-                row = {"op": op, "layout": layout, "shape": "x".join(map(str, shape)),
-                       "dtype": "float32", "variant": f"v{variant}", "first_call_s": first,
-                       "copy_gbps": copy_gbps, "torch_ms": torch_ms, "rel_err": err,
-                       "passed": ok, "device": device, "reps": reps, "versions": versions}
-                if ok:  # time only what passed
-                    ms, host = timer(case.nbbn)
-                    p50, p20, p80 = _percentiles(ms)
-                    gbps = BYTES_PER_X[op] * case.nbytes / p50 / 1e6
-                    row.update(time_ms_p50=p50, time_ms_p20=p20, time_ms_p80=p80, host_ms=host,
-                               gbps=gbps, pct_of_copy=100 * gbps / copy_gbps,
-                               speedup_vs_torch=torch_ms / p50)
-            finally:
-                kernels.DEFAULT = default
+            t0 = time.perf_counter()
+            case.nbbn(variant)
+            cuda.synchronize()
+            first = time.perf_counter() - t0
+            err, ok = case.check(variant)
+            row = {"op": op, "layout": layout, "shape": "x".join(map(str, shape)),
+                   "dtype": "float32", "variant": variant, "first_call_s": first,
+                   "copy_gbps": copy_gbps, "torch_ms": torch_ms, "rel_err": err,
+                   "passed": ok, "device": device, "reps": reps, "versions": versions}
+            if ok:  # time only what passed
+                ms, host = timer(lambda c=case, v=variant: c.nbbn(v))
+                p50, p20, p80 = _percentiles(ms)
+                gbps = BYTES_PER_X[op] * case.nbytes / p50 / 1e6
+                row.update(time_ms_p50=p50, time_ms_p20=p20, time_ms_p80=p80, host_ms=host,
+                           gbps=gbps, pct_of_copy=100 * gbps / copy_gbps,
+                           speedup_vs_torch=torch_ms / p50)
             rows.append({c: row.get(c, float("nan")) for c in COLUMNS})
             r = rows[-1]
-            print(f"{op:13s} {layout:4s} {r['shape']:>16s} v{variant}  "
+            print(f"{op:13s} {layout:4s} {r['shape']:>16s} {variant}  "
                   f"{r['time_ms_p50']:8.4f} ms  {r['gbps']:7.1f} GB/s  "
                   f"{r['pct_of_copy']:5.1f}% of copy  torch {torch_ms:8.4f} ms  "
                   f"err {err:.1e} {'ok' if ok else 'FAILED'}", flush=True)
@@ -330,23 +327,19 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="timed calls (default 100, smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 10, smoke 1)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
-    p.add_argument("--variants", default="1,2", help="kernel versions to time (1, 2)")
+    p.add_argument("--variants", default="v1,v2", help="registry variants to time (v1, v2)")
     ns = p.parse_args(argv)
     if ns.smoke:
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported
     ops = [o for o in ns.ops.split(",") if o]
     if unknown := set(ops) - set(OPS):
         p.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
-    variants = tuple(int(v) for v in ns.variants.split(","))
+    variants = tuple(v for v in ns.variants.split(",") if v)
+    if unknown := set(variants) - set(VARIANTS):
+        p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     reps = ns.reps or (2 if ns.smoke else 100)
     warmup = ns.warmup if ns.warmup is not None else (1 if ns.smoke else 10)
-    if ns.smoke:
-        from nbbn.cuda.sim import device_array_interface
-
-        with device_array_interface():
-            rows = run(ns.out, ns.smoke, reps, warmup, ops, variants)
-    else:
-        rows = run(ns.out, ns.smoke, reps, warmup, ops, variants)
+    rows = run(ns.out, ns.smoke, reps, warmup, ops, variants)
     write(rows, ns.out, ["benchmarks/gpu_bench.py", *argv])
     return 0 if rows and all(r["passed"] for r in rows) else 1
 

@@ -14,7 +14,8 @@ Dtype rules
 * Per-channel vectors (``gamma``, ``beta``, ``running_mean``, ``running_var``, ``save_mean``,
   ``save_invstd``) are float32 or float64 independently of ``x``: they are read in their own
   precision, and running statistics are updated in place in their own dtype.
-* Preallocated outputs must have exactly the dtype and shape the op returns and be writeable;
+* Preallocated outputs must have exactly the dtype and shape the op returns and be writeable
+  (per-channel outputs of a half x are float32: :func:`channel_dtype`);
   x-shaped outputs must have the memory layout the kernels use for x (see :mod:`nbbn.spec`),
   per-channel ones must be contiguous.
 """
@@ -50,6 +51,13 @@ def _bfloat16():
 #: dtypes x may have; a backend's kernels declare which of them they run (KernelSpec.dtypes).
 STORAGE_DTYPES = tuple(d for d in (*FLOAT_DTYPES, _F16, _bfloat16()) if d is not None)
 HALF_DTYPES = tuple(d for d in STORAGE_DTYPES if d.itemsize == 2)
+
+
+def channel_dtype(dtype) -> np.dtype:
+    """dtype of the per-channel outputs (save_mean, save_invstd, dgamma, dbeta) for x of
+    ``dtype``: x's own for float32/float64, float32 for a half x (as PyTorch returns)."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
 
 
 class _Meta:
@@ -270,8 +278,9 @@ def _outputs(out, names: tuple[str, ...], g: Geometry, on_device: bool):
         shape = g.shape if full else (g.C,)
         if meta.shape != shape:
             raise ValueError(f"{label} must have shape {shape}, got {meta.shape}")
-        if meta.dtype != g.dtype:
-            raise TypeError(f"{label} must have dtype {g.dtype}, got {meta.dtype}")
+        want = g.dtype if full else channel_dtype(g.dtype)
+        if meta.dtype != want:
+            raise TypeError(f"{label} must have dtype {want}, got {meta.dtype}")
         if not meta.writeable:
             raise ValueError(f"{label} must be writeable")
         if meta.on_device != on_device:

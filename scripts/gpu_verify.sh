@@ -6,7 +6,8 @@
 #   env.log              nvidia-smi, numba's device detection, versions
 #   gpu_present.log      fails the run if numba sees no GPU (every GPU test would be skipped)
 #   pytest_gpu.log/.xml  NBBN_TEST_GPU=1 pytest tests/test_cuda.py -m "gpu or not gpu" (real GPU)
-#   ptxcheck.json        every kernel compiled to PTX (cc 8.0 and 9.0, float32 and float64)
+#   ptxcheck.json        every kernel compiled to PTX (cc 8.0 and 9.0; float32, float64, float16,
+#                        bfloat16)
 #   sanitizer_memcheck.log, sanitizer_racecheck.log
 #                        compute-sanitizer over the CUDA tests (small shapes; skipped, with the
 #                        reason, when compute-sanitizer is not installed)
@@ -56,7 +57,7 @@ for candidate in /usr/local/cuda/bin/compute-sanitizer /opt/cuda/bin/compute-san
     [ -n "$SANITIZER" ] || { [ -x "$candidate" ] && SANITIZER="$candidate"; }
 done
 # Small shapes only: the sanitizer slows kernels 10-100x. The selection covers every kernel,
-# both versions (v1 merge kernel, v2 ticket), both layouts, block sizes 32 and 256.
+# both variants (v1 merge kernel, v2 ticket), every layout and dtype, block sizes 32 and 256.
 SAN_TESTS=(tests/test_cuda.py -q -p no:cacheprovider -m "gpu or not gpu"
            -k "not medium and not torch and not plans and not availab")
 for tool in memcheck racecheck; do

@@ -599,16 +599,12 @@ FUSIONS = {
     Op.INFERENCE: frozenset(Fusion),
     Op.BACKWARD: frozenset({Fusion.NONE, Fusion.RELU}),
 }
-# KernelSpec.fusions is newer than some registries this module meets: declare it where it exists.
-_HAS_FUSIONS = "fusions" in getattr(registry.KernelSpec, "__dataclass_fields__", {})
-
 for _op, _fn in _OPS.items():
     for _layout in Layout:
         for _v in VARIANTS:
-            _extra = {"fusions": FUSIONS[_op]} if _HAS_FUSIONS else {}
             registry.register(registry.KernelSpec("cuda", _op, _layout, _bind(_fn, _v),
                                                   _DESCRIPTIONS[(_op, _v)], variant=_v,
-                                                  dtypes=DTYPES, **_extra))
+                                                  dtypes=DTYPES, fusions=FUSIONS[_op]))
 registry.register_stats("cuda", batch_stats)
 registry.register_parts("cuda", registry.Parts(part_stats, part_normalize, part_grad_sums,
                                                part_grad_apply))

@@ -498,3 +498,22 @@ def test_summary_of_failed_and_skipped_rows():
     md = summary_markdown(tidy(rows), "nbbn bench --test", {"load_before_1m": 3.0})
     assert "`nbbn bench --test`" in md and "NOT quiet" in md
     assert "backend unavailable: x" in md and "## Failed or raised" in md
+
+
+def test_the_blocking_kernel_compiles_for_the_gpu():
+    """The CUDA timer's spin kernel compiles with the real compiler (no GPU needed; outside the
+    simulator, hence a subprocess)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("numba_cuda") is None:
+        pytest.skip("numba-cuda is not installed (pip install 'nbbn[cuda]')")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    code = ("from numba import cuda; from nbbn.harness.spin import spin; "
+            "ptx, _ = cuda.compile_ptx(spin, '(int64,)', cc=(9, 0)); "
+            "print('nanosleep' in ptx)")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]

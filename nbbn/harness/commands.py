@@ -80,16 +80,13 @@ def _list_backends() -> None:
     click.echo("Backends (kind, device): status; variants (* = default)")
     for name in registry.backend_names():
         info = registry.backend_info(name)
-        reason = backend_reason(name, allow_simulator=True)
+        reason = backend_reason(name)  # the simulator is reported before anything loads
         variants = ""
         if reason is None:
             variants = "; variants " + ", ".join(
                 v + ("*" if v == info.default_variant else "") for v in registry.variants(name))
-        status = "ready" if reason is None else reason
-        sim = backend_reason(name)
-        if reason is None and sim is not None:
-            status = sim
-        click.echo(f"  {name:<13} {info.kind:<8} {info.device:<5} {status}{variants}")
+        click.echo(f"  {name:<13} {info.kind:<8} {info.device:<5} "
+                   f"{'ready' if reason is None else reason}{variants}")
     click.echo("Shape presets (C: NC; C,H,W: NCHW and NHWC):")
     for name, shapes in PRESETS.items():
         click.echo(f"  {name:<15} " + " ".join(",".join(map(str, s)) for s in shapes))

@@ -195,15 +195,9 @@ class CudaDevice:
 
     def _spin_kernel(self):
         if self._spin is None:
-            cuda = self.cuda
+            from .spin import spin
 
-            @cuda.jit
-            def spin(iters):
-                """Hold the GPU: ``iters`` sleeps of about a microsecond each."""
-                for _ in range(iters):
-                    cuda.nanosleep(1000)
-
-            self._spin = spin
+            self._spin = self.cuda.jit(spin)
         return self._spin
 
     def time_sequence(self, fns) -> tuple[np.ndarray, list[str]]:

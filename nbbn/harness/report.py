@@ -68,6 +68,12 @@ def _labelled(df: pd.DataFrame) -> pd.DataFrame:
                                                         strict=True)])
 
 
+def _base_label(text: str) -> str:
+    """"torch-cpu:default" -> "torch-cpu" (a variant shown only when not the default)."""
+    backend, _, variant = str(text).partition(":")
+    return label(backend, variant or None)
+
+
 def _geomean(s: pd.Series) -> float:
     s = pd.to_numeric(s, errors="coerce").dropna()
     s = s[s > 0]
@@ -95,7 +101,8 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
             sp = pd.to_numeric(b["speedup"], errors="coerce")
             lo = pd.to_numeric(b["speedup_ci_lo"], errors="coerce")
             hi = pd.to_numeric(b["speedup_ci_hi"], errors="coerce")
-            base = ", ".join(dict.fromkeys(b["baseline"].dropna())) or "-"
+            base = ", ".join(dict.fromkeys(_base_label(x) for x in b["baseline"].dropna())) \
+                or "-"
             records.append({
                 **dict(zip(GROUP, keys, strict=True)), "backend": lab, "points": len(b),
                 "baseline": base, "speed-up geomean": _geomean(sp),
@@ -195,7 +202,7 @@ def summary_markdown(df: pd.DataFrame, command: str, meta: dict | None = None) -
             b = g[g["label"] == lab].set_index(POINT)
             tab[lab] = b["time_ms_p50"]
             if b["speedup"].notna().any():
-                sp[f"{lab} vs {b['baseline'].dropna().iloc[0]}"] = [
+                sp[f"{lab} vs {_base_label(b['baseline'].dropna().iloc[0])}"] = [
                     interval(r["speedup"], r["speedup_ci_lo"], r["speedup_ci_hi"])
                     for _, r in b.iterrows()]
             oc[lab] = [interval(r["time_over_copy"], r["time_over_copy_ci_lo"],

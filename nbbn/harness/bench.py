@@ -286,9 +286,10 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     load_before = report.load_average()
     env = report.environment()
     run_id = uuid.uuid4().hex[:12]
-    n_points = sum(1 for g in plan.groups if g.run)
-    echo(f"{plan.total} configurations in {len(plan.groups)} points: {len(plan.run)} to run "
-         f"({n_points} points), {len(plan.skipped)} skipped"
+    n_points = len({g.point for g in plan.groups})
+    n_run = len({g.point for g in plan.groups if g.run})
+    echo(f"{plan.total} configurations in {n_points} points: {len(plan.run)} to run "
+         f"({n_run} points), {len(plan.skipped)} skipped"
          + (f", {len(plan.done)} already done (--resume)" if resume else ""))
     for reason, n in plan.skip_counts().items():
         echo(f"  skipped {n:>4}: {reason}")

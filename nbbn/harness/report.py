@@ -90,19 +90,19 @@ def interval(v, lo, hi, fmt: str = ".3g") -> str:
 
 
 def headline(df: pd.DataFrame) -> pd.DataFrame:
-    """Per group (dtype, op, layout, fusion, call, cache) and kernel backend:variant: the points
-    that ran, the geometric mean, minimum and maximum of its paired speed-up over the reference
-    baseline, how many points are faster / slower with an interval that excludes 1, and the
-    median time over copy and % of copy."""
+    """Per group (dtype, op, layout, fusion, call, cache), kernel backend:variant and reference
+    baseline: the points that ran, the geometric mean, minimum and maximum of the paired
+    speed-up over that baseline, how many points are faster / slower with an interval that
+    excludes 1, and the median time over copy and % of copy."""
     ok = _labelled(df[df["status"] == "ok"])
     records = []
     for keys, g in ok.groupby(GROUP, sort=False):
-        for lab, b in g[g["kind"] == "kernel"].groupby("label", sort=False):
+        k = g[g["kind"] == "kernel"]
+        k = k.assign(base=[_base_label(x) if isinstance(x, str) else "-" for x in k["baseline"]])
+        for (lab, base), b in k.groupby(["label", "base"], sort=False):
             sp = pd.to_numeric(b["speedup"], errors="coerce")
             lo = pd.to_numeric(b["speedup_ci_lo"], errors="coerce")
             hi = pd.to_numeric(b["speedup_ci_hi"], errors="coerce")
-            base = ", ".join(dict.fromkeys(_base_label(x) for x in b["baseline"].dropna())) \
-                or "-"
             records.append({
                 **dict(zip(GROUP, keys, strict=True)), "backend": lab, "points": len(b),
                 "baseline": base, "speed-up geomean": _geomean(sp),
@@ -201,12 +201,14 @@ def summary_markdown(df: pd.DataFrame, command: str, meta: dict | None = None) -
         for lab in cols:
             b = g[g["label"] == lab].set_index(POINT)
             tab[lab] = b["time_ms_p50"]
-            if b["speedup"].notna().any():
-                sp[f"{lab} vs {_base_label(b['baseline'].dropna().iloc[0])}"] = [
-                    interval(r["speedup"], r["speedup_ci_lo"], r["speedup_ci_hi"])
-                    for _, r in b.iterrows()]
-            oc[lab] = [interval(r["time_over_copy"], r["time_over_copy_ci_lo"],
-                                r["time_over_copy_ci_hi"]) for _, r in b.iterrows()]
+            with_base = b[b["speedup"].notna() & b["baseline"].notna()]
+            for base, bb in with_base.groupby("baseline", sort=False):
+                sp[f"{lab} vs {_base_label(base)}"] = pd.Series(
+                    [interval(r["speedup"], r["speedup_ci_lo"], r["speedup_ci_hi"])
+                     for _, r in bb.iterrows()], index=bb.index)
+            oc[lab] = pd.Series([interval(r["time_over_copy"], r["time_over_copy_ci_lo"],
+                                          r["time_over_copy_ci_hi"]) for _, r in b.iterrows()],
+                                index=b.index)
         tab["copy"] = g.groupby(POINT, sort=False)["copy_ms_p50"].first()
         lines += ["Median time (ms):", "", markdown_table(tab, ".4g"), ""]
         if len(sp.columns):

@@ -8,8 +8,10 @@ device):
    once per point, shared by its call and cache modes) and put in K buffer sets (cold: enough to
    exceed twice the last-level cache; warm: one);
 2. each configuration's first call runs alone: its wall time is ``compile_s`` (JIT compilation
-   or cache load, plus one run) and its outputs are compared with the reference; a
-   configuration outside tolerance is ``failed`` and not timed, one that raises is ``error``;
+   or cache load, plus one run) and its outputs are compared with the reference; a kernel
+   outside tolerance is ``failed`` and not timed, one that raises is ``error``; a baseline
+   outside nbbn's tolerance but within :data:`BASELINE_SLACK` of it is timed with a note
+   (``passed`` False: its accuracy is its own);
 3. the passing configurations and a copy of x's bytes are timed **round-robin in one loop**:
    round r calls every one of them once, starting at callable ``r mod M`` (A B C, B C A, C A B,
    ...), each call on the next buffer set; ``warmup`` untimed rounds first;
@@ -38,6 +40,10 @@ from .cases import BufferSets, buffer_sets, copy_case, make_case, point_data
 from .sweep import Config, PointPlan
 
 SCHEMA = "nbbn-bench/2"
+#: A baseline (PyTorch, NumPy) within this factor of nbbn's tolerance is timed anyway, with a
+#: note: its accuracy is its own (PyTorch's channels-last float32 statistics, for one, drift past
+#: 1e-5 at m ~ 1e5). Beyond it the baseline is set up wrong, and fails like a kernel.
+BASELINE_SLACK = 100.0
 
 #: Every column of a bench row, in order. Units are in the names; see the README's harness
 #: section (and :data:`COLUMN_DOCS`) for each one's meaning.
@@ -83,7 +89,8 @@ COLUMN_DOCS = {
     "status": "ok, failed (outside tolerance, not timed), error (raised), skipped",
     "skip_reason": "why a configuration was skipped",
     "error": "the exception of an error row",
-    "passed": "all outputs within tolerance of the float64 reference",
+    "passed": "all outputs within tolerance of the float64 reference (a baseline a little "
+              "outside is timed anyway, with a note)",
     "rel_err": "worst output's ‖out − ref‖/‖ref‖", "worst_output": "that output's name",
     "tolerance": "that output's bound", "errors": "rel_err of every output",
     "notes": "remarks (outputs not returned in place, blocking kernel expired, working set "
@@ -216,12 +223,16 @@ class Runner:
             ratio = {n: errors[n] / tols[n] for n in errors}
             worst = max(ratio, key=lambda n: ratio[n] if np.isfinite(ratio[n]) else np.inf)
             passed = bool(all(r <= 1.0 for r in ratio.values()))
+            if not passed and row["kind"] != "kernel" and ratio[worst] <= BASELINE_SLACK:
+                notes.append(f"baseline outside nbbn's tolerance ({worst} {errors[worst]:.2e} > "
+                             f"{tols[worst]:.0e}): its accuracy is its own, timed anyway")
+            elif not passed:
+                row["status"] = "failed"
             row.update(passed=passed, rel_err=errors[worst], worst_output=worst,
                        tolerance=tols[worst], notes="; ".join(notes) or None,
                        errors="; ".join(f"{n}={e:.2e}" for n, e in errors.items()))
             row["working_set_bytes"] = K * case.set_bytes
-            if not passed:
-                row["status"] = "failed"
+            if row["status"] == "failed":
                 continue
             cases.append(case)
             order.append(cfg)
@@ -316,7 +327,16 @@ class Runner:
         copy = copy_case(p, sets, dev)
         calls = [c.calls for c in cases] + [copy.calls]
         pairs = self._pairs(order)
-        rng = stats.rng_for(self.timing.seed, *p.columns().items(), group.device)
+        point_key = (*p.columns().items(), group.device)
+        rng = stats.rng_for(self.timing.seed, *point_key, "stopping-rule")
+
+        def seeded(*idx):
+            """Each final interval from its own generator, keyed by the point and the callables
+            it is about: the same samples always give the same interval."""
+            names = ["copy" if k in ("copy", len(order)) else
+                     f"{order[k].backend}:{order[k].variant}" for k in idx]
+            return stats.rng_for(self.timing.seed, *point_key, *names)
+
         min_rounds = max(self.timing.min_rounds, p.min_rounds or 0)
         while True:
             try:
@@ -336,7 +356,7 @@ class Runner:
         M = len(order)
         ref = self._reference_baseline(order)
         boot = self.timing.bootstrap
-        copy_iv = stats.median_ci(T[:, M], rng, boot)
+        copy_iv = stats.median_ci(T[:, M], seeded("copy"), boot)
         itemsize = np.dtype(p.dtype).itemsize
         nbytes = roofline.bytes_moved(p.op, p.numel, p.C, itemsize, fusion=p.fusion)
         nbytes2 = roofline.bytes_moved(p.op, p.numel, p.C, itemsize, two_pass=True,
@@ -346,8 +366,8 @@ class Runner:
         for i, cfg in enumerate(order):
             row = rows[cfg]
             s = T[:, i]
-            t_iv = stats.median_ci(s, rng, boot)
-            oc = stats.paired_ratio(T, i, M, rng, boot)
+            t_iv = stats.median_ci(s, seeded(i), boot)
+            oc = stats.paired_ratio(T, i, M, seeded(i, "copy"), boot)
             widths = [oc.half_width_rel]
             p20, p80 = np.percentile(s, [20, 80])
             row.update(status="ok", rounds=int(T.shape[0]), converged=bool(done),
@@ -370,7 +390,7 @@ class Runner:
             if extra:
                 row["notes"] = "; ".join(filter(None, [row["notes"], *extra]))
             if ref is not None and ref != i:
-                sp = stats.paired_ratio(T, ref, i, rng, boot)
+                sp = stats.paired_ratio(T, ref, i, seeded(ref, i), boot)
                 b = order[ref]
                 row.update(baseline=f"{b.backend}:{b.variant}", speedup=sp.median,
                            speedup_ci_lo=sp.lo, speedup_ci_hi=sp.hi)
@@ -382,7 +402,7 @@ class Runner:
             for j in range(M + 1):
                 if i == j:
                     continue
-                iv = stats.paired_ratio(T, j, i, rng, boot)
+                iv = stats.paired_ratio(T, j, i, seeded(j, i), boot)
                 self.emit_ratio({
                     "schema": SCHEMA, "run_id": self.run_id, "backend": labels[i][0],
                     "variant": labels[i][1], **p.columns(), "device": group.device,

@@ -59,6 +59,9 @@ def kernel_rows(df: pd.DataFrame) -> pd.DataFrame:
     ok = df[(df["status"] == "ok") & (df["kind"] == "kernel")].copy()
     ok["label"] = [label(b, v) for b, v in zip(ok["backend"], ok["variant"], strict=True)]
     ok["MiB"] = ok["x_bytes"] / 2**20
+    # The targets are against PyTorch: a speed-up over another baseline does not count.
+    other = ~ok["baseline"].fillna("").astype(str).str.startswith("torch-")
+    ok.loc[other, ["speedup", "speedup_ci_lo", "speedup_ci_hi"]] = np.nan
     return ok
 
 
@@ -142,7 +145,9 @@ def point_table(ok: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
             "op": r["op"], "layout": r["layout"],
             "shape": r["shape"] if r["layout"] != "NC" else f"C={int(r['C'])}",
             "N": int(r["N"]), "MiB": r["MiB"], "kernel": r["label"],
-            "time ms": r["time_ms_p50"], "torch ms": bt, "copy ms": r["copy_ms_p50"],
+            "time ms": r["time_ms_p50"],
+            "torch ms": bt if not pd.isna(r["speedup"]) else np.nan,
+            "copy ms": r["copy_ms_p50"],
             "GB/s": r["gbps"], "% of copy": r["pct_of_copy"],
             "time/copy": interval(r["time_over_copy"], r["time_over_copy_ci_lo"],
                                   r["time_over_copy_ci_hi"]),

@@ -263,7 +263,7 @@ def bench(ranks, shapes, reps, budget, threads, quick, timeout, out):
 
     shape_list = parse_shapes(",".join(QUICK_SHAPES) if quick else shapes)
     if quick:
-        reps, budget = 20, 2.0
+        reps, budget = 20, 0.5
     try:
         rank_list = [int(r) for r in ranks.split(",") if r.strip()]
     except ValueError:

@@ -169,6 +169,9 @@ def _error_cases(rank: int):
                               ["save_mean", "checksum"]),
         "different calls": (bwd_with(C4) if rank == 0 else fwd(x_of(2)), "RuntimeError",
                             ["batch_norm_train", "batch_norm_backward"]),
+        # Raised locally on every rank before any collective (there is no communicator).
+        "comm is not a communicator": (lambda comm: nbd.batch_norm_train(x_of(2), comm="world"),
+                                       "TypeError", ["intracommunicator"]),
     }
 
 

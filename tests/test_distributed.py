@@ -105,6 +105,27 @@ def test_merge_of_known_values():
     assert (n, mean[0], m2[0]) == (4.0, 4.0, 50.0)
 
 
+def test_device_staging_helpers_under_the_simulator():
+    """The host staging of per-channel vectors for device arrays (the CUDA simulator's arrays
+    here; tests/conftest.py selects it): copy out, write back in the vector's dtype, place like
+    x. No GPU path of nbbn.distributed runs on a real device yet."""
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    from numba import cuda
+
+    from nbbn.distributed import _empty_like, _like, _to_host, _write
+
+    d = cuda.to_device(np.arange(4, dtype=np.float32))
+    assert np.array_equal(_to_host(d), np.arange(4))
+    _write(d, np.array([0.5, 1.5, 2.5, 3.5]))
+    assert _to_host(d).dtype == np.float32 and np.array_equal(_to_host(d), [0.5, 1.5, 2.5, 3.5])
+    placed = _like(np.ones(3, np.float64), on_device=True)
+    assert not isinstance(placed, np.ndarray) and np.array_equal(_to_host(placed), np.ones(3))
+    h = np.ones(3)
+    assert _like(h, on_device=False) is h
+    e = _empty_like((0, 3, 2), np.float32, None, on_device=True)
+    assert tuple(e.shape) == (0, 3, 2)
+
+
 # ---------------------------------------------------------------------------- real processes
 
 

@@ -293,7 +293,7 @@ def bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--parts", "d"], "unknown part"),
+    (["--parts", "z"], "unknown part"),
     (["--parts", ","], "empty"),
     (["--distributions", "cauchy"], "unknown distribution"),
     (["--sizes", "1"], "m ≥ 2"),

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .common import StudyError, environment, parse_distributions, parse_sizes
 
-PARTS = {"a": "rounding", "b": "sampling", "c": "estimators"}
+PARTS = {"a": "rounding", "b": "sampling", "c": "estimators", "d": "distributed"}
 _ALIASES = {**PARTS, **{v: v for v in PARTS.values()}}
 
 
@@ -38,16 +38,17 @@ class _Command(click.Command):
 
 
 def parse_parts(text: str | None) -> list[str]:
-    """Comma-separated parts: a/rounding, b/sampling, c/estimators (None: all)."""
+    """Comma-separated parts: a/rounding, b/sampling, c/estimators, d/distributed (None: all)."""
     if text is None:
         return list(PARTS.values())
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if not names:
-        raise StudyError("--parts is empty; choose from a/rounding, b/sampling, c/estimators")
+        raise StudyError("--parts is empty; choose from a/rounding, b/sampling, c/estimators, "
+                         "d/distributed")
     for n in names:
         if n not in _ALIASES:
             raise StudyError(f"unknown part {n!r}; choose from a/rounding, b/sampling, "
-                             "c/estimators")
+                             "c/estimators, d/distributed")
     chosen = {_ALIASES[n] for n in names}
     return [p for p in PARTS.values() if p in chosen]
 
@@ -105,8 +106,8 @@ class _Progress:
 @click.option("--out", "out", default="results/accuracy", show_default=True, metavar="DIR",
               help="Folder for the tables (CSV, JSON), report.md and the PNG figures.")
 @click.option("--parts", default=None, metavar="LIST",
-              help="Comma-separated parts to run: a/rounding, b/sampling, c/estimators "
-                   "[default: all].")
+              help="Comma-separated parts to run: a/rounding, b/sampling, c/estimators, "
+                   "d/distributed [default: all].")
 @click.option("--distributions", default=None, metavar="LIST",
               help="Populations for parts b and c: normal, uniform, t5, lognormal "
                    "[default: all].")
@@ -131,7 +132,9 @@ def accuracy(ctx, quick, out, parts, distributions, sizes, seed, activations, no
         double-double reference;
     (b) sampling: RMSE of batch mean and variance against the population, beside theory;
     (c) estimators: EMA (momentum 0.01, 0.1, 0.5), Algorithm 2, biased average; bias and
-        RMSE vs batches and m; the train–inference gap.
+        RMSE vs batches and m; the train–inference gap;
+    (d) distributed: per-rank vs synchronized statistics (nbbn.distributed), count-weighted
+        merge vs equal-weight pmean, (mean, invstd) vs (count, mean, M2) exchange.
     """
     try:
         part_list = parse_parts(parts)
@@ -218,6 +221,18 @@ def accuracy(ctx, quick, out, parts, distributions, sizes, seed, activations, no
         save("estimators", est)
         save("gap", gap)
         timings["c"] = time.perf_counter() - t0
+
+    if "distributed" in part_list:
+        from .distributed import DistributedConfig, run_part, write_outputs
+
+        t0 = time.perf_counter()
+        cfg = (DistributedConfig.quick if quick else DistributedConfig)(seed=seed_value)
+        with _Progress("(d) distributed", cfg.n_configs(), "ranks × m, counts, σ²") as step:
+            part_tables = run_part(cfg, step)
+        for name, df in part_tables.items():
+            save(name, df)
+        timings["d"] = time.perf_counter() - t0
+        write_outputs(out_dir, {**meta, "wall_s": timings["d"]}, part_tables, not no_plots)
 
     skipped_df = pd.DataFrame(skipped, columns=["part", "item", "reason"])
     from .report import write_table

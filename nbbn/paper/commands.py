@@ -66,12 +66,10 @@ def paper(ctx, quick, data_dir, steps, seeds, backend, out, no_plots):
     the baseline's accuracy, saturated sigmoids; (e) inference with EMA / Algorithm 2
     population statistics vs training-mode statistics and the test batch size.
     """
-    import numba
-
     from .. import registry
     from ..study.common import environment
     from .data import DataError, load
-    from .experiment import Config, run_all, total_units
+    from .experiment import Config, run_all, single_threaded, total_units
     from .report import TABLES, write, write_plots
     from .report import markdown as report_markdown
 
@@ -105,14 +103,10 @@ def paper(ctx, quick, data_dir, steps, seeds, backend, out, no_plots):
                f"{', '.join(f'{v:g}' for v in cfg.lr_grid)}; multipliers "
                f"{', '.join(f'x{m}' for m in cfg.multipliers)}), then inference on "
                f"{cfg.seeds} BN networks", err=True)
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)  # thousands of (60, 100) calls: waking threads costs more
-    try:
-        with click.progressbar(length=total_units(cfg), label="nbbn paper", file=sys.stderr,
-                               show_eta=True, show_pos=True) as bar:
-            res = run_all(ds, cfg, progress=bar.update)
-    finally:
-        numba.set_num_threads(threads)
+    with single_threaded(), click.progressbar(
+            length=total_units(cfg), label="nbbn paper", file=sys.stderr, show_eta=True,
+            show_pos=True) as bar:
+        res = run_all(ds, cfg, progress=bar.update)
     env = {k: v for k, v in environment(0).items() if k != "seed"}
     env.update({"data": name, "backend": backend, "dtype": cfg.dtype, "threads": 1})
     write(out_dir, res, env)
@@ -127,7 +121,7 @@ def paper(ctx, quick, data_dir, steps, seeds, backend, out, no_plots):
     wall = time.perf_counter() - t_start
     meta = {"command": _command_line(ctx), "data_name": name, "data": ds.describe(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{env['cpu']} ({env['cpus']} CPUs, 1 Numba thread)",
+            "machine": f"{env['cpu']} ({env['cpus']} CPUs; 1 Numba and 1 BLAS thread)",
             "wall_s": wall, "load": f"{load_start} at the start, {_load()} at the end",
             "test_rows": len(ds.y_test),
             "env": {k: env[k] for k in ("nbbn_version", "numba_version", "numpy_version",

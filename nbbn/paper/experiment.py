@@ -26,8 +26,9 @@ Plan (every run is deterministic for its seed; seeds are 0 … K−1):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +81,28 @@ class Config:
     def n_runs(self) -> int:
         main = len(self.multipliers) * 2 - (1 if 1 in self.multipliers else 0)
         return self.seeds * (len(self.lr_grid) + main)
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """One Numba thread and one BLAS thread for the duration: the experiment makes thousands
+    of calls on (60, 100) arrays, where waking a second thread costs more than the work, and on
+    a shared host a spinning BLAS thread that waits for a busy core costs ~20x (measured
+    roughly on the development machine). Results do not depend on it."""
+    import numba
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # comes with scikit-learn (the paper extra); optional
+            yield
+            return
+        with threadpool_limits(1):
+            yield
+    finally:
+        numba.set_num_threads(threads)
 
 
 def _seq(seed: int, *keys: int) -> np.random.Generator:

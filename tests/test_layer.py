@@ -220,3 +220,20 @@ def test_errors():
 def test_repr():
     r = repr(nbbn.BatchNorm(8, momentum=None).eval())
     assert r.startswith("BatchNorm(8, eps=1e-05, momentum=None") and "mode=eval" in r
+
+
+def test_cuda_backend_matches_cpu():
+    """The layer is backend-agnostic: the same state after train, backward and eval on "cuda"
+    (NumPy arrays in and out; the CUDA simulator in the default test run)."""
+    why = nbbn.availability().get("cuda")
+    if why:
+        pytest.skip(f"cuda backend unavailable: {why}")
+    x = make_x((6, 3), np.float32, offset=2.0)
+    dy = make_x((6, 3), np.float32, seed=4)
+    a, b = _layer(3, np.float32, backend="cuda"), _layer(3, np.float32)
+    assert rel_err(a(x), b(x)) <= tolerance("y", np.float32)
+    for name in ("running_mean", "running_var"):
+        assert rel_err(getattr(a, name), getattr(b, name)) <= tolerance(name, np.float32)
+    assert rel_err(a.backward(dy), b.backward(dy)) <= tolerance("dx", np.float32)
+    assert rel_err(a.dgamma, b.dgamma) <= tolerance("dgamma", np.float32)
+    assert rel_err(a.eval()(x), b.eval()(x)) <= tolerance("y", np.float32)

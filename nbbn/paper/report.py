@@ -340,7 +340,8 @@ def markdown(meta: dict, res: Results, figures: list[str], note: str | None) -> 
     lines += [markdown_table(est), ""]
     other = p[p.col == ""].groupby("estimator", sort=False)["test_acc"].apply(_spread)
     lines += ["\n".join(f"- {k}: {v}" for k, v in other.items()), ""]
-    lines += [f"Training-mode statistics at inference: the first {cfg.batch_eval_rows} test rows "
+    n_rows = min(cfg.batch_eval_rows, meta["test_rows"])
+    lines += [f"Training-mode statistics at inference: the first {n_rows} test rows "
               "cut into batches of B, each normalized by its own batch statistics (the remainder "
               "rows dropped), against Algorithm 2's population statistics ({big} batches) on the "
               "same rows:".replace("{big}", str(big)), ""]

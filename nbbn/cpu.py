@@ -683,6 +683,163 @@ def batch_stats(x, channel_axis=1) -> tuple[np.ndarray, np.ndarray]:
                     np.empty(C, xk.dtype), False)
 
 
+# --------------------------------------------------------------------------------------------
+# Parts: forward and backward cut at their reductions (registry.Parts, nbbn.distributed)
+# --------------------------------------------------------------------------------------------
+@njit(parallel=True, fastmath=_FM, cache=True)
+def _normalize_nc(x, mean, alpha, beta, y, rows_per_task):
+    N = x.shape[0]
+    C = x.shape[1]
+    ntasks = (N + rows_per_task - 1) // rows_per_task
+    for t in prange(ntasks):
+        r0 = t * rows_per_task
+        _nc_normalize(x, y, r0, min(N, r0 + rows_per_task), 0, C, mean, alpha, beta)
+
+
+@njit(parallel=True, fastmath=_FM, cache=True)
+def _normalize_nchw(x, mean, alpha, beta, y):
+    N, C, S = x.shape
+    for r in prange(N * C):
+        n, c = r // C, r % C
+        _nchw_normalize_rows(x, y, c, n, n + 1, mean[c], alpha[c], beta[c])
+
+
+@njit(parallel=True, fastmath=_FM, cache=True)
+def _grad_sums_nc(dy, x, save_mean, part):
+    """part (K, 2, C): per row chunk Σdy and Σdy·(x − μ)."""
+    N = x.shape[0]
+    C = x.shape[1]
+    K = part.shape[0]
+    for k in prange(K):
+        _nc_grad_sums(dy, x, (N * k) // K, (N * (k + 1)) // K, 0, C, save_mean, part[k, 0],
+                      part[k, 1])
+
+
+@njit(parallel=True, fastmath=_FM, cache=True)
+def _grad_sums_nchw(dy, x, save_mean, out):
+    N, C, S = x.shape
+    for c in prange(C):
+        out[0, c], out[1, c] = _nchw_rows_grad_sums(dy, x, c, 0, N, np.float64(save_mean[c]))
+
+
+@njit(parallel=True, fastmath=_FM, cache=True)
+def _apply_dx_nc(dy, x, dx, save_mean, coef, rows_per_task):
+    N = x.shape[0]
+    C = x.shape[1]
+    ntasks = (N + rows_per_task - 1) // rows_per_task
+    for t in prange(ntasks):
+        r0 = t * rows_per_task
+        _nc_dx(dy, x, dx, r0, min(N, r0 + rows_per_task), 0, C, save_mean, coef[0], coef[1],
+               coef[2])
+
+
+@njit(parallel=True, fastmath=_FM, cache=True)
+def _apply_dx_nchw(dy, x, dx, save_mean, coef):
+    N, C, S = x.shape
+    for r in prange(N * C):
+        n, c = r // C, r % C
+        _nchw_rows_dx(dy, x, dx, c, n, n + 1, np.float64(save_mean[c]), coef[0, c], coef[1, c],
+                      coef[2, c])
+
+
+def _rows_per_task(N: int, C: int) -> int:
+    return max(1, min(N, -(-N // _tasks_wanted()), max(1, 2 * BLOCK // C)))
+
+
+def part_stats(args):
+    """(mean, M2) of this x in float64, by the forward-train statistics code."""
+    geom = args.geom
+    xk = _kview(args.x, geom, "x")
+    C = geom.C
+    dummy = np.empty((0,) * xk.ndim, dtype=xk.dtype)
+    mean, var = _forward(xk, None, None, 1e-5, None, None, 0.0, dummy, np.empty(C, xk.dtype),
+                         np.empty(C, xk.dtype), False)
+    return mean, var * geom.m
+
+
+def part_normalize(args, mean, var, m_total):
+    """y = (x − μ)·α + β with α = γ/√(var + ε) from given statistics; running update with the
+    unbiased var·m_total/(m_total − 1)."""
+    _no_fusion(args)
+    geom = args.geom
+    x = _kview(args.x, geom, "x")
+    mean = np.ascontiguousarray(mean, dtype=np.float64)
+    var = np.ascontiguousarray(var, dtype=np.float64)
+    invstd = 1.0 / np.sqrt(var + args.eps)
+    gamma = 1.0 if args.gamma is None else np.asarray(args.gamma, dtype=np.float64)
+    beta = np.zeros(geom.C) if args.beta is None else np.asarray(args.beta, dtype=np.float64)
+    alpha = np.ascontiguousarray(gamma * invstd, dtype=np.float64)
+    if args.out is None:
+        y_user, y = _alloc(geom, None)
+        save_mean = np.empty(geom.C, dtype=geom.dtype)
+        save_invstd = np.empty(geom.C, dtype=geom.dtype)
+    else:
+        y_user, y = _alloc(geom, args.out[0])
+        save_mean, save_invstd = args.out[1], args.out[2]
+    if x.ndim == 2:
+        _normalize_nc(x, mean, alpha, np.ascontiguousarray(beta), y,
+                      _rows_per_task(x.shape[0], geom.C))
+    else:
+        _normalize_nchw(x, mean, alpha, np.ascontiguousarray(beta), y)
+    save_mean[...] = mean
+    save_invstd[...] = invstd
+    if args.running_mean is not None:
+        mo = args.momentum
+        rm, rv = args.running_mean, args.running_var
+        rm[...] = (1.0 - mo) * rm.astype(np.float64) + mo * mean
+        rv[...] = (1.0 - mo) * rv.astype(np.float64) + mo * var * (m_total / (m_total - 1.0))
+    return y_user, save_mean, save_invstd
+
+
+def part_grad_sums(args):
+    """(Σdy, Σdy·(x − save_mean)) of this x in float64."""
+    _no_fusion(args)
+    geom = args.geom
+    x = _kview(args.x, geom, "x")
+    dy = _kview(args.dy, geom, "dy")
+    sm = np.ascontiguousarray(_host(args.save_mean, "save_mean"))
+    if x.ndim == 2:
+        K = _chunks(x.shape[0], _tasks_wanted())
+        part = np.empty((K, 2, geom.C))
+        _grad_sums_nc(dy, x, sm, part)
+        sums = part.sum(axis=0)
+    else:
+        sums = np.empty((2, geom.C))
+        _grad_sums_nchw(dy, x, sm, sums)
+    return sums[0].copy(), sums[1].copy()
+
+
+def part_grad_apply(args, sum_dy, sum_dy_xmu, m_total):
+    """dx = k_dy·dy − k_x·(x − μ) + k_0 from given sums (see _dx_coefficients)."""
+    _no_fusion(args)
+    geom = args.geom
+    x = _kview(args.x, geom, "x")
+    dy = _kview(args.dy, geom, "dy")
+    sm = np.ascontiguousarray(_host(args.save_mean, "save_mean"))
+    invstd = np.asarray(args.save_invstd, dtype=np.float64)
+    gamma = 1.0 if args.gamma is None else np.asarray(args.gamma, dtype=np.float64)
+    sdy = np.asarray(sum_dy, dtype=np.float64)
+    sdyx = np.asarray(sum_dy_xmu, dtype=np.float64)
+    dg = sdyx * invstd
+    k_dy = gamma * invstd * np.ones(geom.C)
+    coef = np.ascontiguousarray(np.stack([k_dy, k_dy * invstd * dg / m_total,
+                                          -k_dy * sdy / m_total]))
+    if args.out is None:
+        dx_user, dx = _alloc(geom, None)
+        dgamma = np.empty(geom.C, dtype=geom.dtype)
+        dbeta = np.empty(geom.C, dtype=geom.dtype)
+    else:
+        dx_user, dx = _alloc(geom, args.out[0])
+        dgamma, dbeta = args.out[1], args.out[2]
+    if x.ndim == 2:
+        _apply_dx_nc(dy, x, dx, sm, coef, _rows_per_task(x.shape[0], geom.C))
+    else:
+        _apply_dx_nchw(dy, x, dx, sm, coef)
+    dgamma[...] = dg
+    dbeta[...] = sdy
+    return dx_user, dgamma, dbeta
+
+
 _DESCRIPTIONS = {
     Op.FORWARD_TRAIN: "chunked two-pass statistics + Chan merge (float64), fused normalize",
     Op.BACKWARD: "float64 sums of dy and dy·(x−μ), fused dx",
@@ -698,3 +855,5 @@ for _op, _fn in ((Op.FORWARD_TRAIN, forward_train), (Op.BACKWARD, backward),
                 "cpu", _op, _layout, lambda a, _f=_fn, _v=_v: _f(a, _v),
                 _DESCRIPTIONS[_op] + f" ({_v} work split)", variant=_v))
 registry.register_stats("cpu", batch_stats)
+registry.register_parts("cpu", registry.Parts(part_stats, part_normalize, part_grad_sums,
+                                              part_grad_apply))

@@ -1,5 +1,7 @@
 """Developer sessions: ``nox -s lint tests``, ``nox -s bench``, ``nox -s report``."""
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
@@ -30,21 +32,30 @@ def tests(session):
 
 @nox.session
 def bench(session):
-    """pytest-benchmark suite, autosaved under .benchmarks/.
+    """pytest-benchmark over the harness's case table (benchmarks/), autosaved under .benchmarks/.
 
     Compare with the last saved run: ``nox -s bench -- --benchmark-compare
-    --benchmark-compare-fail=median:10%``.
+    --benchmark-compare-fail=median:10%``. ``NBBN_BENCH_SWEEP=quick|default|cpu-targets`` picks
+    the sweep (benchmarks/test_bench.py). Paired figures with intervals: ``nbbn bench``.
     """
     _install(session, "test")
-    session.run("python", "-m", "pytest", "benchmarks/test_cpu.py", "--benchmark-autosave",
+    session.run("python", "-m", "pytest", "benchmarks", "--benchmark-autosave",
                 "--benchmark-json=.benchmarks/latest.json", *session.posargs)
-    session.run("python", "benchmarks/summarize.py", ".benchmarks/latest.json",
-                "--out", "results/cpu-kernels.md", "--command", "nox -s bench")
 
 
 @nox.session
 def report(session):
-    """Re-make the committed reports of this machine: nbbn bench and nbbn accuracy."""
+    """Re-make the committed reports of this machine (run it on a quiet host: it waits up to
+    5 minutes for a 1-minute load below 0.5, else stops): the default bench sweep, issue #9's
+    target sweep and its report, README's generated headline, the accuracy study."""
     _install(session, "plot,test")
-    session.run("nbbn", "bench", "--out", "results/bench-cpu")
-    session.run("nbbn", "accuracy", "--out", "results/accuracy")
+    quiet = ["--require-quiet", "--quiet-timeout", "300"]
+    session.run("python", "-m", "nbbn.cli", "bench", *quiet, "--out", "results/bench-cpu")
+    session.run("python", "-m", "nbbn.cli", "bench", "--sweep", "cpu-targets", "--threads", "2",
+                *quiet, "--out", "results/cpu-kernels")
+    session.run("python", "-m", "nbbn.harness.targets", "results/cpu-kernels", "--out",
+                "results/cpu-kernels.md", *(["--notes", "results/cpu-kernels.notes.md"]
+                                            if Path("results/cpu-kernels.notes.md").exists()
+                                            else []))
+    session.run("python", "-m", "nbbn.harness.readme")
+    session.run("python", "-m", "nbbn.cli", "accuracy", "--out", "results/accuracy")

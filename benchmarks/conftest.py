@@ -1,4 +1,1 @@
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
+"""The benchmarks are not tests: they run only when asked for (``nox -s bench``)."""

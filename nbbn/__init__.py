@@ -2,6 +2,7 @@
 
 from . import _backends  # noqa: F401  (registers the built-in backends; imports no kernels yet)
 from .api import batch_norm_backward, batch_norm_infer, batch_norm_train
+from .layer import BatchNorm
 from .registry import BackendUnavailable, availability
 from .spec import Layout, Op
 
@@ -9,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "BatchNorm",
     "Layout",
     "Op",
     "__version__",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from .registry import BackendInfo, register_backend
+from .validate import STORAGE_DTYPES
 
 
 def _load(module: str):
@@ -29,6 +30,10 @@ register_backend(BackendInfo(
     name="cuda",
     description="numba-cuda @cuda.jit kernels on an NVIDIA GPU",
     availability=_cuda_availability,
-    load=_load("nbbn.cuda.kernels"),
+    load=_load("nbbn.cuda.backend"),
     device="cuda",
+    # v1 (merge kernel) until a GPU run says the v2 ticket merge is faster: both deterministic.
+    default_variant="v1",
+    # float64, float32, float16, and bfloat16 where ml_dtypes gives NumPy the dtype.
+    dtypes=STORAGE_DTYPES,
 ))

@@ -24,8 +24,12 @@ def _kernel_backend(backend: str) -> str:
     return backend
 
 
-def _kernel(backend: str, op: Op, geom):
+def _kernel(backend: str, op: Op, args):
+    geom = args.geom
     spec = registry.select(backend, op, geom.layout)
+    if args.fusion not in spec.fusions:
+        raise ValueError(f"backend {backend!r} does not fuse {args.fusion} into {op} "
+                         f"(it fuses: {', '.join(sorted(str(f) for f in spec.fusions))})")
     if geom.dtype not in spec.dtypes:
         who = [b for b in registry.backend_names("kernel")
                if geom.dtype in registry.backend_info(b).dtypes]
@@ -61,7 +65,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, eps=1e-5, running_mean=None, r
     b = _kernel_backend(backend)
     args = validate.train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
                                channel_axis, relu, residual)
-    return _kernel(b, Op.FORWARD_TRAIN, args.geom)(args)
+    return _kernel(b, Op.FORWARD_TRAIN, args)(args)
 
 
 def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, channel_axis=1,
@@ -79,7 +83,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, channel_ax
     """
     b = _kernel_backend(backend)
     args = validate.backward_args(dy, x, save_mean, save_invstd, gamma, out, channel_axis, relu, y)
-    return _kernel(b, Op.BACKWARD, args.geom)(args)
+    return _kernel(b, Op.BACKWARD, args)(args)
 
 
 def batch_norm_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5,
@@ -92,5 +96,5 @@ def batch_norm_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps
     b = _kernel_backend(backend)
     args = validate.infer_args(x, running_mean, running_var, gamma, beta, eps, out, channel_axis,
                                relu, residual)
-    (y,) = _kernel(b, Op.INFERENCE, args.geom)(args)
+    (y,) = _kernel(b, Op.INFERENCE, args)(args)
     return y

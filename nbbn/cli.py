@@ -15,9 +15,10 @@ def main() -> None:
 
 def _add_commands() -> None:
     from .harness.commands import bench, compare
+    from .paper.commands import paper
     from .study.commands import accuracy
 
-    for cmd in (bench, compare, accuracy):
+    for cmd in (bench, compare, accuracy, paper):
         main.add_command(cmd)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .spec import FLOAT_DTYPES, Layout, Op
+from .spec import FLOAT_DTYPES, Fusion, Layout, Op
 
 
 class BackendUnavailable(RuntimeError):
@@ -57,6 +57,8 @@ class KernelSpec:
     variant: str = "default"
     #: dtypes of x this kernel runs (the API raises TypeError for others, naming who runs them).
     dtypes: tuple = FLOAT_DTYPES
+    #: Fusions it computes in its passes (:class:`nbbn.spec.Fusion`); others raise ValueError.
+    fusions: frozenset = frozenset({Fusion.NONE})
 
     @property
     def key(self) -> tuple[str, Op, Layout, str]:
@@ -89,7 +91,8 @@ def register(spec: KernelSpec) -> KernelSpec:
     if spec.backend not in _STATE.backends:
         raise KeyError(f"register backend {spec.backend!r} before its kernels")
     spec = KernelSpec(spec.backend, Op(spec.op), Layout(spec.layout), spec.fn, spec.description,
-                      spec.variant, tuple(np.dtype(d) for d in spec.dtypes))
+                      spec.variant, tuple(np.dtype(d) for d in spec.dtypes),
+                      frozenset(Fusion(f) for f in spec.fusions))
     _STATE.kernels[spec.key] = spec
     _STATE.fast.clear()
     return spec

@@ -34,9 +34,8 @@ pre-activation (and of the residual).
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -112,9 +111,9 @@ def op_outputs(op: Op, fusion: Fusion = Fusion.NONE) -> tuple[str, ...]:
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-@dataclass(frozen=True, slots=True)
-class Geometry:
-    """Shape and memory facts of one call, derived once from ``x`` by :mod:`nbbn.validate`."""
+class Geometry(NamedTuple):
+    """Shape and memory facts of one call, derived once from ``x`` by :mod:`nbbn.validate`
+    (a NamedTuple: built on every call, so it must be cheap)."""
 
     layout: Layout  # the memory layout the kernels see
     shape: tuple[int, ...]  # x's shape as given
@@ -125,6 +124,8 @@ class Geometry:
     dtype: np.dtype
     #: Axes of ``shape`` in memory order: ``x.transpose(perm)`` is the memory-order view.
     perm: tuple[int, ...]
+    #: ``perm`` is the identity (x's axes are already in memory order).
+    identity_perm: bool = True
 
     @property
     def m(self) -> int:
@@ -150,12 +151,8 @@ class Geometry:
         return tuple(self.shape[a] for a in self.perm)
 
     @property
-    def identity_perm(self) -> bool:
-        return self.perm == tuple(range(len(self.shape)))
-
-    @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        return self.N * self.C * self.S
 
 
 def inverse_perm(perm: tuple[int, ...]) -> tuple[int, ...]:

@@ -40,6 +40,41 @@ for _name in ("running_mean", "running_var"):
     TOLERANCE[(_name, _F64)] = 1e-13
 
 
+def _bfloat16():
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+#: Half-precision storage (float16, bfloat16; keyed by x's dtype). Derived from the unit roundoff
+#: u of the storage format -- u = 2^-11 for float16 (11-bit significand), 2^-8 for bfloat16 (8-bit)
+#: -- not from observed errors:
+#:
+#: * y, dx: every element is computed in float32 (or better) from exactly representable half
+#:   inputs and rounded once to the half format, an error of at most u·|value|; the float32
+#:   arithmetic before it adds a few float32 roundings (2^-24 each, relative to the terms, which
+#:   dx's error scale ‖γ·invstd·dy‖ bounds), 2^13 times smaller for float16. So rel_err ≤ u plus
+#:   a negligible term: the bound is 2u, the second u a margin for that term and for float16
+#:   subnormals (|y| < 6.1e-5 is rounded to an absolute 6e-8, not a relative u), never for tuning.
+#: * Per-channel outputs (save_mean, save_invstd, dgamma, dbeta, and the batch variance) are
+#:   float32 numbers (:func:`nbbn.validate.channel_dtype`) computed from float64 sums of the exact
+#:   half inputs, the same path as for float32 x, so they keep float32's bounds; running
+#:   statistics are updated in their own dtype as for float32 x.
+#: * dz = dy·[y > 0] is a copy of dy's half value or 0: exact.
+UNIT_ROUNDOFF = {np.dtype(np.float16): 2.0**-11}
+if (_BF16 := _bfloat16()) is not None:
+    UNIT_ROUNDOFF[_BF16] = 2.0**-8
+for _dt, _u in UNIT_ROUNDOFF.items():
+    for _name in ("y", "dx"):
+        TOLERANCE[(_name, _dt)] = 2 * _u
+    for _name in ("save_mean", "save_invstd", "var", "dgamma", "dbeta", "running_mean",
+                  "running_var"):
+        TOLERANCE[(_name, _dt)] = TOLERANCE[(_name, _F32)]
+    TOLERANCE[("dz", _dt)] = 0.0
+
+
 def tolerance(output: str, dtype) -> float:
     return TOLERANCE[(output, np.dtype(dtype))]
 

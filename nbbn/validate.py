@@ -14,7 +14,8 @@ Dtype rules
 * Per-channel vectors (``gamma``, ``beta``, ``running_mean``, ``running_var``, ``save_mean``,
   ``save_invstd``) are float32 or float64 independently of ``x``: they are read in their own
   precision, and running statistics are updated in place in their own dtype.
-* Preallocated outputs must have exactly the dtype and shape the op returns and be writeable;
+* Preallocated outputs must have exactly the dtype and shape the op returns and be writeable
+  (per-channel outputs of a half x are float32: :func:`channel_dtype`);
   x-shaped outputs must have the memory layout the kernels use for x (see :mod:`nbbn.spec`),
   per-channel ones must be contiguous.
 """
@@ -52,6 +53,13 @@ STORAGE_DTYPES = tuple(d for d in (*FLOAT_DTYPES, _F16, _bfloat16()) if d is not
 HALF_DTYPES = tuple(d for d in STORAGE_DTYPES if d.itemsize == 2)
 
 
+def channel_dtype(dtype) -> np.dtype:
+    """dtype of the per-channel outputs (save_mean, save_invstd, dgamma, dbeta) for x of
+    ``dtype``: x's own for float32/float64, float32 for a half x (as PyTorch returns)."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
 class _Meta:
     """Shape, dtype, strides (bytes) and flags of a host or device array."""
 
@@ -77,6 +85,10 @@ def array_meta(a, name: str) -> _Meta:
     """Metadata of a host or device array; TypeError for anything else."""
     if isinstance(a, np.ndarray):
         return _Meta(a.shape, a.dtype, a.strides, a.flags.writeable, False)
+    return _device_meta(a, name)
+
+
+def _device_meta(a, name: str) -> _Meta:
     cai = getattr(a, "__cuda_array_interface__", None)
     if cai is None:
         cai = _simulator_interface(a)
@@ -155,7 +167,7 @@ def _geometry(meta: _Meta, channel_axis, name: str) -> Geometry:
         raise ValueError(f"{name} is empty (shape {shape}): batch norm needs N, C and H·W > 0")
     N, C = shape[0], shape[ax]
     if ndim == 2:
-        return Geometry(Layout.NC, shape, ax, N, C, 1, meta.dtype, (0, 1))
+        return Geometry(Layout.NC, shape, ax, N, C, 1, meta.dtype, (0, 1), True)
     spatial = tuple(a for a in range(1, ndim) if a != ax)
     S = math.prod(shape[a] for a in spatial)
     first = (0, ax) + spatial  # memory order of channels-first
@@ -173,7 +185,8 @@ def _geometry(meta: _Meta, channel_axis, name: str) -> Geometry:
         layout, perm = options[0]
         if not contiguous_in(meta, perm) and contiguous_in(meta, options[1][1]):
             layout, perm = options[1]
-    return Geometry(layout, shape, ax, N, C, S, meta.dtype, perm)
+    return Geometry(layout, shape, ax, N, C, S, meta.dtype, perm,
+                    perm == tuple(range(ndim)))
 
 
 def geometry(x, channel_axis=1, name: str = "x") -> Geometry:
@@ -189,6 +202,8 @@ def channel_vector(v, name: str, C: int, required: bool = False):
         if required:
             raise ValueError(f"{name} is required")
         return None
+    if type(v) is np.ndarray and v.shape == (C,) and v.dtype.char in "fd":
+        return v  # the common case: nothing more to check (writeable is asked by callers)
     meta = array_meta(v, name)
     if meta.dtype not in FLOAT_DTYPES:
         _check_float(meta, name)
@@ -218,6 +233,8 @@ def momentum_value(momentum) -> float:
 
 
 def _relu_value(relu) -> bool:
+    if relu is False or relu is True:
+        return relu
     if not isinstance(relu, bool | np.bool_):
         raise TypeError(f"relu must be True or False, got {relu!r}")
     return bool(relu)
@@ -226,6 +243,8 @@ def _relu_value(relu) -> bool:
 def _like_x(a, name: str, g: Geometry, on_device: bool) -> None:
     """An input with x's shape, dtype and place (dy, residual, y). Its memory layout may differ
     from x's: the backend then makes one copy in x's layout."""
+    if type(a) is np.ndarray and a.shape == g.shape and a.dtype is g.dtype and not on_device:
+        return
     meta = array_meta(a, name)
     if meta.shape != g.shape:
         raise ValueError(f"{name} must have x's shape {g.shape}, got {meta.shape}")
@@ -259,8 +278,9 @@ def _outputs(out, names: tuple[str, ...], g: Geometry, on_device: bool):
         shape = g.shape if full else (g.C,)
         if meta.shape != shape:
             raise ValueError(f"{label} must have shape {shape}, got {meta.shape}")
-        if meta.dtype != g.dtype:
-            raise TypeError(f"{label} must have dtype {g.dtype}, got {meta.dtype}")
+        want = g.dtype if full else channel_dtype(g.dtype)
+        if meta.dtype != want:
+            raise TypeError(f"{label} must have dtype {want}, got {meta.dtype}")
         if not meta.writeable:
             raise ValueError(f"{label} must be writeable")
         if meta.on_device != on_device:
@@ -277,7 +297,25 @@ def _outputs(out, names: tuple[str, ...], g: Geometry, on_device: bool):
     return outs[0] if single else outs
 
 
+_NC_PERM = (0, 1)
+_CF4 = (0, 1, 2, 3)
+
+
 def _x(x, channel_axis):
+    """(Geometry, on_device) of x. The common cases -- a C-contiguous float32/float64 NumPy
+    array, channels first, or 2-D -- take a short path (this runs on every call)."""
+    if type(x) is np.ndarray and x.dtype.char in "fd" and x.dtype.isnative and \
+            type(channel_axis) is int and (channel_axis == 1 or channel_axis == -1) and \
+            0 not in x.shape:
+        shape = x.shape
+        nd = len(shape)
+        if nd == 2:
+            return Geometry(Layout.NC, shape, 1, shape[0], shape[1], 1, x.dtype, _NC_PERM,
+                            True), False
+        if channel_axis == 1 and nd == 4 and shape[1] > 1 and shape[2] * shape[3] > 1 \
+                and x.flags.c_contiguous:
+            return Geometry(Layout.NCHW, shape, 1, shape[0], shape[1], shape[2] * shape[3],
+                            x.dtype, _CF4, True), False
     meta = array_meta(x, "x")
     _check_storage(meta, "x")
     return _geometry(meta, channel_axis, "x"), meta.on_device
@@ -299,7 +337,8 @@ def train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var must be given together")
         for v, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-            if not channel_vector(v, name, C).writeable:
+            channel_vector(v, name, C)
+            if not array_meta(v, name).writeable:
                 raise ValueError(f"{name} is updated in place and must be writeable")
     relu = _relu_value(relu)
     if residual is not None:
@@ -323,7 +362,8 @@ def backward_args(dy, x, save_mean, save_invstd, gamma, out, channel_axis=1, rel
             raise ValueError("y (the forward's output) is required with relu=True: its sign is "
                              "the ReLU mask")
         _like_x(y, "y", g, on_dev)
-    outs = _outputs(out, op_outputs(_Op.BACKWARD, "relu" if relu else "none"), g, on_dev)
+    outs = None if out is None else _outputs(
+        out, op_outputs(_Op.BACKWARD, "relu" if relu else "none"), g, on_dev)
     return BackwardArgs(g, dy, x, save_mean, save_invstd, gamma, outs, relu,
                         y if relu else None)
 

@@ -5,16 +5,21 @@
 #   summary.txt          one line per step with its exit status and duration
 #   env.log              nvidia-smi, numba's device detection, versions
 #   gpu_present.log      fails the run if numba sees no GPU (every GPU test would be skipped)
-#   pytest_gpu.log/.xml  NBBN_TEST_GPU=1 pytest tests/test_cuda.py -m "gpu or not gpu" (real GPU)
-#   ptxcheck.json        every kernel compiled to PTX (cc 8.0 and 9.0, float32 and float64)
-#   sanitizer_memcheck.log, sanitizer_racecheck.log
+#   pytest_gpu.log/.xml  NBBN_TEST_GPU=1 pytest -m "gpu or not gpu": the whole suite, CUDA tests
+#                        on the real GPU
+#   ptxcheck.json        every kernel compiled to PTX (cc 8.0 and 9.0; float32, float64, float16,
+#                        bfloat16)
+#   sanitizer_memcheck.log, sanitizer_racecheck.log, sanitizer_synccheck.log
 #                        compute-sanitizer over the CUDA tests (small shapes; skipped, with the
 #                        reason, when compute-sanitizer is not installed)
-#   bench/gpu_bench.{csv,md}, bench.log
-#                        nbbn vs PyTorch vs device copy (benchmarks/gpu_bench.py)
+#   bench/, bench.log    the harness on issue #11's shape set: every cuda kernel version vs
+#                        torch-cuda vs a device-to-device copy, timed round-robin in one loop
+#                        (CUDA events behind a blocking kernel), float32 and float64:
+#                        bench/summary.md, bench.csv, ratios.csv, run.json, plots
 #
 # Every step runs even if an earlier one failed; the script exits 1 if any step failed.
-# Usage:  OUT=/some/dir scripts/gpu_verify.sh      (PYTHON=... to choose the interpreter)
+# Usage:  OUT=/some/dir scripts/gpu_verify.sh      (PYTHON=... to choose the interpreter;
+#         BENCH_DTYPES=float32 BENCH_ARGS="--max-time 0.5" to shorten the benchmark step)
 set -u
 cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-$PWD/gpu_verify_out}"
@@ -46,7 +51,7 @@ torch.cuda.is_available())'"
 step gpu_present env -u NUMBA_ENABLE_CUDASIM "$PY" -c "import sys; from numba import cuda; \
 ok = cuda.is_available(); print('numba.cuda.is_available():', ok); sys.exit(0 if ok else 1)"
 
-step pytest_gpu env NBBN_TEST_GPU=1 "$PY" -m pytest tests/test_cuda.py -m "gpu or not gpu" \
+step pytest_gpu env NBBN_TEST_GPU=1 "$PY" -m pytest -m "gpu or not gpu" \
     -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml"
 
 step ptxcheck bash -c "env -u NUMBA_ENABLE_CUDASIM '$PY' -m nbbn.cuda.ptxcheck > '$OUT/ptxcheck.json'"
@@ -56,10 +61,10 @@ for candidate in /usr/local/cuda/bin/compute-sanitizer /opt/cuda/bin/compute-san
     [ -n "$SANITIZER" ] || { [ -x "$candidate" ] && SANITIZER="$candidate"; }
 done
 # Small shapes only: the sanitizer slows kernels 10-100x. The selection covers every kernel,
-# both versions (v1 merge kernel, v2 ticket), both layouts, block sizes 32 and 256.
+# both variants (v1 merge kernel, v2 ticket), every layout and dtype, block sizes 32 and 256.
 SAN_TESTS=(tests/test_cuda.py -q -p no:cacheprovider -m "gpu or not gpu"
            -k "not medium and not torch and not plans and not availab")
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
     if [ -n "$SANITIZER" ]; then
         step "sanitizer_$tool" env NBBN_TEST_GPU=1 "$SANITIZER" --tool "$tool" \
             --error-exitcode 99 --print-limit 50 "$PY" -m pytest "${SAN_TESTS[@]}"
@@ -69,7 +74,10 @@ for tool in memcheck racecheck; do
     fi
 done
 
-step bench "$PY" benchmarks/gpu_bench.py --out "$OUT/bench"
+# BENCH_DTYPES (default float32,float64) and BENCH_ARGS (more options, e.g. "--max-time 0.5",
+# or "--resume" to finish an interrupted sweep in the same OUT) shape the run.
+step bench "$PY" -m nbbn.cli bench --sweep cuda-targets --backend cuda,torch-cuda --variant all \
+    --dtype "${BENCH_DTYPES:-float32,float64}" --out "$OUT/bench" ${BENCH_ARGS:-}
 
 echo "== done: $([ "$FAILED" -eq 0 ] && echo 'all steps passed' || echo 'some steps FAILED')" \
     | tee -a "$SUMMARY"

@@ -1,240 +1,196 @@
-"""The CPU backend against the float64 reference, at every op × layout × dtype × variant."""
+"""What is particular to the cpu backend: accuracy at large m and offsets, determinism across
+thread counts, the statistics' re-shift, the rounded-mean fold, its variants, scratch reuse.
+(Every kernel against the reference: test_conformance.py.)"""
 
+import numba
 import numpy as np
 import pytest
 
 import nbbn
-from nbbn import cpu
+from nbbn import cpu, registry, validate
 from nbbn import reference as ref
-from nbbn.spec import Op
+from nbbn.cpu import backend as B
 from nbbn.tolerances import rel_err, tolerance
 
-from .helpers import assert_close, backward_refs, make_params, make_x
-
-# Awkward on purpose: C = 1, odd C, N = 2, H·W = 1, S > BLOCK (rows split into pieces), sizes
-# that are no multiple of any chunk, NC tiles with ragged last tile, NCL (3-D) input.
-SHAPES = [
-    (2, 1), (2, 7), (37, 130), (1001, 3), (3, 2049),
-    (2, 1, 1, 1), (2, 3, 1, 1), (3, 5, 7, 9), (4, 3, 50), (2, 1, 4099), (1, 2, 3, 1500),
-    (5, 17, 6, 6),
-]
-DTYPES = [np.float32, np.float64]
-OFFSETS = [0.0, 1e4]
-
-
-def _force_variant(monkeypatch, name):
-    """Make ``name`` the cpu backend's default variant for one test (through the registry)."""
-    from dataclasses import replace
-
-    from nbbn import registry
-
-    info = registry.backend_info("cpu")
-    monkeypatch.setitem(registry._STATE.backends, "cpu", replace(info, default_variant=name))
-    registry._STATE.fast.clear()
-    monkeypatch.setattr(registry._STATE, "fast", {})
-
-
-@pytest.fixture(params=["fused", "split"])
-def variant(request, monkeypatch):
-    _force_variant(monkeypatch, request.param)
-    return request.param
-
-
-@pytest.mark.parametrize("offset", OFFSETS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_all_ops_against_reference(shape, dtype, offset, variant):
-    x = make_x(shape, dtype, offset)
-    C = shape[1]
-    gamma, beta = make_params(C)
-    rm, rv = np.linspace(-1, 1, C), np.linspace(0.5, 2, C)
-    rm0, rv0 = rm.copy(), rv.copy()
-
-    y, sm, si = nbbn.batch_norm_train(x, gamma, beta, running_mean=rm, running_var=rv,
-                                      momentum=0.3)
-    ry, rmean, rinvstd, rvar = ref.forward_train(x, gamma, beta)
-    assert y.dtype == sm.dtype == si.dtype == dtype and sm.shape == si.shape == (C,)
-    assert_close(Op.FORWARD_TRAIN, (y, sm, si), (ry, rmean, rinvstd), dtype)
-    erm, erv = ref.running_update(rm0, rv0, rmean, rvar, ref.count_per_channel(x), 0.3)
-    assert rel_err(rm, erm) <= tolerance("running_mean", rm.dtype)
-    assert rel_err(rv, erv) <= tolerance("running_var", rv.dtype)
-
-    dy = make_x(shape, dtype, 0.1, seed=7)
-    outs = nbbn.batch_norm_backward(dy, x, sm, si, gamma)
-    refs, scales = backward_refs(dy, x, sm, si, gamma)
-    assert_close(Op.BACKWARD, outs, refs, dtype, scales)
-
-    yi = nbbn.batch_norm_infer(x, rm, rv, gamma, beta)
-    assert_close(Op.INFERENCE, (yi,), (ref.inference(x, rm, rv, gamma, beta),), dtype)
-
-
-@pytest.mark.parametrize("shape", [(9, 4), (3, 4, 5, 5)], ids=str)
-def test_no_affine_means_unit_gamma_zero_beta(shape, variant):
-    x = make_x(shape, np.float64, 3.0)
-    C = shape[1]
-    y, sm, si = nbbn.batch_norm_train(x)
-    y1, *_ = nbbn.batch_norm_train(x, np.ones(C), np.zeros(C))
-    np.testing.assert_array_equal(y, y1)
-    dy = make_x(shape, np.float64, seed=3)
-    for a, b in zip(nbbn.batch_norm_backward(dy, x, sm, si),
-                    nbbn.batch_norm_backward(dy, x, sm, si, np.ones(C)), strict=True):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(nbbn.batch_norm_infer(x, sm, 1 / si**2),
-                                  nbbn.batch_norm_infer(x, sm, 1 / si**2, np.ones(C),
-                                                        np.zeros(C)))
-
-
-def test_running_statistics_by_hand():
-    """One channel 1, 2, 3, 4 (μ 2.5, σ² 1.25, unbiased 5/3), another 10, 10, 10, 14."""
-    x = np.array([[1.0, 10.0], [2.0, 10.0], [3.0, 10.0], [4.0, 14.0]], dtype=np.float32)
-    rm = np.array([1.0, 0.0], dtype=np.float32)
-    rv = np.array([2.0, 1.0], dtype=np.float32)
-    _, sm, si = nbbn.batch_norm_train(x, running_mean=rm, running_var=rv, momentum=0.25,
-                                      eps=1e-5)
-    np.testing.assert_allclose(sm, [2.5, 11.0], rtol=1e-7)
-    np.testing.assert_allclose(si, [1 / np.sqrt(1.25 + 1e-5), 1 / np.sqrt(3.0 + 1e-5)],
-                               rtol=1e-7)
-    np.testing.assert_allclose(rm, [0.75 * 1.0 + 0.25 * 2.5, 0.25 * 11.0], rtol=1e-7)
-    np.testing.assert_allclose(rv, [0.75 * 2.0 + 0.25 * 5 / 3, 0.75 + 0.25 * 4.0], rtol=1e-7)
-    assert rm.dtype == rv.dtype == np.float32  # updated in their own dtype
-
-
-@pytest.mark.parametrize("momentum", [0.0, 1.0])
-def test_momentum_edges(momentum):
-    x = make_x((6, 3), np.float64, 2.0)
-    rm, rv = np.full(3, 7.0), np.full(3, 9.0)
-    nbbn.batch_norm_train(x, running_mean=rm, running_var=rv, momentum=momentum)
-    mean, var = ref.batch_stats(x)
-    if momentum == 0.0:
-        np.testing.assert_array_equal(rm, 7.0)
-        np.testing.assert_array_equal(rv, 9.0)
-    else:
-        np.testing.assert_allclose(rm, mean, rtol=1e-15)
-        np.testing.assert_allclose(rv, var * 6 / 5, rtol=1e-14)
-
-
-def _views(x):
-    """Same values, other memory layouts: Fortran order, negative strides, a strided slice, and
-    a read-only array."""
-    f = np.asfortranarray(x)
-    neg = x[::-1].copy()[::-1]
-    big = np.empty((x.shape[0], 2 * x.shape[1]) + x.shape[2:], dtype=x.dtype)
-    big[:, ::2] = x
-    ro = x.copy()
-    ro.flags.writeable = False
-    return {"fortran": f, "negative-stride": neg, "strided": big[:, ::2], "read-only": ro}
-
-
-@pytest.mark.parametrize("shape", [(13, 6), (3, 4, 5, 6)], ids=str)
-def test_non_contiguous_and_read_only_inputs_match_contiguous(shape):
-    x = make_x(shape, np.float32, 50.0)
-    C = shape[1]
-    gamma, beta = make_params(C)
-    dy = make_x(shape, np.float32, seed=4)
-    base_f = nbbn.batch_norm_train(x, gamma, beta)
-    base_b = nbbn.batch_norm_backward(dy, x, base_f[1], base_f[2], gamma)
-    base_i = nbbn.batch_norm_infer(x, base_f[1], base_f[2], gamma, beta)
-    for name, xv in _views(x).items():
-        np.testing.assert_array_equal(xv, x)
-        before = xv.copy()
-        for a, b in zip(nbbn.batch_norm_train(xv, gamma, beta), base_f, strict=True):
-            np.testing.assert_array_equal(a, b, err_msg=name)
-        dyv = _views(dy)[name]
-        for a, b in zip(nbbn.batch_norm_backward(dyv, xv, base_f[1], base_f[2], gamma), base_b,
-                        strict=True):
-            np.testing.assert_array_equal(a, b, err_msg=name)
-        np.testing.assert_array_equal(nbbn.batch_norm_infer(xv, base_f[1], base_f[2], gamma,
-                                                            beta), base_i, err_msg=name)
-        np.testing.assert_array_equal(xv, before, err_msg=f"{name}: input was modified")
-
-
-@pytest.mark.parametrize("shape", [(11, 5), (2, 5, 3, 3)], ids=str)
-def test_preallocated_outputs_are_written_and_returned(shape):
-    x = make_x(shape, np.float32, 1.0)
-    C = shape[1]
-    gamma, beta = make_params(C)
-    y, sm, si = (np.full(shape, np.nan, np.float32), np.full(C, np.nan, np.float32),
-                 np.full(C, np.nan, np.float32))
-    res = nbbn.batch_norm_train(x, gamma, beta, out=(y, sm, si))
-    assert res[0] is y and res[1] is sm and res[2] is si
-    for a, b in zip(res, nbbn.batch_norm_train(x, gamma, beta), strict=True):
-        np.testing.assert_array_equal(a, b)
-    dy = make_x(shape, np.float32, seed=5)
-    outs = (np.full(shape, np.nan, np.float32), np.full(C, np.nan, np.float32),
-            np.full(C, np.nan, np.float32))
-    res = nbbn.batch_norm_backward(dy, x, sm, si, gamma, out=outs)
-    assert all(a is b for a, b in zip(res, outs, strict=True))
-    for a, b in zip(res, nbbn.batch_norm_backward(dy, x, sm, si, gamma), strict=True):
-        np.testing.assert_array_equal(a, b)
-    yi = np.full(shape, np.nan, np.float32)
-    assert nbbn.batch_norm_infer(x, sm, 1 / si**2, gamma, beta, out=yi) is yi
-    np.testing.assert_array_equal(yi, nbbn.batch_norm_infer(x, sm, 1 / si**2, gamma, beta))
-
-
-def test_mixed_float_dtypes_are_read_in_their_own_precision():
-    """float32 x with float64 γ/β/running stats (and the reverse) is a documented cast."""
-    x = make_x((20, 4), np.float32, 3.0)
-    g32, b32 = make_params(4, dtype=np.float32)
-    y32, sm, si = nbbn.batch_norm_train(x, g32, b32)
-    y64, *_ = nbbn.batch_norm_train(x, g32.astype(np.float64), b32.astype(np.float64))
-    np.testing.assert_array_equal(y32, y64)
-    xd = x.astype(np.float64)
-    yd, *_ = nbbn.batch_norm_train(xd, g32, b32)
-    assert yd.dtype == np.float64
-    assert_close(Op.FORWARD_TRAIN, (yd,) + nbbn.batch_norm_train(xd, g32, b32)[1:],
-                 ref.forward_train(xd, g32, b32)[:3], np.float64)
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("shape", [(8, 5), (4, 5, 3, 3)], ids=str)
-def test_nan_and_inf_stay_in_their_channel(shape, bad, variant):
-    x = make_x(shape, np.float32, 1.0)
-    x[(1, 2) + (0,) * (len(shape) - 2)] = bad
-    rm, rv = np.zeros(5), np.ones(5)
-    y, sm, si = nbbn.batch_norm_train(x, running_mean=rm, running_var=rv)
-    others = [0, 1, 3, 4]
-    assert np.isnan(y[:, 2]).all() and np.isnan(sm[2]) | np.isinf(sm[2]) and np.isnan(si[2])
-    assert np.isfinite(y[:, others]).all() and np.isfinite(sm[others]).all()
-    assert np.isfinite(rm[others]).all() and np.isfinite(rv[others]).all()
-    clean = np.delete(x, 2, axis=1)
-    np.testing.assert_array_equal(np.delete(y, 2, axis=1), nbbn.batch_norm_train(clean)[0])
-    dy = make_x(shape, np.float32, seed=6)
-    dx, dg, db = nbbn.batch_norm_backward(dy, x, sm, si)
-    assert np.isnan(dx[:, 2]).all() and np.isfinite(dx[:, others]).all()
-
-
-def test_fused_and_split_agree(monkeypatch):
-    """Different work splits, same function: agreement to rounding."""
-    x = make_x((64, 40, 5, 5), np.float32, 100.0)
-    res = {}
-    for v in ("fused", "split"):
-        _force_variant(monkeypatch, v)
-        res[v] = nbbn.batch_norm_train(x)
-    for a, b in zip(res["fused"], res["split"], strict=True):
-        assert rel_err(a, b) < 1e-6
-
-
-def test_batch_stats_is_the_forward_statistics():
-    x = make_x((33, 3, 17), np.float32, 1e4)
-    mean, var = cpu.batch_stats(x)
-    rmean, rvar = ref.batch_stats(x)
-    assert mean.dtype == var.dtype == np.float64
-    assert rel_err(var, rvar) <= tolerance("var", np.float32)
-    assert rel_err(mean, rmean) <= 1e-15
+from .helpers import make_params, make_x
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", [(2**24 + 1, 1), (1, 1, 2**24 + 1), (2**12 + 1, 2, 2**11)],
+@pytest.mark.parametrize("shape, axis", [((2**24 + 1, 1), 1), ((1, 1, 2**24 + 1), 1),
+                                         ((2**12 + 1, 2, 2**11), 1), ((2**12 + 1, 2**11, 2), -1)],
                          ids=str)
-def test_float32_large_m_and_offset_1e4(shape):
+def test_float32_large_m_and_offset_1e4(shape, axis):
     """m up to 2^24 + 1 (float32 counts stop being exact), |mean|/std = 1e4: σ² within 1e-5,
     y within 1e-5 of the float64 reference."""
     x = make_x(shape, np.float32, 1e4 * 0.5)  # std 0.5·(0.5..2), mean ≈ 5e3: κ ≈ 1e4
-    mean, var = cpu.batch_stats(x)
-    rmean, rvar = ref.batch_stats(x)
+    if axis == -1:
+        x = np.ascontiguousarray(np.moveaxis(x.reshape(shape[0], shape[2], shape[1]), 1, 2))
+    mean, var = cpu.batch_stats(x, axis)
+    rmean, rvar = ref.batch_stats(x, axis)
     assert np.all(np.abs(rmean) / np.sqrt(rvar) > 2e3)
     assert rel_err(var, rvar) <= tolerance("var", np.float32)
-    y, sm, si = nbbn.batch_norm_train(x)
-    ry, _, rinvstd, _ = ref.forward_train(x)
+    y, sm, si = nbbn.batch_norm_train(x, channel_axis=axis)
+    ry, _, rinvstd, _ = ref.forward_train(x, channel_axis=axis)
     assert rel_err(y, ry) <= tolerance("y", np.float32)
     assert rel_err(si, rinvstd) <= tolerance("save_invstd", np.float32)
+
+
+# Shapes above the serial threshold, so the parallel kernels run: NC (narrow and wide), NHWC,
+# NCHW grouped, NCHW split (C < 16).
+PARALLEL = [((5000, 3), 1), ((700, 130), 1), ((6, 20, 20, 17), -1), ((8, 37, 15, 15), 1),
+            ((3, 2, 130, 131), 1)]
+
+
+@pytest.mark.parametrize("shape, axis", PARALLEL, ids=str)
+def test_bit_identical_with_one_and_two_threads(shape, axis):
+    """Sums run in an order fixed by the shape: the thread count only distributes the tasks."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads (NUMBA_NUM_THREADS >= 2)")
+    x = make_x(shape, np.float32, 100.0)
+    C = shape[axis]
+    gamma, beta = make_params(C, dtype=np.float32)
+    dy = make_x(shape, np.float32, seed=5)
+    res = make_x(shape, np.float32, seed=6)
+
+    def run():
+        y, sm, si = nbbn.batch_norm_train(x, gamma, beta, channel_axis=axis, relu=True,
+                                          residual=res)
+        grads = nbbn.batch_norm_backward(dy, x, sm, si, gamma, channel_axis=axis, relu=True,
+                                         y=y)
+        yi = nbbn.batch_norm_infer(x, sm, 1 / si**2, gamma, beta, channel_axis=axis)
+        return (y, sm, si, *grads, yi)
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(2)
+        two = run()
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(200_000, 2), (4, 3, 100, 100), (1, 20, 60, 60)], ids=str)
+def test_outlier_first_value_is_reshifted(shape):
+    """The statistics shift by the first value; when that value is an outlier (here √m·σ away,
+    the most Samuelson's inequality allows), the sums are taken again around μ, so the float64
+    variance stays within its bound."""
+    x = np.random.default_rng(3).standard_normal(shape)
+    x[(0,) * len(shape)] = np.sqrt(x.size / shape[1]) * 50.0
+    mean, var = cpu.batch_stats(x)
+    rmean, rvar = ref.batch_stats(x)
+    assert rel_err(var, rvar) <= 1e-13
+    assert rel_err(mean, rmean) <= 1e-13
+
+
+@pytest.mark.parametrize("shape, axis", [((2, 64), 1), ((2, 5, 3, 3), 1), ((2, 3, 3, 5), -1)],
+                         ids=str)
+def test_rounded_mean_is_folded(shape, axis):
+    """float32, mean ±1e3, N = 2: save_mean is off by up to half an ulp (3e-5·σ); backward
+    folds Σ(x − save_mean)/m back in, so dx is within 1e-4 of the exact gradient relative to
+    ‖γ·invstd·dy‖ (the old kernels: ~2e-4)."""
+    rng = np.random.default_rng(0)
+    C = shape[axis]
+    sign = np.where(np.arange(C) % 2 == 0, 1.0, -1.0)
+    bshape = [1] * len(shape)
+    bshape[axis] = C
+    x = (1e3 * sign.reshape(bshape) + rng.standard_normal(shape)).astype(np.float32)
+    gamma, _ = make_params(C, dtype=np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    _, sm, si = nbbn.batch_norm_train(x, gamma, channel_axis=axis)
+    _, mean, invstd, _ = ref.forward_train(x, gamma, channel_axis=axis)
+    dx, _, _ = nbbn.batch_norm_backward(dy, x, sm, si, gamma, channel_axis=axis)
+    # the exact gradient: shift x by the float64 mean (see test_conformance._exact_backward)
+    xs = x.astype(np.float64) - mean.reshape(bshape)
+    rdx, _, _ = ref.backward(dy, xs, ref.batch_stats(xs, axis)[0], invstd, gamma,
+                             channel_axis=axis)
+    scale = ref.dx_scale(dy, invstd, gamma, channel_axis=axis)
+    assert rel_err(dx, rdx, scale) <= 1e-4
+    if x.size // C == 2:  # m = 2 (the issue's case): without the fold it is outside the bound
+        old, _, _ = ref.backward(dy, x, sm, si, gamma, channel_axis=axis)
+        assert rel_err(old, rdx, scale) > 1e-4
+
+
+def test_a_different_mean_is_used_as_given():
+    """A save_mean that is not this batch's (e.g. a global mean in synchronized BN) is no
+    rounding error: backward uses it as it is."""
+    x = make_x((50, 7), np.float64, 3.0)
+    dy = make_x((50, 7), np.float64, seed=2)
+    other = x.mean(axis=0) + 0.25
+    invstd = np.full(7, 0.8)
+    got = nbbn.batch_norm_backward(dy, x, other, invstd)
+    want = ref.backward(dy, x, other, invstd)
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) <= 1e-13
+
+
+def test_variants_are_registered_per_layout():
+    for op in ("forward-train", "backward", "inference"):
+        assert set(registry.variants("cpu", op, "NCHW")) == {"auto", "grouped", "split",
+                                                             "serial"}
+        for layout in ("NC", "NHWC"):
+            assert set(registry.variants("cpu", op, layout)) == {"auto", "rows", "serial"}
+    assert registry.variants("cpu", "backward", "NC")[0] == "auto"  # the default first
+    with pytest.raises(ValueError, match="no variant 'tiles'"):
+        registry.select("cpu", "backward", "NC", "tiles")
+
+
+def test_auto_depends_on_the_shape_only():
+    """The plan of a shape never reads the thread count (determinism), and small calls run the
+    serial kernels."""
+    assert B.nc_plan(32768, 1024, 4) == (64, 1)
+    assert B.nc_plan(8, 16, 4) == (1, 4)
+    assert B.nchw_group(32, 2048, 49, 4) * 32 * 49 * 4 <= B.GROUP_BYTES
+    assert B._twin(("par", "ser"), 128, "auto") == "ser"
+    assert B._twin(("par", "ser"), 1 << 20, "auto") == "par"
+
+
+def test_scratch_is_reused_across_calls():
+    x = make_x((300, 130), np.float32)
+    nbbn.batch_norm_train(x)
+    first = B._LOCAL.buf
+    for _ in range(3):
+        nbbn.batch_norm_train(x)
+        nbbn.batch_norm_backward(x, x, np.zeros(130, np.float32), np.ones(130, np.float32))
+    assert B._LOCAL.buf is first or B._LOCAL.buf.size > first.size
+
+
+def test_strided_running_statistics_are_updated_in_place():
+    x = make_x((20, 4), np.float64, 1.0)
+    big = np.zeros((4, 2))
+    rm, rv = big[:, 0], big[:, 1]
+    nbbn.batch_norm_train(x, running_mean=rm, running_var=rv, momentum=1.0)
+    mean, var = ref.batch_stats(x)
+    np.testing.assert_allclose(big[:, 0], mean, rtol=1e-14)
+    np.testing.assert_allclose(big[:, 1], var * 20 / 19, rtol=1e-13)
+
+
+def test_parts_split_a_batch():
+    """registry.Parts: statistics of two halves merged, normalized and differentiated with the
+    global sums equal the whole batch's forward and backward."""
+    P = registry.parts("cpu")
+    x = make_x((30, 5, 3, 3), np.float32, 20.0)
+    dy = make_x((30, 5, 3, 3), np.float32, seed=9)
+    halves = (x[:13], x[13:])
+    stats = [P.stats(validate.train_args(h, None, None, 1e-5, None, None, 0.1, None))
+             for h in halves]
+    n = [h.shape[0] * 9 for h in halves]
+    m = sum(n)
+    mean = (n[0] * stats[0][0] + n[1] * stats[1][0]) / m
+    m2 = stats[0][1] + stats[1][1] + (stats[1][0] - stats[0][0]) ** 2 * n[0] * n[1] / m
+    y, sm, si, = ref.forward_train(x)[0], *ref.forward_train(x)[1:3]
+    ys = [P.normalize(validate.train_args(h, None, None, 1e-5, None, None, 0.1, None), mean,
+                      m2 / m, m)[0] for h in halves]
+    assert rel_err(np.concatenate(ys), y) <= tolerance("y", np.float32)
+    smf, sif = sm.astype(np.float32), si.astype(np.float32)
+    bargs = [validate.backward_args(d, h, smf, sif, None, None)
+             for d, h in ((dy[:13], x[:13]), (dy[13:], x[13:]))]
+    sums = [P.grad_sums(a) for a in bargs]
+    sdy = sums[0][0] + sums[1][0]
+    sdyx = sums[0][1] + sums[1][1]
+    dxs = [P.grad_apply(a, sdy, sdyx, m)[0] for a in bargs]
+    rdx = ref.backward(dy, x, smf, sif)[0]
+    assert rel_err(np.concatenate(dxs), rdx, ref.dx_scale(dy, sif)) <= tolerance("dx",
+                                                                                  np.float32)

@@ -1,5 +1,5 @@
-"""Every CUDA kernel compiles with the real compiler (NVVM) for cc 8.0 and 9.0, float32 and
-float64 -- no GPU needed.
+"""Every CUDA kernel compiles with the real compiler (NVVM) for cc 8.0 and 9.0, for x of float32,
+float64, float16 and bfloat16 -- no GPU needed.
 
 The tests run under the CUDA simulator, which compiles nothing, so the check runs in a
 subprocess without NUMBA_ENABLE_CUDASIM: ``python -m nbbn.cuda.ptxcheck``. The kernel list and
@@ -42,22 +42,30 @@ def test_every_kernel_compiles_for_cc80_and_cc90(report):
                 for r in report["results"] if not r["ok"]]
     assert not failures, "\n".join(failures)
     assert not report["unlisted"], f"@cuda.jit kernels missing from KERNELS: {report['unlisted']}"
-    assert len(report["results"]) == 4 * report["kernels"]  # {f32, f64} × {8.0, 9.0} each
+    # {float32, float64, float16, bfloat16} × {8.0, 9.0} each
+    assert len(report["results"]) == 8 * report["kernels"]
+    assert {r["dtype"] for r in report["results"]} == {"float32", "float64", "float16",
+                                                       "bfloat16"}
     assert report["ok"] and report["rc"] == 0
 
 
 def test_ptx_has_the_intended_instructions(report):
     """1-D block reductions use warp shuffles, the v2 kernels take tickets and read partials
-    through L2, and the float32 elementwise passes do no float64 arithmetic."""
+    through L2, the elementwise passes of float32 and half x do no float64 arithmetic, and no
+    kernel calls out of line or touches local memory (bfloat16 included: its conversions are
+    integer shifts, not numba-cuda's shim calls)."""
     by_kernel = {r["kernel"] for r in report["results"]}
     for name in by_kernel:
-        rows = _rows(report, kernel=name, dtype="float32", cc="9.0")
-        assert rows and rows[0]["ok"], name
-        facts = rows[0]
-        if name.startswith("nchw_") and ("partial" in name or "ticket" in name):
-            assert facts["shfl"], name
-        if "ticket" in name:
-            assert facts["atomics"] and facts["ld_global_cg"], name
-        if name.endswith(("normalize", "_dx")):
-            assert facts["fp64_ops"] == 0 and not facts["atomics"], name
-        assert not facts["local_memory"], name
+        for dtype in ("float32", "float64", "float16", "bfloat16"):
+            rows = _rows(report, kernel=name, dtype=dtype, cc="9.0")
+            assert rows and rows[0]["ok"], (name, dtype)
+            facts = rows[0]
+            if name.startswith("nchw_") and ("partial" in name or "ticket" in name):
+                assert facts["shfl"], name
+            if "ticket" in name:
+                assert facts["atomics"] and facts["ld_global_cg"], name
+            if name.endswith(("normalize", "_dx")):
+                assert not facts["atomics"], name
+                if dtype != "float64":
+                    assert facts["fp64_ops"] == facts["fp64_compares"] == 0, (name, dtype)
+            assert not facts["local_memory"] and not facts["calls"], (name, dtype)

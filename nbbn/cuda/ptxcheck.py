@@ -2,8 +2,9 @@
 
     python -m nbbn.cuda.ptxcheck [--cc 8.0 --cc 9.0]
 
-Every kernel of :data:`nbbn.cuda.kernels.KERNELS` is compiled for x = float32 and float64 at each
-compute capability, with the signature declared next to the kernel. Kernels defined with a bare
+Every kernel of :data:`nbbn.cuda.kernels.KERNELS` is compiled for x = float32, float64, float16 and
+bfloat16 at each compute capability, with the signature declared next to the kernel (bfloat16 by
+numba-cuda's own type, so ml_dtypes is not needed here). Kernels defined with a bare
 ``@cuda.jit`` (not in KERNELS) are reported as ``unlisted`` and fail the check. Exit status 0
 when everything compiled.
 
@@ -26,9 +27,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-import numpy as np
-
-DTYPES = (np.float32, np.float64)
+DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEFAULT_CCS = ((8, 0), (9, 0))
 
 
@@ -52,7 +51,9 @@ def _ptx_facts(ptx: str) -> dict:
         "atomics": bool(re.search(r"\batom\.", ptx)),
         "ld_global_cg": "ld.global.cg" in ptx,
         "fp64_ops": len(re.findall(r"\b(?:add|sub|mul|fma|div)(?:\.rn)?\.f64\b", ptx)),
+        "fp64_compares": len(re.findall(r"\bsetp\.\w+\.f64\b", ptx)),
         "local_memory": ".local" in ptx,  # local arrays / spills at PTX level
+        "calls": bool(re.search(r"\bcall(?:\.uni)?\b", ptx)),  # out-of-line device calls
     }
 
 
@@ -76,7 +77,7 @@ def run(ccs=DEFAULT_CCS) -> dict:
         for dtype in DTYPES:
             sig = entry.signature(kernels.signature_types(dtype))
             for cc in ccs:
-                row = {"kernel": entry.name, "dtype": np.dtype(dtype).name,
+                row = {"kernel": entry.name, "dtype": dtype,
                        "cc": f"{cc[0]}.{cc[1]}"}
                 t0 = time.perf_counter()
                 try:

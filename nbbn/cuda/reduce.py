@@ -1,5 +1,11 @@
 """Device functions for block-level reductions, shared by every kernel in :mod:`nbbn.cuda.kernels`.
 
+Three sums per thread
+    Every reduction here carries three float64 sums: forward-train's statistics use two of them
+    (s1, s2 below; the third is 0), backward uses all three (Σdy, Σdy·(x − μ), Σ(x − μ): the last
+    one feeds the save_mean residual fold, see :mod:`nbbn.cuda.kernels`). One width keeps one set
+    of reduction code; the third lane costs a few shuffles per block, nothing per element.
+
 Statistics by shifted sums, merged with Chan's formula
     Every thread that works on channel c accumulates, in float64,
 
@@ -21,10 +27,10 @@ Determinism
     trees or shared-memory trees), never by timing: a kernel gives bit-identical results run to run.
 
 Real GPU vs simulator (chosen once, at import)
-    On a GPU, :func:`block_sum2` reduces each warp with ``shfl_down_sync`` and then the per-warp
+    On a GPU, :func:`block_sum3` reduces each warp with ``shfl_down_sync`` and then the per-warp
     totals in the first warp. Numba's CUDA simulator has no warp shuffles and runs one block at a
     time, so under ``NUMBA_ENABLE_CUDASIM=1`` the same name is bound to a shared-memory tree. The
-    kernels call ``block_sum2`` and never see the difference. :func:`column_sum2` (2-D blocks,
+    kernels call ``block_sum3`` and never see the difference. :func:`column_sum3` (2-D blocks,
     across warps) is a shared-memory tree on both.
 
 Shared memory: every function here works in a scratch array the *kernel* allocates,
@@ -32,7 +38,7 @@ Shared memory: every function here works in a scratch array the *kernel* allocat
 declared inside a device function ``_cudapy_smem_<n>`` per function, so two such device functions
 in one kernel fail to link: "Linking globals named '_cudapy_smem_1': symbol multiply defined".)
 
-Limits: blocks of at most :data:`MAX_THREADS` threads; 1-D blocks for :func:`block_sum2` must be a
+Limits: blocks of at most :data:`MAX_THREADS` threads; 1-D blocks for :func:`block_sum3` must be a
 multiple of 32 threads on a GPU (launchers guarantee both).
 """
 
@@ -44,16 +50,16 @@ from numba.cuda import config as _cuda_config
 #: True when Numba's CUDA simulator is active (decided once, at import).
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
 
-#: Largest block the kernels accept; shared scratch arrays are sized by it (2·512 float64 = 8 KiB).
+#: Largest block the kernels accept; shared scratch arrays are sized by it (3·512 float64 = 12 KiB).
 MAX_THREADS = 512
-#: Shape of the float64 shared scratch each kernel allocates for these functions (8 KiB).
-SCRATCH_SHAPE = (2, MAX_THREADS)
+#: Shape of the float64 shared scratch each kernel allocates for these functions (12 KiB).
+SCRATCH_SHAPE = (3, MAX_THREADS)
 _FULL_MASK = 0xFFFFFFFF
 
 
 @cuda.jit(device=True)
-def _tree_sum2(sh, a, b, k, n, base, stride):
-    """Sum (a, b) over the n threads k = 0..n−1 that own slots base + k·stride of ``sh``.
+def _tree_sum3(sh, a, b, c, k, n, base, stride):
+    """Sum (a, b, c) over the n threads k = 0..n−1 that own slots base + k·stride of ``sh``.
 
     A shared-memory tree: at each level thread k < half adds slot k + half (levels halve a
     power of two ≥ n, so any n works). Every thread of the block must call it (it syncs);
@@ -62,6 +68,7 @@ def _tree_sum2(sh, a, b, k, n, base, stride):
     i = base + k * stride
     sh[0, i] = a
     sh[1, i] = b
+    sh[2, i] = c
     cuda.syncthreads()
     half = 1
     while half < n:
@@ -72,12 +79,14 @@ def _tree_sum2(sh, a, b, k, n, base, stride):
             j = i + half * stride
             sh[0, i] += sh[0, j]
             sh[1, i] += sh[1, j]
+            sh[2, i] += sh[2, j]
         cuda.syncthreads()
         half //= 2
     a = sh[0, base]
     b = sh[1, base]
+    c = sh[2, base]
     cuda.syncthreads()  # the slots may be rewritten by the caller's next reduction
-    return a, b
+    return a, b, c
 
 
 @cuda.jit(device=True)
@@ -92,8 +101,8 @@ def _warp_sum(v):
 
 
 @cuda.jit(device=True)
-def _block_sum2_shfl(sh, a, b):
-    """(Σa, Σb) over a 1-D block (a multiple of 32 threads), returned to every thread.
+def _block_sum3_shfl(sh, a, b, c):
+    """(Σa, Σb, Σc) over a 1-D block (a multiple of 32 threads), returned to every thread.
 
     Level 1: each warp reduces by shuffles; lane 0 parks its warp's total in ``sh``.
     Level 2: warp 0 reduces the ≤ 16 warp totals by shuffles and parks the block total.
@@ -103,40 +112,46 @@ def _block_sum2_shfl(sh, a, b):
     warp = t // 32
     a = _warp_sum(a)
     b = _warp_sum(b)
+    c = _warp_sum(c)
     if lane == 0:
         sh[0, warp] = a
         sh[1, warp] = b
+        sh[2, warp] = c
     cuda.syncthreads()
     if warp == 0:
         nwarps = cuda.blockDim.x // 32
         a = sh[0, lane] if lane < nwarps else 0.0
         b = sh[1, lane] if lane < nwarps else 0.0
+        c = sh[2, lane] if lane < nwarps else 0.0
         a = _warp_sum(a)
         b = _warp_sum(b)
+        c = _warp_sum(c)
         if lane == 0:  # every lane has read its slot: the shuffles above synchronized the warp
             sh[0, 0] = a
             sh[1, 0] = b
+            sh[2, 0] = c
     cuda.syncthreads()
     a = sh[0, 0]
     b = sh[1, 0]
+    c = sh[2, 0]
     cuda.syncthreads()
-    return a, b
+    return a, b, c
 
 
 @cuda.jit(device=True)
-def _block_sum2_tree(sh, a, b):
-    """(Σa, Σb) over a 1-D block, returned to every thread: shared-memory tree (simulator)."""
-    return _tree_sum2(sh, a, b, cuda.threadIdx.x, cuda.blockDim.x, 0, 1)
+def _block_sum3_tree(sh, a, b, c):
+    """(Σa, Σb, Σc) over a 1-D block, returned to every thread: shared-memory tree (simulator)."""
+    return _tree_sum3(sh, a, b, c, cuda.threadIdx.x, cuda.blockDim.x, 0, 1)
 
 
 @cuda.jit(device=True)
-def column_sum2(sh, a, b):
-    """(Σa, Σb) over threadIdx.y for each threadIdx.x of a 2-D block, returned to every thread.
+def column_sum3(sh, a, b, c):
+    """(Σa, Σb, Σc) over threadIdx.y for each threadIdx.x of a 2-D block, returned to every thread.
 
     Used where threads along x own different channels (NC layout) and threads along y split
     the rows: the sum runs across warps, so it is a shared-memory tree on GPU and simulator alike.
     """
-    return _tree_sum2(sh, a, b, cuda.threadIdx.y, cuda.blockDim.y, cuda.threadIdx.x,
+    return _tree_sum3(sh, a, b, c, cuda.threadIdx.y, cuda.blockDim.y, cuda.threadIdx.x,
                       cuda.blockDim.x)
 
 
@@ -173,8 +188,8 @@ def _load_plain(a, i):
 
 
 if SIMULATOR:
-    block_sum2 = _block_sum2_tree
+    block_sum3 = _block_sum3_tree
     load_l2 = _load_plain
 else:
-    block_sum2 = _block_sum2_shfl
+    block_sum3 = _block_sum3_shfl
     load_l2 = _load_l2_gpu

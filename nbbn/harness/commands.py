@@ -1,36 +1,47 @@
-"""``nbbn bench`` and ``nbbn compare``: click commands over the harness."""
+"""``nbbn bench`` and ``nbbn compare``: click commands that parse options and call the harness
+(:func:`nbbn.harness.bench.run`, :func:`nbbn.harness.compare.compare`)."""
 
 from __future__ import annotations
 
-import json
-import os
-import shlex
-import sys
 from pathlib import Path
 
 import click
 
 from .. import registry
-from ..spec import FLOAT_DTYPES, Layout, Op
+from ..report import command_line, markdown_table
+from ..spec import FLOAT_DTYPES, Fusion, Layout, Op
 from . import baselines  # noqa: F401  (registers the baselines: --backend choices include them)
-from .devices import TimingConfig
+from .bench import FULL, QUICK, HarnessError, RunRefused
+from .compare import DEFAULT_THRESHOLD, METRICS
 from .sweep import (
+    CACHES,
+    CALLS,
     DEFAULT_BATCH_SIZES,
     DEFAULT_SHAPES,
+    NAMED_SWEEPS,
     PRESETS,
     QUICK_BATCH_SIZES,
     QUICK_SHAPES,
-    Sweep,
-    SweepError,
     backend_reason,
-    make_plan,
-    parse_int_list,
-    parse_shapes,
 )
 
 DEFAULT_OUT = "results/bench"
-FULL = TimingConfig()
-QUICK = TimingConfig(warmup=1, min_repeats=5, min_time=0.0, max_time=0.05)
+
+
+class OneLineCommand(click.Command):
+    """A click command whose usage errors print as one line ``Error: ...`` (exit status 2)."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _usage(exc.format_message()) from None
+
+
+def _usage(message: str) -> click.ClickException:
+    err = click.ClickException(" ".join(str(message).split()))
+    err.exit_code = 2
+    return err
 
 
 class ListChoice(click.ParamType):
@@ -60,251 +71,160 @@ class ListChoice(click.ParamType):
         return tuple(names)
 
 
-def _flatten(values) -> tuple:
-    return tuple(dict.fromkeys(v for group in values for v in group))
-
-
-def _dtype_names():
-    return [d.name for d in FLOAT_DTYPES]
-
-
-def _check_out(out: Path) -> None:
-    """The output folder exists (created if needed) and is writable, or a one-line error."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".nbbn-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot write to output folder {str(out)!r}: {exc.strerror or exc}") from None
-
-
-def _command_line(params: dict) -> str:
-    """The command that reproduces this run (non-default options only)."""
-    parts = ["nbbn", "bench"]
-    for name in ("op", "layout", "backend", "dtype"):
-        if params[name]:
-            parts += [f"--{name}", ",".join(_flatten(params[name]))]
-    if params["batch_sizes"]:
-        parts += ["--batch-sizes", params["batch_sizes"]]
-    for s in params["shapes"]:
-        parts += ["--shapes", s]
-    for name in ("warmup", "min_repeats", "min_time", "max_time"):
-        if params[name] is not None:
-            parts += [f"--{name.replace('_', '-')}", str(params[name])]
-    if params["threads"] is not None:
-        parts += ["--threads", str(params["threads"])]
-    if params["quick"]:
-        parts.append("--quick")
-    if not params["plots"]:
-        parts.append("--no-plots")
-    parts += ["--out", str(params["out"])]
-    return shlex.join(parts)
-
-
-def _set_threads(n: int):
-    """Numba's and torch's thread counts set to n; returns a function that restores them."""
-    import numba
-
-    torch = sys.modules.get("torch")
-    before = numba.get_num_threads(), torch.get_num_threads() if torch is not None else None
-    numba.set_num_threads(n)
-    if torch is not None:
-        torch.set_num_threads(n)
-
-    def restore() -> None:
-        numba.set_num_threads(before[0])
-        if torch is not None:
-            torch.set_num_threads(before[1])
-
-    return restore
-
-
-def _busy_warning() -> str | None:
-    """A warning when other work already loads the host's cores: parallel kernels then wait for
-    a core at every fork-join, and their times say more about the machine than the kernel."""
-    try:
-        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    except (AttributeError, OSError):
-        return None
-    if load > 0.5 * cpus:
-        return (f"Warning: the host is busy (1-minute load {load:.1f} on {cpus} CPUs); times of "
-                "multi-threaded kernels will include waits for a free core (see load_avg_1m).")
-    return None
+def _flatten(values) -> tuple | None:
+    out = tuple(dict.fromkeys(v for group in values for v in group))
+    return out or None
 
 
 def _list_backends() -> None:
-    click.echo("Backends (kind, device): status")
+    click.echo("Backends (kind, device): status; variants (* = default)")
     for name in registry.backend_names():
         info = registry.backend_info(name)
-        reason = backend_reason(name)
-        click.echo(f"  {name:<12} {info.kind:<8} {info.device:<5} "
-                   f"{'ready' if reason is None else reason}")
-    click.echo("Shape presets:")
+        reason = backend_reason(name)  # the simulator is reported before anything loads
+        variants = ""
+        if reason is None:
+            variants = "; variants " + ", ".join(
+                v + ("*" if v == info.default_variant else "") for v in registry.variants(name))
+        click.echo(f"  {name:<13} {info.kind:<8} {info.device:<5} "
+                   f"{'ready' if reason is None else reason}{variants}")
+    click.echo("Shape presets (C: NC; C,H,W: NCHW and NHWC):")
     for name, shapes in PRESETS.items():
         click.echo(f"  {name:<15} " + " ".join(",".join(map(str, s)) for s in shapes))
+    click.echo("Named sweeps (--sweep):")
+    for s in NAMED_SWEEPS.values():
+        click.echo(f"  {s.name:<13} {len(s.points)} points: {s.description}")
 
 
 _BACKEND_HELP = ", ".join(registry.backend_names())
 
 
-@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+def _sizes(d):
+    return f"NC {','.join(map(str, d['NC']))}, NCHW/NHWC {','.join(map(str, d['spatial']))}"
+
+
+@click.command("bench", cls=OneLineCommand,
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--sweep", "sweep", default=None,
+              type=click.Choice(list(NAMED_SWEEPS)),
+              help="A named target sweep with its own points and default axes: cpu-targets "
+                   "(issue #9's shape set, cpu vs torch-cpu, --call api) or cuda-targets "
+                   "(issue #11's, cuda vs torch-cuda, --variant all). Other options still win.")
 @click.option("--op", "op", multiple=True, type=ListChoice(lambda: [o.value for o in Op], "op"),
-              help="Ops to time, comma-separated: forward-train, backward, inference. "
-                   "[default: all]")
-@click.option("--layout", multiple=True,
-              type=ListChoice(lambda: ["NC", "NCHW"], "layout"),
-              help="Layouts: NC (shapes given as C) and/or NCHW (shapes given as C,H,W). "
-                   "[default: both]")
+              help="Ops, comma-separated: forward-train, backward, inference. [default: all]")
+@click.option("--layout", multiple=True, type=ListChoice(lambda: [x.value for x in Layout],
+                                                         "layout"),
+              help="Memory layouts: NC (shapes C), NCHW and NHWC (shapes C,H,W; NHWC's x is "
+                   "(N,H,W,C) with channel_axis=-1). Filters presets and bare shapes. "
+                   "[default: all three]")
 @click.option("--backend", multiple=True, type=ListChoice(registry.backend_names, "backend"),
               help=f"Kernel backends and baselines from the registry ({_BACKEND_HELP}). "
                    "Unavailable ones are reported as skipped, with the reason. [default: all]")
-@click.option("--dtype", multiple=True, type=ListChoice(_dtype_names, "dtype"),
+@click.option("--variant", default=None, metavar="default|all|NAME,...",
+              help="Kernel variants: each backend's default, all it registers for the op and "
+                   "layout, or these names (a backend with none of them runs its default). "
+                   "[default: default]")
+@click.option("--dtype", multiple=True,
+              type=ListChoice(lambda: [d.name for d in FLOAT_DTYPES], "dtype"),
               help="float32 and/or float64. [default: float32]")
+@click.option("--fusion", multiple=True, type=ListChoice(lambda: [f.value for f in Fusion],
+                                                         "fusion"),
+              help="What follows the normalization: none, relu, add, add-relu (backward: none, "
+                   "relu). [default: none]")
+@click.option("--call", "call", multiple=True, type=ListChoice(lambda: CALLS, "call"),
+              help="kernel: the registered kernel with preallocated outputs and arguments "
+                   "validated once; api: the whole allocating public call "
+                   "(nbbn.batch_norm_train(...); torch: allocating ATen ops). [default: kernel]")
+@click.option("--cache", "cache", multiple=True, type=ListChoice(lambda: CACHES, "cache"),
+              help="cold: every call on the next of enough buffer sets to exceed twice the "
+                   "last-level cache, so each starts from DRAM; warm: the same buffers each "
+                   "call. [default: cold]")
 @click.option("--batch-sizes", "-N", default=None, metavar="N1,N2,...",
-              help="Batch sizes N, e.g. 1,2,8,32,128,256. "
-                   f"[default: {','.join(map(str, DEFAULT_BATCH_SIZES))}; "
-                   f"--quick: {','.join(map(str, QUICK_BATCH_SIZES))}]")
+              help="Batch sizes N, e.g. 1,8,32,256. "
+                   f"[default: {_sizes(DEFAULT_BATCH_SIZES)}; --quick: "
+                   f"{_sizes(QUICK_BATCH_SIZES)}]")
 @click.option("--shapes", "-s", multiple=True, metavar="SHAPES",
-              help="Shape presets and custom shapes, separated by ';' or spaces, or repeat the "
-                   f"option: presets {', '.join(PRESETS)}; custom C (NC) or C,H,W (NCHW). "
+              help="Presets and custom shapes, separated by ';' or spaces, or repeat the option: "
+                   f"presets {', '.join(PRESETS)}; custom LAYOUT:dims (NC:512, NCHW:64,56,56, "
+                   "NHWC:256,14,14) or bare C (NC) / C,H,W (NCHW and NHWC). "
                    f"[default: {' '.join(DEFAULT_SHAPES)}; --quick: {' '.join(QUICK_SHAPES)}]")
-@click.option("--warmup", type=click.IntRange(0), default=None,
-              help=f"Untimed calls after the first (compiling) call. [default: {FULL.warmup}]")
-@click.option("--min-repeats", type=click.IntRange(1), default=None,
-              help=f"Samples taken at least. [default: {FULL.min_repeats}]")
-@click.option("--min-time", type=click.FloatRange(0), default=None, metavar="SECONDS",
-              help=f"Sum of sample times reached at least. [default: {FULL.min_time}]")
+@click.option("--baseline", default=None, metavar="NAME",
+              help="The baseline each kernel's speed-up is taken over. [default: the first "
+                   "baseline that ran at the point: torch-cpu / torch-cuda, else numpy]")
+@click.option("--min-rounds", type=click.IntRange(1), default=None,
+              help=f"Round-robin rounds taken at least. [default: {FULL.min_rounds}; --quick: "
+                   f"{QUICK.min_rounds}]")
+@click.option("--max-rounds", type=click.IntRange(1), default=None,
+              help=f"Rounds taken at most. [default: {FULL.max_rounds}]")
 @click.option("--max-time", type=click.FloatRange(0), default=None, metavar="SECONDS",
-              help="Stop sampling a configuration after this wall time (>= 3 samples). "
-                   f"[default: {FULL.max_time}]")
+              help="Stop sampling a point after this wall time (once --min-rounds are in). "
+                   f"[default: {FULL.max_time}; --quick: {QUICK.max_time}]")
+@click.option("--ci", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Stop a point when every paired ratio's 95% interval has a half-width at "
+                   f"most this fraction of it. [default: {FULL.ci_rel}]")
+@click.option("--warmup", type=click.IntRange(0), default=None,
+              help=f"Untimed rounds after the first (compiling, checked) call. "
+                   f"[default: {FULL.warmup}]")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
+              help="Seed of the bootstrap intervals (the same samples give the same intervals).")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Threads for Numba's parallel kernels and PyTorch's CPU pool alike. "
                    "[default: Numba's default, the number of cores]")
 @click.option("--quick", is_flag=True,
-              help="Smoke run: the tiny shape preset, N = 2,8, and light timing "
-                   f"(warmup {QUICK.warmup}, {QUICK.min_repeats} samples). Explicit options "
-                   "still win.")
+              help="Smoke run: tiny shapes, small batches, light timing. Explicit options win.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_OUT, show_default=True,
-              help="Output folder: rows.jsonl (written row by row), bench.csv, bench.json, "
-                   "summary.md and PNG plots.")
+              help="Output folder: rows.jsonl and ratios.jsonl (written as points finish), "
+                   "bench.csv/json, ratios.csv/json, summary.md, run.json, PNG plots.")
 @click.option("--resume", is_flag=True,
-              help="Keep the rows already in OUT/rows.jsonl and run only the configurations "
-                   "missing there (or that raised). Without it, OUT's results are replaced.")
+              help="Keep the rows already in OUT and run only the points not done there. "
+                   "Without it, OUT's results are replaced.")
 @click.option("--plots/--no-plots", default=True, show_default=True,
               help="Write PNG plots (needs matplotlib).")
+@click.option("--require-quiet", is_flag=True,
+              help="Wait (at most --quiet-timeout) for a 1-minute load average below "
+                   "--quiet-load before starting, else refuse to run.")
+@click.option("--quiet-timeout", type=click.FloatRange(0), default=120.0, show_default=True,
+              metavar="SECONDS", help="How long --require-quiet waits.")
+@click.option("--quiet-load", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="The 1-minute load average --require-quiet waits for.")
 @click.option("--list", "list_only", is_flag=True,
-              help="List backends with their availability and the shape presets, then exit.")
+              help="List backends (availability, variants), shape presets and named sweeps.")
 @click.pass_context
-def bench(ctx, op, layout, backend, dtype, batch_sizes, shapes, warmup, min_repeats, min_time,
-          max_time, threads, quick, out, resume, plots, list_only):
-    """Sweep, check, time and report every kernel against the baselines and a copy.
+def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, batch_sizes,
+          shapes, baseline, min_rounds, max_rounds, max_time, ci, warmup, seed, threads, quick,
+          out, resume, plots, require_quiet, quiet_timeout, quiet_load, list_only):
+    """Sweep, check, time and report kernels against the baselines and a copy.
 
-    Every configuration of op × layout × backend × dtype × batch size × shape is checked against
-    the float64 reference first (a failure is reported and not timed), then timed into
-    preallocated outputs. Invalid combinations are skipped with their reason. Rows are appended
-    to OUT/rows.jsonl as they finish, so an interrupted run can go on with --resume.
+    The configurations of a point (every backend and variant, and a copy of x) are checked
+    against the float64 reference, then timed round-robin in one loop; speed-ups and
+    time-over-copy are medians of per-round ratios with 95% bootstrap intervals. Rows are
+    appended to OUT/rows.jsonl as points finish, so an interrupted run goes on with --resume.
     """
     if list_only:
         _list_backends()
         return
-    from ..report import read_rows
-    from .report import ROWS_FILE, write_report
-    from .runner import SCHEMA, Runner, run_plan
+    from .bench import run
 
     try:
-        sweep = Sweep(
-            backends=_flatten(backend) or tuple(registry.backend_names()),
-            ops=tuple(Op(o) for o in _flatten(op)) or tuple(Op),
-            layouts=tuple(Layout(x) for x in _flatten(layout)) or (Layout.NC, Layout.NCHW),
-            dtypes=_flatten(dtype) or ("float32",),
-            batch_sizes=parse_int_list(batch_sizes) if batch_sizes is not None
-            else (QUICK_BATCH_SIZES if quick else DEFAULT_BATCH_SIZES),
-            shapes=parse_shapes(shapes or (QUICK_SHAPES if quick else DEFAULT_SHAPES)),
-        )
-    except SweepError as exc:
-        raise click.UsageError(str(exc), ctx) from None
-    base = QUICK if quick else FULL
-    timing = TimingConfig(
-        warmup=base.warmup if warmup is None else warmup,
-        min_repeats=base.min_repeats if min_repeats is None else min_repeats,
-        min_time=base.min_time if min_time is None else min_time,
-        max_time=base.max_time if max_time is None else max_time,
-    )
-    if threads is not None:
-        import numba
-
-        if threads > numba.config.NUMBA_NUM_THREADS:
-            raise click.UsageError(
-                f"--threads {threads} is more than Numba's {numba.config.NUMBA_NUM_THREADS} "
-                "(set NUMBA_NUM_THREADS to raise the limit)", ctx)
-    _check_out(out)
-    command = _command_line(ctx.params)
-    rows_path = out / ROWS_FILE
-
-    done: set = set()
-    previous_skips: dict = {}
-    if resume and rows_path.exists():
-        try:
-            old = read_rows(rows_path)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise click.ClickException(f"cannot resume from {rows_path}: {exc}") from None
-        for r in old:
-            key = _key(r)
-            if key is None or r.get("schema") != SCHEMA:
-                raise click.ClickException(
-                    f"cannot resume: {rows_path} holds rows that are not nbbn bench rows")
-            if r.get("status") in ("ok", "failed"):
-                done.add(key)
-            elif r.get("status") == "skipped":
-                previous_skips[key] = r.get("skip_reason")
-    plan = make_plan(sweep, frozenset(done), previous_skips)  # loads the backends
-    restore = _set_threads(threads) if threads is not None else (lambda: None)
-
-    click.echo(f"{plan.total} configurations: {len(plan.run)} to run, {len(plan.skipped)} "
-               f"skipped" + (f", {len(plan.done)} already done (--resume)" if resume else ""))
-    for reason, n in plan.skip_counts().items():
-        click.echo(f"  skipped {n:>4}: {reason}")
-    click.echo(f"Timing: warm-up {timing.warmup}, >= {timing.min_repeats} samples and "
-               f">= {timing.min_time:g} s each (at most {timing.max_time:g} s); writing to {out}/")
-
-    busy = _busy_warning()
-    if busy:
-        click.echo(busy, err=True)
-
-    from ..report import RowLog
-
-    log = RowLog(rows_path, resume=resume)
-    runner = Runner(timing, log.write)
-    interrupted = False
-    try:
-        with click.progressbar(length=len(plan.run), label="bench", show_eta=True,
-                               show_pos=True, file=sys.stderr,
-                               item_show_func=lambda _: None) as bar:
-            run_plan(plan, runner, bar)
+        df = run(backends=_flatten(backend), ops=_flatten(op), layouts=_flatten(layout),
+                 dtypes=_flatten(dtype), shapes=shapes or None, batch_sizes=batch_sizes,
+                 sweep=sweep, variants=variant, fusions=_flatten(fusion), calls=_flatten(call),
+                 caches=_flatten(cache), baseline=baseline, quick=quick, warmup=warmup,
+                 min_rounds=min_rounds, max_rounds=max_rounds, max_time=max_time, ci=ci,
+                 seed=seed, threads=threads, out=out, resume=resume, plots=plots,
+                 require_quiet=require_quiet, quiet_timeout=quiet_timeout,
+                 quiet_load=quiet_load, echo=click.echo, command=command_line(ctx))
+    except RunRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    except HarnessError as exc:
+        raise _usage(str(exc)) from None
     except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        log.close()
-        restore()
-
-    files, message = write_report(out, command, make_plots=plots)
-    (out / "run.json").write_text(json.dumps({"command": command, "run_id": runner.run_id,
-                                              "interrupted": interrupted}, indent=1) + "\n")
-    if message:
-        click.echo(message)
-    rows = read_rows(rows_path)
-    status = {}
-    for r in rows:
-        status[r.get("status")] = status.get(r.get("status"), 0) + 1
-    click.echo("Rows: " + ", ".join(f"{n} {s}" for s, n in status.items()))
-    click.echo("Wrote " + ", ".join(str(f) for f in files))
-    if interrupted:
-        click.echo("Interrupted: every finished row is kept in "
-                   f"{rows_path}; add --resume to the same command to go on.", err=True)
+        click.echo("Interrupted: every finished point is kept in "
+                   f"{out / 'rows.jsonl'}; add --resume to the same command to go on.", err=True)
         ctx.exit(130)
+    status = df["status"].value_counts().to_dict() if len(df) else {}
+    click.echo("Rows: " + ", ".join(f"{n} {s}" for s, n in status.items()))
+    click.echo(f"Wrote {out}/ (summary.md, bench.csv, ratios.csv, run.json)")
     bad = status.get("failed", 0) + status.get("error", 0)
     if bad:
         click.echo(f"{bad} configuration(s) failed the correctness check or raised: see "
@@ -312,51 +232,49 @@ def bench(ctx, op, layout, backend, dtype, batch_sizes, shapes, warmup, min_repe
         ctx.exit(1)
 
 
-def _key(row: dict):
-    from .sweep import KEY_COLUMNS, config_key
-
-    try:
-        return config_key(*(row[c] for c in KEY_COLUMNS))
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-@click.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("compare", cls=OneLineCommand,
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("old", type=click.Path(path_type=Path))
 @click.argument("new", type=click.Path(path_type=Path))
+@click.option("--metric", type=click.Choice(METRICS), default="copy", show_default=True,
+              help="copy: time over the copy timed in the same loop; baseline: time over the "
+                   "reference baseline's; time: the median time itself.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_THRESHOLD,
+              show_default=True, help="Changes within ±threshold count as the same.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the full comparison as CSV here.")
 @click.option("--fail-on-slower", is_flag=True, help="Exit with status 1 if any is slower.")
 @click.pass_context
-def compare(ctx, old, new, csv_path, fail_on_slower):
-    """Label each configuration of two bench results faster, slower or same.
+def compare(ctx, old, new, metric, threshold, csv_path, fail_on_slower):
+    """Label each configuration of two bench results faster, slower, same or ambiguous.
 
-    OLD and NEW are bench output folders or their rows.jsonl / bench.csv / bench.json. A
-    configuration is "same" when the p20–p80 intervals of its times overlap; otherwise faster or
-    slower. ratio = old median ÷ new median (> 1: NEW is faster).
+    OLD and NEW are bench output folders or their rows.jsonl / bench.csv / bench.json. With the
+    metric's values a (OLD) and b (NEW) and their 95% intervals, change = b/a and its interval
+    [b_lo/a_hi, b_hi/a_lo]: slower when that interval lies above 1 and change > 1 + threshold,
+    faster when it lies below 1 and change < 1 − threshold, same when it lies within
+    [1 − threshold, 1 + threshold], ambiguous otherwise.
     """
-    from ..report import markdown_table
-    from .compare import NotOurs, load_results
+    from .compare import NotOurs, counts_line, load_results
     from .compare import compare as compare_frames
 
     try:
         a, b = load_results(old), load_results(new)
     except NotOurs as exc:
         raise click.ClickException(str(exc)) from None
-    table = compare_frames(a, b)
-    shown = table.loc[table["label"] != "not timed",
-                      ["backend", "op", "layout", "dtype", "N", "C", "H", "W",
-                       "time_ms_p50_old", "time_ms_p50_new", "ratio", "label"]]
+    table = compare_frames(a, b, metric, threshold)
+    shown = table.loc[~table["label"].isin(["not timed"]),
+                      ["backend", "variant", "op", "layout", "fusion", "call", "cache", "dtype",
+                       "N", "C", "H", "W", "value_old", "value_new", "change", "change_lo",
+                       "change_hi", "label"]]
+    click.echo(f"metric: {metric} (time-like; change = new/old with its interval)")
     click.echo(markdown_table(shown, ".4g", index=False))
-    counts = table["label"].value_counts()
-    order = ["faster", "slower", "same"]
-    labels = order + [lb for lb in counts.index if lb not in order]
-    click.echo("\n" + ", ".join(f"{counts.get(lb, 0)} {lb}" for lb in labels))
+    click.echo("\n" + counts_line(table))
     if csv_path is not None:
         try:
             table.to_csv(csv_path, index=False)
         except OSError as exc:
             raise click.ClickException(f"cannot write {csv_path}: {exc.strerror or exc}") \
                 from None
-    if fail_on_slower and counts.get("slower", 0):
+    if fail_on_slower and (table["label"] == "slower").any():
         ctx.exit(1)
+

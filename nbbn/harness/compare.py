@@ -1,10 +1,31 @@
-"""Two bench result files -> each configuration labelled faster, slower or same.
+"""Two bench results -> each configuration labelled faster, slower, same or ambiguous, from the
+intervals each run measured (nvbench-compare style).
 
-A configuration (backend, op, layout, dtype, N, C, H, W) present and ``ok`` in both files is
-``same`` when the new p20–p80 interval overlaps the old one, else ``faster`` (new p80 below old
-p20) or ``slower`` (new p20 above old p80). ``ratio`` = old p50 ÷ new p50 (> 1: new is faster).
-Configurations in one file only, or not ``ok`` in one, are listed with that label; those timed
-in neither file (skipped, failed or raised in both) are labelled ``not timed``.
+What is compared (``metric``), for a configuration ``ok`` in both files -- always a time-like
+quantity, larger = slower, with the 95% interval its run measured:
+
+* ``copy`` (default): ``time_over_copy``, the paired median of the configuration's time over
+  the copy of x timed in the same loop. A machine that is slower or busier as a whole (memory
+  bandwidth, frequency, a neighbour) slows the copy too, so this is what survives between runs.
+* ``baseline``: time over the reference baseline's time, 1/``speedup`` (interval
+  [1/speedup_ci_hi, 1/speedup_ci_lo]); rows without a baseline (the baselines themselves) are
+  "no interval".
+* ``time``: ``time_ms_p50`` with its own interval [time_ms_ci_lo, time_ms_ci_hi].
+
+With old value a ∈ [a_lo, a_hi], new value b ∈ [b_lo, b_hi] and ``threshold`` t (default 0.10):
+
+    change ρ = b / a,   its interval R = [b_lo / a_hi, b_hi / a_lo]
+
+* ``slower``    : R_lo > 1 (the intervals are disjoint, new above old) and ρ > 1 + t;
+* ``faster``    : R_hi < 1 (disjoint, new below) and ρ < 1 − t;
+* ``same``      : R lies within [1 − t, 1 + t] (whatever the truth within both intervals, the
+  change is at most t);
+* ``ambiguous`` : anything else -- the intervals are too wide to tell, or they are disjoint but
+  the change is too small to call and too uncertain to call "same".
+
+Configurations not compared: ``only in old`` / ``only in new`` (timed in one file only),
+``not timed`` (in neither), ``not compared (ok → failed)`` and the like, ``no interval`` (the
+metric is missing in one file).
 """
 
 from __future__ import annotations
@@ -12,6 +33,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..report import read_rows
@@ -19,7 +41,9 @@ from .report import ROWS_FILE, TABLE_STEM, tidy
 from .runner import SCHEMA
 from .sweep import KEY_COLUMNS
 
-TIME_COLUMNS = ("time_ms_p20", "time_ms_p50", "time_ms_p80")
+METRICS = ("copy", "baseline", "time")
+LABELS = ("faster", "slower", "same", "ambiguous")
+DEFAULT_THRESHOLD = 0.10
 
 
 class NotOurs(ValueError):
@@ -54,44 +78,94 @@ def load_results(path: str | Path) -> pd.DataFrame:
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise NotOurs(f"{path}: cannot be read as a bench result ({first})") from None
-    needed = ("schema", "status", *KEY_COLUMNS)  # time columns may be absent if none was timed
-    missing = [c for c in needed if c not in df.columns]
-    if missing or not len(df):
-        why = f"missing columns {', '.join(missing)}" if missing else "no rows"
-        raise NotOurs(f"{path}: not an nbbn bench result ({why})")
+    if "schema" not in df.columns or not len(df):
+        raise NotOurs(f"{path}: not an nbbn bench result "
+                      f"({'no rows' if not len(df) else 'missing column schema'})")
     family = SCHEMA.split("/")[0] + "/"
-    if not df["schema"].astype(str).str.startswith(family).all():
+    schemas = set(df["schema"].astype(str))
+    if not all(s.startswith(family) for s in schemas):
         raise NotOurs(f"{path}: not an nbbn bench result (schema is not {SCHEMA})")
+    if schemas != {SCHEMA}:
+        old = ", ".join(sorted(schemas - {SCHEMA}))
+        raise NotOurs(f"{path}: rows of schema {old} carry no intervals; run nbbn bench again "
+                      f"to compare ({SCHEMA})")
+    missing = [c for c in ("status", *KEY_COLUMNS) if c not in df.columns]
+    if missing:
+        raise NotOurs(f"{path}: not an nbbn bench result (missing columns {', '.join(missing)})")
     return tidy(df.to_dict("records"))
 
 
-def compare(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+def metric_columns(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """(value, lo, hi) of ``metric`` per row (time-like: larger = slower)."""
+    def num(c):
+        return pd.to_numeric(df[c], errors="coerce") if c in df.columns else \
+            pd.Series(np.nan, index=df.index)
+
+    if metric == "copy":
+        v, lo, hi = num("time_over_copy"), num("time_over_copy_ci_lo"), num("time_over_copy_ci_hi")
+    elif metric == "time":
+        v, lo, hi = num("time_ms_p50"), num("time_ms_ci_lo"), num("time_ms_ci_hi")
+    elif metric == "baseline":
+        v, lo, hi = 1 / num("speedup"), 1 / num("speedup_ci_hi"), 1 / num("speedup_ci_lo")
+    else:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    return pd.DataFrame({"value": v, "lo": lo, "hi": hi})
+
+
+def label_change(a, a_lo, a_hi, b, b_lo, b_hi, threshold: float = DEFAULT_THRESHOLD):
+    """(label, ρ, R_lo, R_hi) of one configuration (see the module docstring)."""
+    vals = (a, a_lo, a_hi, b, b_lo, b_hi)
+    if any(v is None or not np.isfinite(v) or v <= 0 for v in vals):
+        return "no interval", np.nan, np.nan, np.nan
+    rho, r_lo, r_hi = b / a, b_lo / a_hi, b_hi / a_lo
+    t = threshold
+    if r_lo > 1 and rho > 1 + t:
+        lab = "slower"
+    elif r_hi < 1 and rho < 1 - t:
+        lab = "faster"
+    elif 1 - t <= r_lo and r_hi <= 1 + t:
+        lab = "same"
+    else:
+        lab = "ambiguous"
+    return lab, rho, r_lo, r_hi
+
+
+def compare(old: pd.DataFrame, new: pd.DataFrame, metric: str = "copy",
+            threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
     keys = list(KEY_COLUMNS)
-    cols = keys + ["status", *TIME_COLUMNS]
-    merged = old[cols].merge(new[cols], on=keys, how="outer", suffixes=("_old", "_new"),
-                             indicator=True, sort=False)
-    labels, ratios = [], []
+    a = old[keys + ["status"]].join(metric_columns(old, metric))
+    b = new[keys + ["status"]].join(metric_columns(new, metric))
+    for frame_, src in ((a, old), (b, new)):
+        for c in ("time_ms_p50", "speedup"):
+            frame_[c] = pd.to_numeric(src[c], errors="coerce") if c in src.columns else np.nan
+    merged = a.merge(b, on=keys, how="outer", suffixes=("_old", "_new"), indicator=True,
+                     sort=False)
+    out = []
     for r in merged.to_dict("records"):
-        ratio = None
+        rho = lo = hi = np.nan
+        so, sn = r.get("status_old"), r.get("status_new")
         if r["_merge"] == "left_only":
-            label = "only in old" if r["status_old"] == "ok" else "not timed"
+            lab = "only in old" if so == "ok" else "not timed"
         elif r["_merge"] == "right_only":
-            label = "only in new" if r["status_new"] == "ok" else "not timed"
-        elif r["status_old"] != "ok" and r["status_new"] != "ok":
-            label = "not timed"
-        elif r["status_old"] != "ok" or r["status_new"] != "ok":
-            label = f"not compared ({r['status_old']} → {r['status_new']})"
+            lab = "only in new" if sn == "ok" else "not timed"
+        elif so != "ok" and sn != "ok":
+            lab = "not timed"
+        elif so != "ok" or sn != "ok":
+            lab = f"not compared ({so} → {sn})"
         else:
-            ratio = r["time_ms_p50_old"] / r["time_ms_p50_new"]
-            if r["time_ms_p80_new"] < r["time_ms_p20_old"]:
-                label = "faster"
-            elif r["time_ms_p20_new"] > r["time_ms_p80_old"]:
-                label = "slower"
-            else:
-                label = "same"
-        labels.append(label)
-        ratios.append(ratio)
+            lab, rho, lo, hi = label_change(r["value_old"], r["lo_old"], r["hi_old"],
+                                            r["value_new"], r["lo_new"], r["hi_new"], threshold)
+        out.append((lab, rho, lo, hi))
     merged = merged.drop(columns="_merge")
-    merged["ratio"] = pd.array(ratios, dtype="Float64")
-    merged["label"] = labels
+    merged["metric"] = metric
+    merged["change"] = [o[1] for o in out]
+    merged["change_lo"] = [o[2] for o in out]
+    merged["change_hi"] = [o[3] for o in out]
+    merged["label"] = [o[0] for o in out]
     return merged
+
+
+def counts_line(table: pd.DataFrame) -> str:
+    counts = table["label"].value_counts()
+    labels = list(LABELS) + [lb for lb in counts.index if lb not in LABELS]
+    return ", ".join(f"{counts.get(lb, 0)} {lb}" for lb in labels)

@@ -1,4 +1,4 @@
-"""Bytes each op must move, for GB/s and the copy comparison.
+"""The one bytes model: bytes each op must move, for GB/s and the comparison with a copy.
 
 Per element of x (S = itemsize bytes), with C per-channel vectors of S bytes each on top:
 
@@ -11,27 +11,50 @@ forward-train  read x, write y: 2S            3S: x read again when a channel's 
 backward       read dy, x, write dx: 3S       5S: dy and x read once for dγ, dβ, again for dx
 =============  =============================  =================================================
 
+Fusion adds, per element, to both models:
+
+* ``add`` / ``add-relu`` (forward-train, inference): read the residual, +S;
+* ``relu`` (backward): read the forward's y (the ReLU mask) and write dz, +2S (the two-pass
+  model reads y twice, once per pass: +3S);
+* ``relu`` in the forward: nothing (max(·, 0) on the value being written).
+
 Per-channel vectors counted (reads + writes): inference 4 (μ_pop, σ²_pop, γ, β); forward-train
 8 (γ, β, running mean/var read and written, saved mean and invstd written); backward 5 (saved
 mean and invstd, γ read; dγ, dβ written).
 
 ``gbps`` in the rows is always the minimal model; ``gbps_2pass`` is the same time against the
-two-pass traffic. The copy reference moves 2 bytes per byte of x (one read, one write).
+two-pass traffic. The copy the harness times beside every kernel reads and writes x's bytes:
+:func:`copy_bytes` = 2·x.nbytes.
 """
 
 from __future__ import annotations
 
-from ..spec import Op
+from ..spec import Fusion, Op
 
 ELEMENT_TRAFFIC = {Op.INFERENCE: 2, Op.FORWARD_TRAIN: 2, Op.BACKWARD: 3}
 ELEMENT_TRAFFIC_2PASS = {Op.INFERENCE: 2, Op.FORWARD_TRAIN: 3, Op.BACKWARD: 5}
 VECTOR_TRAFFIC = {Op.INFERENCE: 4, Op.FORWARD_TRAIN: 8, Op.BACKWARD: 5}
 
 
-def bytes_moved(op: Op, numel: int, C: int, itemsize: int, two_pass: bool = False) -> int:
+def fusion_traffic(op: Op, fusion: Fusion, two_pass: bool = False) -> int:
+    """Extra element traffic (in units of S) that ``fusion`` adds to ``op``."""
+    op, fusion = Op(op), Fusion(fusion)
+    if op is Op.BACKWARD:
+        return (3 if two_pass else 2) if fusion.relu else 0
+    return 1 if fusion.residual else 0
+
+
+def bytes_moved(op: Op, numel: int, C: int, itemsize: int, two_pass: bool = False,
+                fusion: Fusion = Fusion.NONE) -> int:
     per_element = (ELEMENT_TRAFFIC_2PASS if two_pass else ELEMENT_TRAFFIC)[Op(op)]
+    per_element += fusion_traffic(op, fusion, two_pass)
     return itemsize * (per_element * numel + VECTOR_TRAFFIC[Op(op)] * C)
 
 
+def copy_bytes(x_nbytes: int) -> int:
+    """Bytes a copy of x moves: one read and one write."""
+    return 2 * x_nbytes
+
+
 def gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+    return nbytes / seconds / 1e9 if seconds and seconds > 0 else float("nan")

@@ -139,6 +139,8 @@ def accuracy(ctx, quick, out, parts, distributions, sizes, seed, activations, no
     (b) sampling: RMSE of batch mean and variance against the population, beside theory;
     (c) estimators: EMA (momentum 0.01, 0.1, 0.5), Algorithm 2, biased average; bias and
         RMSE vs batches and m; the train–inference gap;
+    (d) distributed: per-rank vs synchronized statistics (nbbn.distributed), count-weighted
+        merge vs equal-weight pmean, (mean, invstd) vs (count, mean, M2) exchange;
     (e) gradients: dx, dγ, dβ of nbbn, old nbbn (emulated), PyTorch autograd and Flax
         jax.vjp against a double-double reference, over κ and m, dy ~ N(0, 1).
     """
@@ -180,7 +182,8 @@ def accuracy(ctx, quick, out, parts, distributions, sizes, seed, activations, no
     run_ctx = _parts.RunContext(
         quick=quick, sizes=size_list, seed=seed_value, distributions=dists, activations=acts,
         peers=not no_peers, save=save, skip=skipped.extend, progress=_Progress,
-        echo=lambda text: click.echo(text, err=True), meta=meta)
+        echo=lambda text: click.echo(text, err=True), meta=meta, out=out_dir,
+        plots=not no_plots)
     chosen = [p for p in _parts.ordered() if p.name in part_list]
     for part in chosen:
         t0 = time.perf_counter()

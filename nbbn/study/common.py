@@ -9,14 +9,14 @@ in what order.
 from __future__ import annotations
 
 import math
-import os
-import platform
 import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from .. import report as _report
 
 
 class StudyError(ValueError):
@@ -130,30 +130,21 @@ def parse_sizes(text: str | None) -> list[int] | None:
 # ------------------------------------------------------------------------------ environment
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _report.cpu_model()
 
 
 def environment(seed: int) -> dict:
-    """Columns added to every row: versions, threads, CPU, seed."""
-    import numba
-
-    from .. import __version__
-
+    """Columns added to every row: versions, threads, CPU, seed (captured by
+    :func:`nbbn.report.environment`, under the study's column names)."""
+    env = _report.environment()
     return {
         "seed": seed,
-        "nbbn_version": __version__,
-        "numba_version": numba.__version__,
-        "numpy_version": np.__version__,
-        "python_version": platform.python_version(),
-        "threads": numba.get_num_threads(),
-        "cpu": _cpu_name(),
-        "cpus": os.cpu_count(),
-        "cudasim": bool(numba.config.ENABLE_CUDASIM),
+        "nbbn_version": env["nbbn_version"],
+        "numba_version": env["numba_version"],
+        "numpy_version": env["numpy_version"],
+        "python_version": env["python_version"],
+        "threads": env["threads"],
+        "cpu": env["cpu"],
+        "cpus": env["cpu_count"],
+        "cudasim": env["cudasim"],
     }

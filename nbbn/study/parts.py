@@ -11,7 +11,7 @@ three functions named ``"module:function"``, imported only when used:
 * ``plots(out: Path, tables) -> list[Path]`` (optional) draws its PNG figures (matplotlib is
   imported by the caller first; a part without matplotlib-free fallbacks may assume it).
 
-Letters in use: a rounding, b sampling, c estimators, (d distributed: reserved), e gradients.
+Letters in use: a rounding, b sampling, c estimators, d distributed, e gradients.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import importlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
@@ -56,6 +57,9 @@ class RunContext:
     skip: Callable[[list[dict]], None]
     progress: Callable[[str, int, str], AbstractContextManager]
     echo: Callable[[str], None]
+    #: the output folder (for parts that write files of their own) and whether to draw plots
+    out: Path = Path(".")
+    plots: bool = True
     #: facts for the report's header (e.g. the versions of the peers that ran)
     meta: dict = field(default_factory=dict)
 
@@ -86,6 +90,12 @@ for _p in (
          "population estimators (EMA, Algorithm 2, biased average) and the train–inference gap",
          run="nbbn.study.runners:run_estimators_part",
          report="nbbn.study.summary:report_estimators"),
+    Part("d", "distributed",
+         "statistics across processes: per-rank vs synchronized (nbbn.distributed), "
+         "count-weighted merge vs equal-weight pmean, (mean, invstd) vs (count, mean, M2); "
+         "also writes distributed.md and its figures",
+         run="nbbn.study.runners:run_distributed_part",
+         report="nbbn.study.runners:report_distributed"),
     Part("e", "gradients",
          "rounding error of dx, dγ, dβ vs double-double: nbbn backends, old nbbn (emulated), "
          "PyTorch autograd, Flax jax.vjp; float32/float64 over κ and m, dy ~ N(0, 1)",

@@ -3,59 +3,29 @@ installed). Pivots in the Markdown are derived from the tidy tables, which are a
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .. import report as _report
+
 # -------------------------------------------------------------------------------- tables
+# The writers live once, in nbbn.report; these names stay for the study's modules.
 
-
-def _plain(v):
-    if isinstance(v, np.generic):
-        v = v.item()
-    if v is pd.NA or v is None:
-        return None
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
+_plain = _report.plain
 
 
 def write_table(df: pd.DataFrame, out: Path, stem: str) -> list[Path]:
-    """``stem.csv`` and ``stem.json`` (a list of records, one per line; NaN → null,
-    ±inf → "inf"/"-inf")."""
-    csv, js = out / f"{stem}.csv", out / f"{stem}.json"
-    df.to_csv(csv, index=False)
-    records = [{k: _plain(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
-    js.write_text("[\n" + ",\n".join(json.dumps(r, allow_nan=False, ensure_ascii=False)
-                                     for r in records) + "\n]\n", encoding="utf-8")
-    return [csv, js]
-
-
-def _cell(v, fmt: str) -> str:
-    if v is None or v is pd.NA:
-        return ""
-    if isinstance(v, float | np.floating):
-        if math.isnan(v):
-            return ""
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return format(float(v), fmt)
-    return str(v).replace("|", "\\|")
+    """``stem.csv`` and ``stem.json`` in ``out`` (:func:`nbbn.report.write_tables`: one record
+    per line; NaN → null, ±inf → "inf"/"-inf")."""
+    return _report.write_tables(df, Path(out) / stem)
 
 
 def markdown_table(df: pd.DataFrame, fmt: str = ".2g", index: bool = True) -> str:
-    """A GitHub pipe table (floats with ``fmt``; NaN blank)."""
-    if index:
-        df = df.reset_index()
-    cols = [" / ".join(str(c) for c in col) if isinstance(col, tuple) else str(col)
-            for col in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_cell(v, fmt) for v in row) + " |")
-    return "\n".join(lines)
+    """A GitHub pipe table (floats with ``fmt``; NaN blank): :func:`nbbn.report.markdown_table`."""
+    return _report.markdown_table(df, fmt, index)
 
 
 def label(row) -> str:

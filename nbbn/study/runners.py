@@ -97,3 +97,33 @@ def run_gradients_part(ctx: RunContext) -> None:
     ctx.skip(sk)
     ctx.save("gradients", df)
     ctx.save("gradients_breakdown", breakdown(df))
+
+
+def run_distributed_part(ctx: RunContext) -> None:
+    """Part (d) (:mod:`nbbn.study.distributed`): its three tables, plus distributed.md and its
+    figures, which it writes itself."""
+    import time
+
+    from .distributed import DistributedConfig, run_part, write_outputs
+
+    t0 = time.perf_counter()
+    cfg = (DistributedConfig.quick if ctx.quick else DistributedConfig)(seed=ctx.seed)
+    with ctx.progress("(d) distributed", cfg.n_configs(), "ranks × m, counts, σ²") as step:
+        part_tables = run_part(cfg, step)
+    for name, df in part_tables.items():
+        ctx.save(name, df)
+    meta = {k: v for k, v in ctx.meta.items() if not k.startswith("_")}
+    write_outputs(ctx.out, {**meta, "wall_s": time.perf_counter() - t0}, part_tables,
+                  ctx.plots)
+
+
+def report_distributed(tables):
+    """Part (d)'s findings in report.md; its own tables and figures are in distributed.md."""
+    from .distributed import findings
+    from .parts import Section
+
+    if tables.get("distributed_ranks") is None:
+        return Section()
+    return Section(findings(tables), ["## (d) Statistics across processes", "",
+                                      "Tables, method and figures: "
+                                      "[distributed.md](distributed.md).", ""])

@@ -1,0 +1,833 @@
+"""CPU kernels (Numba ``@njit``): compute only, into arrays they are given.
+
+Formulas: :mod:`nbbn.reference`. This module is about how they are computed: the order of every
+sum, the thread-to-data mapping, and the memory passes.
+
+Views
+    NC family -- x is ``(M, C)`` with C contiguous: NC (M = N) and NHWC (M = N·H·W rows).
+    NCHW      -- x is ``(N, C, S)``: channel c is N contiguous runs of S values.
+
+Statistics: shifted sums in float64
+    Per channel, Σ(x − K) and Σ(x − K)² with the shift K = the channel's first value, then
+
+        μ = K + s1/m,   σ² = (s2 − s1·(s1/m))/m.
+
+    With float32 data every term (x − K)² is exact in float64; the only rounding is float64
+    summation, amplified by the cancellation factor 1 + (μ − K)²/σ². That factor is ≤ m (Samuelson:
+    no value lies more than √(m − 1)·σ from the mean) and ~2 for a typical first value; when it
+    exceeds ``RESHIFT`` (the first value was an outlier) the channel's sums are taken again with
+    K = μ, so the factor is ~1 and the variance is as good as a two-pass one. One read of x for
+    the statistics (two only in that rare case), no E[x²] − E[x]² cancellation: float32 data at
+    |mean|/std = 1e4 keeps σ² to float64 rounding.
+
+Determinism
+    Every sum runs in an order fixed by the shape alone: NC rows are cut into K chunks (K from the
+    shape, never from the thread count), each chunk sums its rows in order, and chunk partials
+    are added in chunk order; NCHW channels sum their rows in order (``grouped``) or fixed chunks
+    of positions (``split``). ``prange`` only distributes those tasks, so outputs are
+    bit-identical for any number of threads.
+
+Normalization (training): y = (x − μ)·α + β with α = γ·invstd, in float64 per element, rounded
+    once to x's dtype (subtracting μ first keeps large offsets exact). Inference folds the
+    population statistics into y = x·α + β' (β' = β − μ_pop·α): one multiply-add. Both are
+    "apply" passes y = (x − c0)·c1 + c2, followed by the fusion: y += residual, y = max(y, 0)
+    (NaN propagates, as in ``np.maximum``).
+
+Backward: with g = dy (or dz = dy·[y > 0] under a ReLU, written out in the same pass), the sums
+    Σg, Σg·(x − μ̃) and Σ(x − μ̃) in float64 over the saved mean μ̃, then
+
+        dβ = Σg,  dγ = invstd·Σg·(x − μ),  dx = k1·g + k2·(x − μ) + k3,
+        k1 = γ·invstd,  k2 = −k1·invstd·dγ/m,  k3 = −k1·dβ/m.
+
+    Rounded-mean fold: μ̃ comes back in x's dtype, off from the batch mean by up to half an ulp
+    (3e-5·σ in float32 at |μ|/σ = 1e3). δ = Σ(x − μ̃)/m is that rounding; when |δ| is within
+    ``FOLD_ULPS`` ulps of μ̃ the kernel uses μ = μ̃ + δ (no extra memory traffic), otherwise the
+    given mean is meant (e.g. a global mean in synchronized BN) and is used as given.
+
+Work split and memory passes (S bytes per element)
+    NC family, ``rows``: 2 parallel regions. (1) each of K row chunks accumulates C-long (here
+        W = L·C-long, see below) shifted sums while streaming its rows, 4 rows per step so each
+        accumulator load/store serves 4 values; (2) after a serial merge of the K partials,
+        each chunk normalizes its rows. x is read twice (3S with the write of y); the data of
+        one chunk do not stay in cache between the two regions.
+    Narrow NC (C < ``WIDE``): L consecutive rows are processed as one row of W = L·C values
+        (lane j is channel j mod C), so the inner loops stay long enough to vectorize; the lanes
+        are folded to C channels in the merge.
+    NCHW, ``grouped``: 1 parallel region. A task owns a group of consecutive channels sized so
+        the group's data fit in L2; it streams x[n, c0:c1, :] (contiguous) for n = 0..N−1 to
+        get its channels' sums, then normalizes the group from cache: ~2 passes from memory.
+    NCHW, ``split`` (few channels): each channel's m positions are cut into fixed chunks; tasks
+        (channel, chunk) sum, a serial merge, then tasks normalize: 2 regions, 3 passes.
+    Inference: 1 region, contiguous row blocks, one read and one write.
+    ``serial``: every kernel also exists without ``parallel`` (same code, ``prange`` runs as
+        ``range``), for calls too small to pay a parallel region's wake-up (a few µs).
+
+Arguments: per-channel inputs (γ, β, saved statistics) arrive as float64 arrays (the backend
+converts C values); x-shaped arrays in x's dtype; running statistics in their own dtype.
+Absent optional arrays are empty arrays and a ``flags`` bit says whether they are present.
+"""
+
+from __future__ import annotations
+
+import math
+import types as _pytypes
+
+import numpy as np
+from numba import njit, prange
+
+# reassoc lets LLVM vectorize the float64 reductions; contract allows FMA. No nnan/ninf: NaN and
+# Inf keep their IEEE meaning.
+_FM = {"reassoc", "contract"}
+
+# Bits of the ``flags`` argument.
+HAS_GAMMA = 1
+HAS_BETA = 2
+HAS_RUNNING = 4
+RELU = 8
+RESIDUAL = 16
+FOLD = 32  # backward: fold the rounding of save_mean (see the module docstring)
+STATS_ONLY = 64  # forward: statistics only (no y, no saved statistics, no running update)
+COEF_GIVEN = 128  # apply: c0, c1, c2 are given in ``coef``; backward: sums given in ``sums``
+SUMS_ONLY = 256  # backward: the sums only (no dx, no fold)
+
+#: Re-take a channel's sums with K = μ when (μ − K)² > RESHIFT·σ² (see the module docstring).
+RESHIFT = 1024.0
+#: The rounded-mean fold applies when |δ| ≤ FOLD_ULPS·ulp(μ̃).
+FOLD_ULPS = 2.0
+
+
+def twin(fn):
+    """(parallel, serial) dispatchers of one kernel body. The serial one is a copy of the Python
+    function under another qualified name, so Numba's on-disk cache (keyed by name, not by
+    compile flags) keeps the two apart."""
+    serial = _pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                   fn.__defaults__, fn.__closure__)
+    serial.__qualname__ = fn.__qualname__ + "_serial"
+    serial.__doc__ = fn.__doc__
+    par = njit(parallel=True, fastmath=_FM, cache=True, nogil=True)(fn)
+    ser = njit(parallel=False, fastmath=_FM, cache=True, nogil=True)(serial)
+    return par, ser
+
+
+# --------------------------------------------------------------------------------------------
+# Per-channel scalar math
+# --------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _finish(s1, s2, shift, m):
+    """μ and biased σ² from the shifted sums s1 = Σ(x − K), s2 = Σ(x − K)² over m values."""
+    d = s1 / m
+    var = (s2 - s1 * d) / m
+    if var < 0.0:  # rounding of an exactly constant channel; NaN passes through
+        var = 0.0
+    return shift + d, var
+
+
+@njit(inline="always")
+def _far(mean, var, shift):
+    """True when the shift was far enough from μ that the sums should be taken again."""
+    d = mean - shift
+    return d * d > RESHIFT * var
+
+
+@njit(inline="always")
+def _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rvar, save_mean,
+                   save_invstd, mean64, var64):
+    """Saved and running statistics of channel c; returns (α = γ·invstd, β)."""
+    invstd = 1.0 / math.sqrt(var + eps)
+    g = gamma[c] if flags & HAS_GAMMA else 1.0
+    b = beta[c] if flags & HAS_BETA else 0.0
+    mean64[c] = mean
+    var64[c] = var
+    if not flags & STATS_ONLY:
+        save_mean[c] = mean
+        save_invstd[c] = invstd
+        if flags & HAS_RUNNING:
+            # PyTorch's convention; the running variance takes the unbiased σ²·m/(m − 1).
+            rmean[c] = (1.0 - momentum) * rmean[c] + momentum * mean
+            rvar[c] = (1.0 - momentum) * rvar[c] + momentum * (var * (m / (m - 1.0)))
+    return g * invstd, b
+
+
+@njit(inline="always")
+def _infer_channel(c, rmean, rvar, gamma, beta, flags, eps):
+    """Folded inference coefficients of channel c: α = γ/√(σ²_pop + ε), β' = β − μ_pop·α."""
+    alpha = 1.0 / math.sqrt(np.float64(rvar[c]) + eps)
+    if flags & HAS_GAMMA:
+        alpha *= gamma[c]
+    b = beta[c] if flags & HAS_BETA else 0.0
+    return alpha, b - np.float64(rmean[c]) * alpha
+
+
+@njit(inline="always")
+def _fold(sx, m, mu_saved, precision):
+    """δ = Σ(x − μ̃)/m when it is within FOLD_ULPS ulps of μ̃ (in a dtype of ``precision``
+    significand bits), else 0: the part of the batch mean that rounding μ̃ left out."""
+    delta = sx / m
+    _, e = math.frexp(mu_saved)
+    ulp = math.ldexp(1.0, e - precision)
+    return delta if abs(delta) <= FOLD_ULPS * ulp else 0.0
+
+
+@njit(inline="always")
+def _grad_channel(c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags, precision,
+                  dgamma, dbeta):
+    """dγ, dβ of channel c and the dx coefficients (k1, k2, k3) for dx = k1·g + k2·(x − μ̃) + k3,
+    with the rounded-mean fold applied when ``flags`` asks for it."""
+    mu = save_mean[c]
+    invstd = save_invstd[c]
+    delta = _fold(sx, m, mu, precision) if flags & FOLD else 0.0
+    sdyx = sdyx - delta * sdy  # Σg·(x − μ) with μ = μ̃ + δ
+    dg = sdyx * invstd
+    dgamma[c] = dg
+    dbeta[c] = sdy
+    k1 = gamma[c] * invstd if flags & HAS_GAMMA else invstd
+    k2 = -k1 * invstd * dg / m
+    k3 = -k1 * sdy / m - k2 * delta  # (x − μ) = (x − μ̃) − δ
+    return k1, k2, k3
+
+
+# --------------------------------------------------------------------------------------------
+# Row loops shared by the layouts. A "row" is a 1-D contiguous slice; coefficient vectors are
+# indexed like the row (NC: per column) or are scalars (NCHW: one channel per row).
+# --------------------------------------------------------------------------------------------
+@njit(fastmath=_FM, inline="always")
+def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
+    """a1 += Σ(x − shift), a2 += Σ(x − shift)² column-wise over rows [r0, r1) of x (R, W).
+    Four rows per step: each accumulator load and store serves four values."""
+    W = x.shape[1]
+    n = r0
+    while n + 4 <= r1:
+        x0 = x[n]
+        x1 = x[n + 1]
+        x2 = x[n + 2]
+        x3 = x[n + 3]
+        for j in range(W):
+            k = shift[j]
+            d0 = x0[j] - k
+            d1 = x1[j] - k
+            d2 = x2[j] - k
+            d3 = x3[j] - k
+            a1[j] += (d0 + d1) + (d2 + d3)
+            a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        n += 4
+    while n < r1:
+        xr = x[n]
+        for j in range(W):
+            d = xr[j] - shift[j]
+            a1[j] += d
+            a2[j] += d * d
+        n += 1
+
+
+@njit(fastmath=_FM, inline="always")
+def _row_apply(xr, yr, rr, c0, c1, c2, flags):
+    """yr = (xr − c0)·c1 + c2, then + rr (RESIDUAL) and max(·, 0) (RELU). c0, c1, c2 are arrays
+    indexed like the row, or scalars."""
+    W = xr.size
+    if flags & RESIDUAL:
+        if flags & RELU:
+            for j in range(W):
+                v = (xr[j] - c0[j]) * c1[j] + c2[j] + rr[j]
+                yr[j] = 0.0 if v < 0.0 else v
+        else:
+            for j in range(W):
+                yr[j] = (xr[j] - c0[j]) * c1[j] + c2[j] + rr[j]
+    elif flags & RELU:
+        for j in range(W):
+            v = (xr[j] - c0[j]) * c1[j] + c2[j]
+            yr[j] = 0.0 if v < 0.0 else v
+    else:
+        for j in range(W):
+            yr[j] = (xr[j] - c0[j]) * c1[j] + c2[j]
+
+
+@njit(fastmath=_FM, inline="always")
+def _row_apply_scalar(xr, yr, rr, c0, c1, c2, flags):
+    """:func:`_row_apply` with scalar coefficients (one channel per row: NCHW)."""
+    W = xr.size
+    if flags & RESIDUAL:
+        if flags & RELU:
+            for j in range(W):
+                v = (xr[j] - c0) * c1 + c2 + rr[j]
+                yr[j] = 0.0 if v < 0.0 else v
+        else:
+            for j in range(W):
+                yr[j] = (xr[j] - c0) * c1 + c2 + rr[j]
+    elif flags & RELU:
+        for j in range(W):
+            v = (xr[j] - c0) * c1 + c2
+            yr[j] = 0.0 if v < 0.0 else v
+    else:
+        for j in range(W):
+            yr[j] = (xr[j] - c0) * c1 + c2
+
+
+@njit(fastmath=_FM, inline="always")
+def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
+    """Column-wise Σg, Σg·(x − μ̃), Σ(x − μ̃) over rows [r0, r1) with g = dy, or g = dy·[y > 0]
+    written to dz (RELU)."""
+    W = x.shape[1]
+    if flags & RELU:
+        for n in range(r0, r1):
+            xr = x[n]
+            gr = dy[n]
+            yr = yv[n]
+            zr = dz[n]
+            for j in range(W):
+                g = gr[j] if yr[j] > 0.0 else 0.0
+                zr[j] = g
+                d = xr[j] - mu[j]
+                a1[j] += g
+                a2[j] += g * d
+                a3[j] += d
+    else:
+        i = r0
+        while i + 2 <= r1:
+            x0 = x[i]
+            x1 = x[i + 1]
+            g0 = dy[i]
+            g1 = dy[i + 1]
+            for j in range(W):
+                k = mu[j]
+                d0 = x0[j] - k
+                d1 = x1[j] - k
+                u0 = np.float64(g0[j])
+                u1 = np.float64(g1[j])
+                a1[j] += u0 + u1
+                a2[j] += u0 * d0 + u1 * d1
+                a3[j] += d0 + d1
+            i += 2
+        while i < r1:
+            xr = x[i]
+            gr = dy[i]
+            for j in range(W):
+                d = xr[j] - mu[j]
+                u = np.float64(gr[j])
+                a1[j] += u
+                a2[j] += u * d
+                a3[j] += d
+            i += 1
+
+
+@njit(fastmath=_FM, inline="always")
+def _row_dx(gr, xr, dr, mu, k1, k2, k3):
+    """dx = k1·g + k2·(x − μ̃) + k3 over one row (arrays indexed like the row)."""
+    for j in range(xr.size):
+        dr[j] = k1[j] * gr[j] + k2[j] * (xr[j] - mu[j]) + k3[j]
+
+
+@njit(fastmath=_FM, inline="always")
+def _row_dx_scalar(gr, xr, dr, mu, k1, k2, k3):
+    for j in range(xr.size):
+        dr[j] = k1 * gr[j] + k2 * (xr[j] - mu) + k3
+
+
+# --------------------------------------------------------------------------------------------
+# NC family: x is (M, C); rows are processed L at a time as wide rows of W = L·C values.
+# --------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _chunk(M, K, k):
+    """Rows [r0, r1) of chunk k of K (a function of the shape only)."""
+    return (M * k) // K, (M * (k + 1)) // K
+
+
+@njit(inline="always")
+def _wide(a, r0, r1, L):
+    """Rows [r0, r0 + L·R) of the (M, C) array ``a`` as R wide rows of L·C values, and the first
+    row left over (R = (r1 − r0) // L)."""
+    C = a.shape[1]
+    R = (r1 - r0) // L
+    flat = a.reshape(a.size)
+    return flat[r0 * C:(r0 + R * L) * C].reshape(R, L * C), r0 + R * L
+
+
+@njit(fastmath=_FM, inline="always")
+def _nc_chunk_sums(x, r0, r1, L, wshift, a1, a2):
+    """Shifted sums of rows [r0, r1) into the W-long lanes a1, a2 (zeroed here)."""
+    a1[:] = 0.0
+    a2[:] = 0.0
+    xw, tail = _wide(x, r0, r1, L)
+    _rows_shifted_sums(xw, 0, xw.shape[0], wshift, a1, a2)
+    _rows_shifted_sums(x, tail, r1, wshift, a1, a2)  # leftover rows use lanes 0..C−1
+
+
+@njit(inline="always")
+def _lanes(part, k, q, c, C, L):
+    """Σ over the L lanes of channel c of part[k, q] (lane j holds channel j mod C)."""
+    s = 0.0
+    for lane in range(L):
+        s += part[k, q, lane * C + c]
+    return s
+
+
+@njit(inline="always")
+def _tile(v, C, L):
+    """v[j] = v[j mod C] for j ≥ C (a per-channel vector repeated over the L lanes)."""
+    for j in range(C, L * C):
+        v[j] = v[j - C]
+
+
+def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean64, var64,
+               flags, eps, momentum, K, L, part, coef):
+    """Forward-train over x (M, C): ``part`` (K, 2, W) and ``coef`` (4, W) float64 scratch."""
+    M, C = x.shape
+    m = float(M)
+    shift = coef[3]
+    for j in range(C):
+        shift[j] = x[0, j]
+    _tile(shift, C, L)
+    for k in prange(K):
+        r0, r1 = _chunk(M, K, k)
+        _nc_chunk_sums(x, r0, r1, L, shift, part[k, 0], part[k, 1])
+    redo = False
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        for k in range(K):
+            s1 += _lanes(part, k, 0, c, C, L)
+            s2 += _lanes(part, k, 1, c, C, L)
+        mean64[c], var64[c] = _finish(s1, s2, shift[c], m)
+        redo = redo or _far(mean64[c], var64[c], shift[c])
+    if redo:  # an outlier first row: take the sums again around μ
+        for j in range(C):
+            shift[j] = mean64[j]
+        _tile(shift, C, L)
+        for k in prange(K):
+            r0, r1 = _chunk(M, K, k)
+            _nc_chunk_sums(x, r0, r1, L, shift, part[k, 0], part[k, 1])
+        for c in range(C):
+            s1 = 0.0
+            s2 = 0.0
+            for k in range(K):
+                s1 += _lanes(part, k, 0, c, C, L)
+                s2 += _lanes(part, k, 1, c, C, L)
+            mean64[c], var64[c] = _finish(s1, s2, shift[c], m)
+    for c in range(C):
+        coef[0, c] = mean64[c]
+        coef[1, c], coef[2, c] = _train_channel(c, mean64[c], var64[c], m, eps, gamma, beta,
+                                                flags, momentum, rmean, rvar, save_mean,
+                                                save_invstd, mean64, var64)
+    if flags & STATS_ONLY:
+        return
+    for q in range(3):
+        _tile(coef[q], C, L)
+    for k in prange(K):
+        r0, r1 = _chunk(M, K, k)
+        _nc_apply_rows(x, y, res, r0, r1, L, coef, flags)
+
+
+@njit(fastmath=_FM, inline="always")
+def _nc_apply_rows(x, y, res, r0, r1, L, coef, flags):
+    """Rows [r0, r1): y = (x − c0)·c1 + c2 (+ res, ReLU), wide rows first."""
+    xw, tail = _wide(x, r0, r1, L)
+    yw, _ = _wide(y, r0, r1, L)
+    rw, _ = _wide(res, r0, r1, L)  # res is y itself when there is no residual (never read)
+    for n in range(xw.shape[0]):
+        _row_apply(xw[n], yw[n], rw[n], coef[0], coef[1], coef[2], flags)
+    for n in range(tail, r1):
+        _row_apply(x[n], y[n], res[n], coef[0], coef[1], coef[2], flags)
+
+
+def nc_infer(x, y, res, rmean, rvar, gamma, beta, coef, flags, eps, K, L):
+    """Inference (or any apply pass) over x (M, C): coef (3, W) holds c0, c1, c2; computed here
+    from the population statistics unless COEF_GIVEN (then only its first C columns are read)."""
+    M, C = x.shape
+    if not flags & COEF_GIVEN:
+        for c in range(C):
+            coef[0, c] = 0.0
+            coef[1, c], coef[2, c] = _infer_channel(c, rmean, rvar, gamma, beta, flags, eps)
+    for q in range(3):
+        _tile(coef[q], C, L)
+    for k in prange(K):
+        r0, r1 = _chunk(M, K, k)
+        _nc_apply_rows(x, y, res, r0, r1, L, coef, flags)
+
+
+def nc_backward(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums, flags,
+                m, precision, K, L, part, coef):
+    """Backward over x (M, C) (RELU: g = dy·[yv > 0], written to dz). ``part`` (K, 3, W) and
+    ``coef`` (4, W) are scratch; ``sums`` (3, C) receives Σg, Σg·(x − μ̃), Σ(x − μ̃), or holds
+    them (COEF_GIVEN: sums of every process, m values per channel)."""
+    M, C = x.shape
+    mu = coef[0]
+    for j in range(C):
+        mu[j] = save_mean[j]
+    _tile(mu, C, L)
+    if not flags & COEF_GIVEN:
+        for k in prange(K):
+            r0, r1 = _chunk(M, K, k)
+            a1 = part[k, 0]
+            a2 = part[k, 1]
+            a3 = part[k, 2]
+            a1[:] = 0.0
+            a2[:] = 0.0
+            a3[:] = 0.0
+            # Without a ReLU, yv is x and dz is dx: placeholders, never read or written here.
+            xw, tail = _wide(x, r0, r1, L)
+            gw, _ = _wide(dy, r0, r1, L)
+            yw, _ = _wide(yv, r0, r1, L)
+            zw, _ = _wide(dz, r0, r1, L)
+            _rows_grad_sums(gw, xw, yw, zw, 0, xw.shape[0], mu, a1, a2, a3, flags)
+            _rows_grad_sums(dy, x, yv, dz, tail, r1, mu, a1, a2, a3, flags)
+        for c in range(C):
+            s1 = 0.0
+            s2 = 0.0
+            s3 = 0.0
+            for k in range(K):
+                s1 += _lanes(part, k, 0, c, C, L)
+                s2 += _lanes(part, k, 1, c, C, L)
+                s3 += _lanes(part, k, 2, c, C, L)
+            sums[0, c] = s1
+            sums[1, c] = s2
+            sums[2, c] = s3
+    if flags & SUMS_ONLY:
+        return
+    for c in range(C):
+        coef[1, c], coef[2, c], coef[3, c] = _grad_channel(
+            c, sums[0, c], sums[1, c], sums[2, c], m, save_mean, save_invstd, gamma, flags,
+            precision, dgamma, dbeta)
+    for q in range(1, 4):
+        _tile(coef[q], C, L)
+    for k in prange(K):
+        r0, r1 = _chunk(M, K, k)
+        if flags & RELU:  # g = dz, written by the sums pass
+            _nc_dx_rows(dz, x, dx, r0, r1, L, coef)
+        else:
+            _nc_dx_rows(dy, x, dx, r0, r1, L, coef)
+
+
+@njit(fastmath=_FM, inline="always")
+def _nc_dx_rows(g, x, dx, r0, r1, L, coef):
+    """dx = k1·g + k2·(x − μ̃) + k3 over rows [r0, r1), wide rows first."""
+    xw, tail = _wide(x, r0, r1, L)
+    gw, _ = _wide(g, r0, r1, L)
+    dw, _ = _wide(dx, r0, r1, L)
+    for n in range(xw.shape[0]):
+        _row_dx(gw[n], xw[n], dw[n], coef[0], coef[1], coef[2], coef[3])
+    for n in range(tail, r1):
+        _row_dx(g[n], x[n], dx[n], coef[0], coef[1], coef[2], coef[3])
+
+
+# --------------------------------------------------------------------------------------------
+# NCHW: x is (N, C, S). Channel groups (one region) or fixed chunks of positions (few channels).
+# --------------------------------------------------------------------------------------------
+@njit(fastmath=_FM, inline="always")
+def _run_shifted(xr, k):
+    """Σ(x − k), Σ(x − k)² over one contiguous run."""
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(xr.size):
+        d = xr[j] - k
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(fastmath=_FM, inline="always")
+def _run_grad_sums(gr, xr, yr, zr, mu, relu):
+    """Σg, Σg·(x − μ̃), Σ(x − μ̃) over one run (g = dy·[y > 0] written to zr under a ReLU)."""
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    if relu:
+        for j in range(xr.size):
+            g = gr[j] if yr[j] > 0.0 else 0.0
+            zr[j] = g
+            d = xr[j] - mu
+            s1 += g
+            s2 += g * d
+            s3 += d
+    else:
+        for j in range(xr.size):
+            u = np.float64(gr[j])
+            d = xr[j] - mu
+            s1 += u
+            s2 += u * d
+            s3 += d
+    return s1, s2, s3
+
+
+@njit(fastmath=_FM, inline="always")
+def _group_sums(x, c0, c1, sh, t1, t2):
+    """Shifted sums of channels [c0, c1) over all N rows, streaming x[n, c0:c1, :]; channel c's
+    total is Σ over n, in order, of its run sums."""
+    for i in range(c1 - c0):
+        t1[i] = 0.0
+        t2[i] = 0.0
+    for n in range(x.shape[0]):
+        for i in range(c1 - c0):
+            s1, s2 = _run_shifted(x[n, c0 + i], sh[i])
+            t1[i] += s1
+            t2[i] += s2
+
+
+def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean64,
+                         var64, flags, eps, momentum, G):
+    """Forward-train, one task per group of G channels: statistics, then y from cache."""
+    N, C, S = x.shape
+    m = float(N * S)
+    ngroups = (C + G - 1) // G
+    for t in prange(ngroups):
+        c0 = t * G
+        c1 = min(C, c0 + G)
+        w = c1 - c0
+        sh = np.empty(w)
+        t1 = np.empty(w)
+        t2 = np.empty(w)
+        al = np.empty(w)
+        be = np.empty(w)
+        for i in range(w):
+            sh[i] = x[0, c0 + i, 0]
+        _group_sums(x, c0, c1, sh, t1, t2)
+        redo = False
+        for i in range(w):
+            mean, var = _finish(t1[i], t2[i], sh[i], m)
+            redo = redo or _far(mean, var, sh[i])
+        if redo:  # an outlier first value: take the group's sums again around the means
+            for i in range(w):
+                sh[i], _ = _finish(t1[i], t2[i], sh[i], m)
+            _group_sums(x, c0, c1, sh, t1, t2)
+        for i in range(w):
+            c = c0 + i
+            mean, var = _finish(t1[i], t2[i], sh[i], m)
+            al[i], be[i] = _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum,
+                                          rmean, rvar, save_mean, save_invstd, mean64, var64)
+        if not flags & STATS_ONLY:
+            for n in range(N):
+                for i in range(w):
+                    c = c0 + i
+                    _row_apply_scalar(x[n, c], y[n, c], res[n, c], mean64[c], al[i], be[i],
+                                      flags)
+
+
+@njit(inline="always")
+def _positions(m, K, k):
+    return (m * k) // K, (m * (k + 1)) // K
+
+
+@njit(fastmath=_FM, inline="always")
+def _segment_shifted(x, c, p0, p1, k):
+    """Shifted sums of channel c over flat positions [p0, p1) (position p = n·S + s)."""
+    S = x.shape[2]
+    s1 = 0.0
+    s2 = 0.0
+    p = p0
+    while p < p1:
+        n = p // S
+        s = p - n * S
+        e = min(S, s + (p1 - p))
+        a, b = _run_shifted(x[n, c, s:e], k)
+        s1 += a
+        s2 += b
+        p += e - s
+    return s1, s2
+
+
+def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean64,
+                       var64, flags, eps, momentum, K, part, coef):
+    """Forward-train with each channel's m positions in K chunks: tasks (channel, chunk) take
+    partial sums (``part`` (C, K, 2)), a serial merge in chunk order, then tasks normalize
+    (``coef`` (3, C): μ, α, β)."""
+    N, C, S = x.shape
+    m = N * S
+    fm = float(m)
+    shift = coef[0]
+    for c in range(C):
+        shift[c] = x[0, c, 0]
+    for t in prange(C * K):
+        c = t // K
+        k = t - c * K
+        p0, p1 = _positions(m, K, k)
+        part[c, k, 0], part[c, k, 1] = _segment_shifted(x, c, p0, p1, shift[c])
+    redo = False
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        for k in range(K):
+            s1 += part[c, k, 0]
+            s2 += part[c, k, 1]
+        mean64[c], var64[c] = _finish(s1, s2, shift[c], fm)
+        redo = redo or _far(mean64[c], var64[c], shift[c])
+    if redo:
+        for c in range(C):
+            shift[c] = mean64[c]
+        for t in prange(C * K):
+            c = t // K
+            k = t - c * K
+            p0, p1 = _positions(m, K, k)
+            part[c, k, 0], part[c, k, 1] = _segment_shifted(x, c, p0, p1, shift[c])
+        for c in range(C):
+            s1 = 0.0
+            s2 = 0.0
+            for k in range(K):
+                s1 += part[c, k, 0]
+                s2 += part[c, k, 1]
+            mean64[c], var64[c] = _finish(s1, s2, shift[c], fm)
+    for c in range(C):
+        coef[0, c] = mean64[c]
+        coef[1, c], coef[2, c] = _train_channel(c, mean64[c], var64[c], fm, eps, gamma, beta,
+                                                flags, momentum, rmean, rvar, save_mean,
+                                                save_invstd, mean64, var64)
+    if flags & STATS_ONLY:
+        return
+    for t in prange(C * K):
+        c = t // K
+        k = t - c * K
+        p0, p1 = _positions(m, K, k)
+        _segment_apply(x, y, res, c, p0, p1, coef[0, c], coef[1, c], coef[2, c], flags)
+
+
+@njit(fastmath=_FM, inline="always")
+def _segment_apply(x, y, res, c, p0, p1, c0, c1, c2, flags):
+    S = x.shape[2]
+    p = p0
+    while p < p1:
+        n = p // S
+        s = p - n * S
+        e = min(S, s + (p1 - p))
+        _row_apply_scalar(x[n, c, s:e], y[n, c, s:e], res[n, c, s:e], c0, c1, c2, flags)
+        p += e - s
+
+
+def nchw_infer(x, y, res, rmean, rvar, gamma, beta, coef, flags, eps, R):
+    """Inference (or any apply pass) over x (N, C, S): tasks of R consecutive (n, c) rows of the
+    (N·C, S) view, contiguous in memory; ``coef`` (3, C) as in :func:`nc_infer`."""
+    N, C, S = x.shape
+    if not flags & COEF_GIVEN:
+        for c in range(C):
+            coef[0, c] = 0.0
+            coef[1, c], coef[2, c] = _infer_channel(c, rmean, rvar, gamma, beta, flags, eps)
+    rows = N * C
+    ntasks = (rows + R - 1) // R
+    for t in prange(ntasks):
+        for r in range(t * R, min(rows, (t + 1) * R)):
+            n = r // C
+            c = r - n * C
+            _row_apply_scalar(x[n, c], y[n, c], res[n, c], coef[0, c], coef[1, c], coef[2, c],
+                              flags)
+
+
+def nchw_backward_grouped(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums,
+                          flags, m, precision, G):
+    """Backward, one task per group of G channels: the sums, then dx from cache. ``sums``
+    (3, C) receives (or, with COEF_GIVEN, holds) Σg, Σg·(x − μ̃), Σ(x − μ̃)."""
+    N, C, S = x.shape
+    ngroups = (C + G - 1) // G
+    relu = flags & RELU
+    for t in prange(ngroups):
+        c0 = t * G
+        c1 = min(C, c0 + G)
+        w = c1 - c0
+        if not flags & COEF_GIVEN:
+            for i in range(w):
+                sums[0, c0 + i] = 0.0
+                sums[1, c0 + i] = 0.0
+                sums[2, c0 + i] = 0.0
+            for n in range(N):
+                for i in range(w):
+                    c = c0 + i
+                    a, b, d = _run_grad_sums(dy[n, c], x[n, c], yv[n, c], dz[n, c],
+                                             save_mean[c], relu)
+                    sums[0, c] += a
+                    sums[1, c] += b
+                    sums[2, c] += d
+        if not flags & SUMS_ONLY:
+            k1 = np.empty(w)
+            k2 = np.empty(w)
+            k3 = np.empty(w)
+            for i in range(w):
+                c = c0 + i
+                k1[i], k2[i], k3[i] = _grad_channel(c, sums[0, c], sums[1, c], sums[2, c], m,
+                                                    save_mean, save_invstd, gamma, flags,
+                                                    precision, dgamma, dbeta)
+            for n in range(N):
+                for i in range(w):
+                    c = c0 + i
+                    if relu:
+                        _row_dx_scalar(dz[n, c], x[n, c], dx[n, c], save_mean[c], k1[i], k2[i],
+                                       k3[i])
+                    else:
+                        _row_dx_scalar(dy[n, c], x[n, c], dx[n, c], save_mean[c], k1[i], k2[i],
+                                       k3[i])
+
+
+@njit(fastmath=_FM, inline="always")
+def _segment_grad_sums(dy, x, yv, dz, c, p0, p1, mu, relu):
+    S = x.shape[2]
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    p = p0
+    while p < p1:
+        n = p // S
+        s = p - n * S
+        e = min(S, s + (p1 - p))
+        a, b, d = _run_grad_sums(dy[n, c, s:e], x[n, c, s:e], yv[n, c, s:e], dz[n, c, s:e], mu,
+                                 relu)
+        s1 += a
+        s2 += b
+        s3 += d
+        p += e - s
+    return s1, s2, s3
+
+
+def nchw_backward_split(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums,
+                        flags, m, precision, K, part, coef):
+    """Backward with each channel's positions in K chunks (``part`` (C, K, 3), ``coef`` (3, C)
+    scratch); ``sums`` as in :func:`nchw_backward_grouped`."""
+    N, C, S = x.shape
+    mm = N * S
+    relu = flags & RELU
+    if not flags & COEF_GIVEN:
+        for t in prange(C * K):
+            c = t // K
+            k = t - c * K
+            p0, p1 = _positions(mm, K, k)
+            part[c, k, 0], part[c, k, 1], part[c, k, 2] = _segment_grad_sums(
+                dy, x, yv, dz, c, p0, p1, save_mean[c], relu)
+        for c in range(C):
+            s1 = 0.0
+            s2 = 0.0
+            s3 = 0.0
+            for k in range(K):
+                s1 += part[c, k, 0]
+                s2 += part[c, k, 1]
+                s3 += part[c, k, 2]
+            sums[0, c] = s1
+            sums[1, c] = s2
+            sums[2, c] = s3
+    if flags & SUMS_ONLY:
+        return
+    for c in range(C):
+        coef[0, c], coef[1, c], coef[2, c] = _grad_channel(
+            c, sums[0, c], sums[1, c], sums[2, c], m, save_mean, save_invstd, gamma, flags,
+            precision, dgamma, dbeta)
+    for t in prange(C * K):
+        c = t // K
+        k = t - c * K
+        p0, p1 = _positions(mm, K, k)
+        p = p0
+        while p < p1:
+            n = p // S
+            s = p - n * S
+            e = min(S, s + (p1 - p))
+            if relu:
+                _row_dx_scalar(dz[n, c, s:e], x[n, c, s:e], dx[n, c, s:e], save_mean[c],
+                               coef[0, c], coef[1, c], coef[2, c])
+            else:
+                _row_dx_scalar(dy[n, c, s:e], x[n, c, s:e], dx[n, c, s:e], save_mean[c],
+                               coef[0, c], coef[1, c], coef[2, c])
+            p += e - s
+
+
+# --------------------------------------------------------------------------------------------
+# The dispatchers: (parallel, serial) twins of every kernel
+# --------------------------------------------------------------------------------------------
+NC_FORWARD = twin(nc_forward)
+NC_INFER = twin(nc_infer)
+NC_BACKWARD = twin(nc_backward)
+NCHW_FORWARD_GROUPED = twin(nchw_forward_grouped)
+NCHW_FORWARD_SPLIT = twin(nchw_forward_split)
+NCHW_INFER = twin(nchw_infer)
+NCHW_BACKWARD_GROUPED = twin(nchw_backward_grouped)
+NCHW_BACKWARD_SPLIT = twin(nchw_backward_split)

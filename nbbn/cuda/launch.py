@@ -1,0 +1,163 @@
+"""Grid math for the CUDA kernels: how many blocks of what shape, per layout. Pure Python; no
+launches here. The thread-to-data mapping these plans feed is described in
+:mod:`nbbn.cuda.kernels`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from numba import cuda
+
+from ..spec import Geometry, Layout
+from . import kernels as K
+from .reduce import MAX_THREADS, SIMULATOR
+
+_MAX_GRID_Y = 65535
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Grid-shaping knobs (not the algorithm: that is the registry variant, v1 or v2)."""
+
+    #: Threads per block: a multiple of 32, at most MAX_THREADS.
+    block: int = 256
+    #: NC kernels: threads along C per block (one warp-wide coalesced row segment).
+    nc_width: int = 32
+    #: Blocks to aim for per streaming kernel; 0 = one full wave (SMs × 2048 / threads per block).
+    target_blocks: int = 0
+    #: Split a channel no finer than this many values per thread.
+    min_per_thread: int = 8
+
+    def __post_init__(self):
+        if not (self.block % 32 == 0 and 32 <= self.block <= MAX_THREADS):
+            raise ValueError(f"block must be a multiple of 32 in [32, {MAX_THREADS}], "
+                             f"got {self.block}")
+        if self.nc_width < 1 or self.nc_width & (self.nc_width - 1) or self.nc_width > self.block:
+            raise ValueError(f"nc_width must be a power of two ≤ block, got {self.nc_width}")
+        if self.min_per_thread < 1 or self.target_blocks < 0:
+            raise ValueError("min_per_thread must be ≥ 1 and target_blocks ≥ 0")
+
+
+#: The knobs every registered kernel launches with. Under the simulator every thread is a
+#: Python thread: small blocks, and a few blocks per channel even on tiny inputs so that the
+#: merges and tickets are exercised.
+DEFAULT_LAUNCH = (LaunchConfig(block=32, target_blocks=8, min_per_thread=1) if SIMULATOR
+                  else LaunchConfig())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count() -> int:
+    if SIMULATOR:
+        return 1
+    dev = cuda.get_current_device()
+    if dev.id not in _SM_COUNT:
+        _SM_COUNT[dev.id] = int(dev.MULTIPROCESSOR_COUNT)
+    return _SM_COUNT[dev.id]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Launch geometry of one call. Streaming kernels: ``grid``/``block``, with ``grid[1]``
+    blocks (partials) per channel or column group and ``grid[0]`` channels or column groups
+    (ticket slots). Merge kernels (v1): ``merge_grid``/``merge_block``."""
+
+    grid: tuple[int, int]
+    block: tuple[int, ...]
+    dims: tuple[int, ...]  # size arguments of the layout's kernels: (C, S, L) or (C,)
+    merge_grid: tuple[int]
+    merge_block: tuple[int, int]
+    #: Distance between a channel's first value and the next channel's first value, x[c·shift]
+    #: being channel c's first value (the statistics' shift K): S for NCHW, 1 for NC/NHWC.
+    shift: int = 1
+
+    @property
+    def nparts(self) -> int:
+        return self.grid[1]
+
+    @property
+    def slots(self) -> int:
+        return self.grid[0]
+
+
+def _merge_shape(C: int, nparts: int, cfg: LaunchConfig):
+    """Merge kernels: bx channels per block (coalesced), by threads splitting the partials."""
+    bx = min(32, _pow2_ceil(C))
+    by = max(1, min(cfg.block // bx, _pow2_ceil(nparts)))
+    return (_cdiv(C, bx),), (bx, by)
+
+
+def _target_blocks(cfg: LaunchConfig) -> int:
+    return cfg.target_blocks or _sm_count() * max(1, 2048 // cfg.block)
+
+
+def plan_nchw(g: Geometry, cfg: LaunchConfig) -> Plan:
+    """Grid (C, B) of 1-D blocks; dims (C, S, L) with L the kernels' run layout.
+
+    Aim for ``target`` threads per channel (a full GPU), but no fewer than ``min_per_thread``
+    values per thread. Row-strided runs (L ≥ 1) when there are enough rows: L = ⌊threads/S⌋
+    rows per stride, between 1 and N (one slot per column at L = 1). Column-strided runs (L = 0)
+    when there are fewer than ``min_per_thread`` rows and S exceeds the thread budget (batch-1
+    inference on large images). Blocks shrink to the work when a channel has little (small S).
+    """
+    N, C, S, m = g.N, g.C, g.S, g.m
+    threads = max(1, min(_cdiv(_target_blocks(cfg) * cfg.block, C), _cdiv(m, cfg.min_per_thread)))
+    if N >= cfg.min_per_thread or S <= threads:
+        L = max(1, min(N, threads // S))
+        width = L * S  # slots
+    else:
+        L = 0
+        width = threads
+    T = min(cfg.block, 32 * _cdiv(width, 32))
+    B = max(1, min(_cdiv(width, T), _MAX_GRID_Y))  # at the cap, threads take several slots
+    return Plan((C, B), (T,), (C, S, L), *_merge_shape(C, B, cfg), shift=S)
+
+
+def plan_nc(g: Geometry, cfg: LaunchConfig) -> Plan:
+    """Grid (ceil(C/bx), G) of (bx, by) blocks over the (rows, C) view -- rows = N for NC,
+    N·H·W for NHWC: bx channels side by side (bx < nc_width only when C is smaller), G row
+    chunks so that the grid fills the GPU."""
+    rows, C = g.kernel_shape
+    bx = cfg.nc_width if C >= cfg.nc_width else _pow2_ceil(C)
+    by = cfg.block // bx
+    gx = _cdiv(C, bx)
+    G = max(1, min(_cdiv(_target_blocks(cfg), gx), _cdiv(rows, by * cfg.min_per_thread),
+                   _MAX_GRID_Y))
+    return Plan((gx, G), (bx, by), (C,), *_merge_shape(C, G, cfg), shift=1)
+
+
+@dataclass(frozen=True)
+class LayoutKernels:
+    """The kernels and the planner of one memory layout."""
+
+    plan: Callable[[Geometry, LaunchConfig], Plan]
+    stats_partial: object  # v1
+    stats_ticket: object  # v2
+    normalize: object
+    bwd_partial: object  # v1
+    bwd_ticket: object  # v2
+    bwd_dx: object
+
+
+_NCHW = LayoutKernels(plan_nchw, K.nchw_stats_partial, K.nchw_stats_ticket, K.nchw_normalize,
+                      K.nchw_bwd_partial, K.nchw_bwd_ticket, K.nchw_bwd_dx)
+_NC = LayoutKernels(plan_nc, K.nc_stats_partial, K.nc_stats_ticket, K.nc_normalize,
+                    K.nc_bwd_partial, K.nc_bwd_ticket, K.nc_bwd_dx)
+#: NHWC is NC with N·H·W rows: the same kernels on the memory-order (N·S, C) buffer.
+LAYOUTS = {Layout.NCHW: _NCHW, Layout.NC: _NC, Layout.NHWC: _NC}
+
+
+def plan(g: Geometry, cfg: LaunchConfig | None = None) -> Plan:
+    """The launch plan of ``g``'s layout."""
+    return LAYOUTS[g.layout].plan(g, cfg or DEFAULT_LAUNCH)

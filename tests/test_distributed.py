@@ -1,0 +1,262 @@
+"""Synchronized batch norm (nbbn.distributed) on real MPI processes.
+
+The MPI tests start ``mpiexec -n K python -m tests.mpi_worker SCENARIO`` (K = 1, 2, 3 on this
+machine, oversubscribed) and read what rank 0 prints; each launch has a timeout, so a hang fails
+the test instead of stalling the run. They skip, saying why, when mpi4py or mpiexec is missing
+(``pip install 'nbbn[mpi]'``). The merge itself is tested in-process, without MPI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nbbn import registry, validate
+from nbbn.distributed import merge_stats, mpiexec_command, rank_environment
+from nbbn.tolerances import tolerance
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Seconds one mpiexec launch may take (kernels are compiled before, by the warm fixture).
+LAUNCH_TIMEOUT = 240
+
+#: How close the synchronized outputs must be to single-process nbbn on the concatenated batch.
+#: float32 outputs: the same up to a rounding flip (a few ulps in the norm). float64 outputs show
+#: the float64 rounding of the statistics themselves, ε·κ ≈ 2e-12 at κ = 1e4 on y (both runs
+#: carry it: the single process is as far from the reference), amplified in dγ = Σdy·x̂, a sum
+#: that cancels.
+SAME_AS_SINGLE = {"float32": 4 * float(np.finfo(np.float32).eps), "float64": 1e-10}
+
+
+def _mpi_missing() -> str | None:
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed (pip install 'nbbn[mpi]')"
+    try:
+        mpiexec_command(1)
+    except FileNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+needs_mpi = pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
+
+
+# ----------------------------------------------------------------------------- the merge alone
+
+
+def _split_stats(x, counts):
+    """Per-rank (count, mean, M2) of x's row slices, by the cpu backend's statistics code."""
+    parts = registry.parts("cpu")
+    means, m2s, lo = [], [], 0
+    C = x.shape[1]
+    for n in counts:
+        if n == 0:
+            means.append(np.zeros(C))
+            m2s.append(np.zeros(C))
+        else:
+            a = validate.train_args(x[lo:lo + n], None, None, 1e-5, None, None, 0.1, None,
+                                    min_m=1)
+            mean, m2 = parts.stats(a)
+            means.append(mean)
+            m2s.append(m2)
+        lo += n
+    return np.array(counts, float), np.array(means), np.array(m2s)
+
+
+@pytest.mark.parametrize("counts", [(5, 0, 17), (1, 1), (0, 0, 9, 0), (1, 2, 3, 4, 5, 6, 7),
+                                    (300,)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_merge_equals_the_concatenated_batch(counts, dtype):
+    rng = np.random.default_rng(sum(counts))
+    x = (1e4 + rng.standard_normal((sum(counts), 6))).astype(dtype)  # κ = 1e4
+    n, mean, m2 = merge_stats(*_split_stats(x, counts))
+    x64 = x.astype(np.float64)
+    ref_mean = x64.mean(axis=0)
+    ref_var = ((x64 - ref_mean) ** 2).mean(axis=0)
+    assert n == sum(counts)
+    # float64 rounding of data at κ = 1e4: the mean to ε·|μ|, the variance to a few ε·κ.
+    assert np.max(np.abs(mean - ref_mean) / np.sqrt(ref_var)) < 1e4 * 16 * np.finfo(float).eps
+    assert np.max(np.abs(m2 / n - ref_var) / ref_var) < 1e-10
+
+
+def test_merge_is_deterministic_and_skips_empty_ranks():
+    rng = np.random.default_rng(3)
+    counts, means, m2s = np.array([3.0, 0.0, 4.0]), rng.random((3, 5)), rng.random((3, 5))
+    means[1] = np.nan  # an empty rank's values are never read
+    m2s[1] = np.nan
+    a = merge_stats(counts, means, m2s)
+    b = merge_stats(counts, means, m2s)
+    assert a[0] == 7 and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    assert np.isfinite(a[1]).all() and np.isfinite(a[2]).all()
+    n, mean, m2 = merge_stats([0, 0], np.zeros((2, 3)), np.zeros((2, 3)))
+    assert n == 0 and not mean.any() and not m2.any()
+
+
+def test_merge_of_known_values():
+    # Ranks {1, 2, 3} and {10}: union mean 4, M2 = 9 + 4 + 1 + 36 = 50.
+    n, mean, m2 = merge_stats([3, 1], [[2.0], [10.0]], [[2.0], [0.0]])
+    assert (n, mean[0], m2[0]) == (4.0, 4.0, 50.0)
+
+
+def test_device_staging_helpers_under_the_simulator():
+    """The host staging of per-channel vectors for device arrays (the CUDA simulator's arrays
+    here; tests/conftest.py selects it): copy out, write back in the vector's dtype, place like
+    x. No GPU path of nbbn.distributed runs on a real device yet."""
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    from numba import cuda
+
+    from nbbn.distributed import _empty_like, _like, _to_host, _write
+
+    d = cuda.to_device(np.arange(4, dtype=np.float32))
+    assert np.array_equal(_to_host(d), np.arange(4))
+    _write(d, np.array([0.5, 1.5, 2.5, 3.5]))
+    assert _to_host(d).dtype == np.float32 and np.array_equal(_to_host(d), [0.5, 1.5, 2.5, 3.5])
+    placed = _like(np.ones(3, np.float64), on_device=True)
+    assert not isinstance(placed, np.ndarray) and np.array_equal(_to_host(placed), np.ones(3))
+    h = np.ones(3)
+    assert _like(h, on_device=False) is h
+    e = _empty_like((0, 3, 2), np.float32, None, on_device=True)
+    assert tuple(e.shape) == (0, 3, 2)
+
+
+# ---------------------------------------------------------------------------- real processes
+
+
+@pytest.fixture(scope="module")
+def warm_kernels():
+    """Compile the cpu kernels the workers use once, here (Numba caches them on disk), so the
+    ranks load them instead of all compiling at once."""
+    from tests import mpi_worker
+
+    mpi_worker.warm()
+
+
+def _launch(n: int, scenario: str) -> list[dict]:
+    cmd = mpiexec_command(n) + [sys.executable, "-m", "tests.mpi_worker", scenario]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=rank_environment(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish in {LAUNCH_TIMEOUT} s (a hang?); "
+                    f"output:\n{out[-3000:]}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}"
+    return [json.loads(line[len("RESULT "):]) for line in out.splitlines()
+            if line.startswith("RESULT ")]
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_synchronized_equals_single_process(ranks, warm_kernels):
+    from tests.mpi_worker import COUNTS, LAYOUTS
+
+    results = _launch(ranks, "agree")
+    # Every (counts, layout) in float32 and two layouts in float64.
+    assert len(results) == len(COUNTS[ranks]) * len(LAYOUTS) + 2
+    problems = []
+    for r in results:
+        where = f"{r['layout']} counts {r['counts']} {r['dtype']}"
+        if not r["identical"]:
+            problems.append(f"{where}: per-channel outputs differ between ranks")
+        if not r["shapes_ok"] or not r["layout_kept"]:
+            problems.append(f"{where}: y/dx shape or memory layout differs from x's")
+        for name, err in r["vs_single"].items():
+            if not err <= SAME_AS_SINGLE[r["dtype"]]:
+                problems.append(f"{where}: {name} differs from single-process nbbn by {err:.3g}")
+        for name, err in r["vs_reference"].items():
+            # running statistics are float32 (updated in their own dtype), whatever x's is
+            if not err <= tolerance(name, "float32" if name.startswith("running") else r["dtype"]):
+                problems.append(f"{where}: {name} rel_err {err:.3g} against the reference")
+    assert not problems, "\n".join(problems)
+    assert {tuple(r["counts"]) for r in results} == set(COUNTS[ranks])
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [3])
+def test_errors_raise_the_same_exception_on_every_rank(ranks, warm_kernels):
+    results = _launch(ranks, "errors")
+    by_case = {r["case"]: r for r in results}
+    from tests.mpi_worker import _error_cases
+
+    assert set(by_case) == set(_error_cases(0)) | {"good call afterwards"}
+    problems = []
+    for name, r in by_case.items():
+        if name == "good call afterwards":
+            if not r["identical"]:
+                problems.append("a good call after the errors gave different results per rank")
+            continue
+        raised = r["raised"]
+        if any(got is None for got in raised):
+            problems.append(f"{name}: ranks {[i for i, g in enumerate(raised) if g is None]} "
+                            "did not raise")
+            continue
+        if any(got != raised[0] for got in raised):
+            problems.append(f"{name}: the ranks raised different exceptions: {raised}")
+        kind, message = raised[0]
+        if kind != r["expect"]:
+            problems.append(f"{name}: raised {kind}, expected {r['expect']}: {message}")
+        missing = [w for w in r["words"] if w not in message]
+        if missing:
+            problems.append(f"{name}: message lacks {missing}: {message}")
+    assert not problems, "\n".join(problems)
+
+
+@needs_mpi
+def test_bench_quick_runs(tmp_path, warm_kernels):
+    """The benchmark entry point end to end (tiny shapes; its figures here mean nothing)."""
+    out = tmp_path / "d.md"
+    proc = subprocess.run([sys.executable, "-m", "nbbn.distributed", "bench", "--quick",
+                           "--ranks", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "d.csv")
+    assert len(df) == 2 * 2  # shapes × ops
+    assert set(df["ranks"]) == {2} and set(df["op"]) == {"forward-train", "backward"}
+    assert (df["sync_us_p50"] > 0).all() and (df["exchange_us_p50"] > 0).all()
+    assert "overhead" in out.read_text()
+
+
+# ------------------------------------------------------------------ accuracy study, part (d)
+
+
+def test_study_part_d_small_run():
+    from nbbn.study.distributed import DistributedConfig, findings, run_part
+
+    cfg = DistributedConfig(ranks=[1, 4], per_rank=[2, 16], replicates=256, channels=16,
+                            variances=[1.0, 1e-10, 1e-14])
+    steps = []
+    t = run_part(cfg, steps.append)
+    assert sum(steps) == cfg.n_configs()
+    rk = t["distributed_ranks"]
+    # K = 1: synchronized is local; K = 4: the mean's RMSE is about half the local one.
+    one, four = rk[rk["ranks"] == 1], rk[rk["ranks"] == 4]
+    assert np.allclose(one["mean_rmse_local"], one["mean_rmse_sync"])
+    assert (one["y_rms_local_vs_sync"] == 0).all()
+    ratio = four["mean_rmse_sync"] / four["mean_rmse_local"]
+    assert ratio.between(0.35, 0.65).all(), ratio
+    pm = t["distributed_pmean"]
+    nb = pm[pm["method"].str.startswith("nbbn")]
+    assert nb["var_rel_err_max"].max() < 1e-10 and nb["mean_err_in_sd_max"].max() < 1e-10
+    skewed = pm[pm["pattern"].str.startswith("skewed") & (pm["kappa"] == 1)
+                & pm["method"].str.startswith("pmean two-pass")]
+    assert (skewed["var_rel_err_median"] > 1e-3).all()  # equal weights: a real error
+    empty = pm[pm["pattern"].str.startswith("one empty") & pm["method"].str.contains("equal")]
+    assert np.isinf(empty["var_rel_err_max"]).all()
+    iv = t["distributed_invstd"].set_index(["var", "method"])
+    torch_like = "(mean, invstd, count), float32 (PyTorch SyncBatchNorm)"
+    nbbn_m = "nbbn (count, mean, M2), float64"
+    assert iv.loc[(1e-10, torch_like), "var_rel_err_median"] > 1e-4
+    assert iv.loc[(1e-14, torch_like), "var_nonpositive_frac"] > 0.5
+    assert iv.xs(nbbn_m, level="method")["var_rel_err_max"].max() < 1e-13
+    assert len(findings(t)) >= 5

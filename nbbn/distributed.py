@@ -289,9 +289,10 @@ def _empty_slice(x):
     return shape, meta.dtype, meta.on_device, stand_in
 
 
-def _backend_parts(backend: str, op: Op, geom):
-    """The backend's Parts, after the API's own checks (a kernel backend that runs this dtype)."""
-    api._kernel(api._kernel_backend(backend), op, geom)
+def _backend_parts(backend: str, op: Op, args):
+    """The backend's Parts, after the API's own checks (a kernel backend that runs this dtype
+    and fusion)."""
+    api._kernel(api._kernel_backend(backend), op, args)
     return registry.parts(backend)
 
 
@@ -322,7 +323,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, comm=None, eps=1e-5, running_m
         x_ref = x if empty is None else empty[3]
         args = validate.train_args(x_ref, gamma, beta, eps, running_mean, running_var, momentum,
                                    None, channel_axis, min_m=1)
-        parts = _backend_parts(backend, Op.FORWARD_TRAIN, args.geom)
+        parts = _backend_parts(backend, Op.FORWARD_TRAIN, args)
         g = args.geom
         if empty is None:
             local.geom = (g.shape, g.dtype, validate.array_meta(x, "x").on_device)
@@ -398,7 +399,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, comm=None,
             g = args.geom
             local.geom = empty[:3]
             local.describe(shape, dtype, channel_axis, 0)
-        parts = _backend_parts(backend, Op.BACKWARD, g)
+        parts = _backend_parts(backend, Op.BACKWARD, args)
         local.header[_F["checksum"]] = _checksum(save_mean, save_invstd)
         if empty is None:
             local.args = args

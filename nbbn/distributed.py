@@ -23,9 +23,12 @@ local slice (``parts.normalize``); the running statistics are updated on every r
 global unbiased variance σ²·n/(n − 1) (PyTorch's convention: ``r ← (1 − momentum)·r +
 momentum·batch``).
 
-Backward. Each rank computes Σdy and Σdy·(x − μ) of its slice (float64, ``parts.grad_sums``);
-one ``Allreduce`` (float64, SUM) makes them global, and each rank forms its local
-dx = γ·invstd·(dy − Σdy/n − (x − μ)·invstd²·Σdy·(x − μ)/n) (``parts.grad_apply``).
+Backward. Each rank computes Σdy, Σdy·(x − μ̃) and Σ(x − μ̃) of its slice (float64,
+``parts.grad_sums``; μ̃ = save_mean); one ``Allreduce`` (float64, SUM) makes them global, and each
+rank forms its local dx = γ·invstd·(dy − Σdy/n − (x − μ)·invstd²·Σdy·(x − μ)/n)
+(``parts.grad_apply``). The third sum lets every rank fold save_mean's rounding back into μ
+(μ = μ̃ + Σ(x − μ̃)/n when that is within a few ulps of μ̃) exactly as single-process backward
+does, so a float32 save_mean at |mean|/std = 1e3 costs dx nothing here either.
 dγ = invstd·Σdy·(x − μ) and dβ = Σdy are the sums over *every* rank, identical on every rank:
 they are the gradient of the sum of every rank's loss. (PyTorch's SyncBatchNorm returns each
 rank's local part and lets DistributedDataParallel average; if your step averages gradients
@@ -66,6 +69,7 @@ import zlib
 import numpy as np
 
 from . import api, registry, validate
+from .fold import fold_delta
 from .spec import Op
 
 __all__ = ["batch_norm_train", "batch_norm_backward", "merge_stats", "mpiexec_command"]
@@ -403,11 +407,12 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, comm=None,
         local.header[_F["checksum"]] = _checksum(save_mean, save_invstd)
         if empty is None:
             local.args = args
-            sum_dy, sum_dy_xmu = parts.grad_sums(args)
-            local.sums = np.empty((2, g.C))
-            local.sums[0], local.sums[1] = _to_host(sum_dy), _to_host(sum_dy_xmu)
+            sums = parts.grad_sums(args)
+            local.sums = np.empty((3, g.C))
+            for i in range(3):
+                local.sums[i] = _to_host(sums[i])
         else:
-            local.sums = np.zeros((2, g.C))
+            local.sums = np.zeros((3, g.C))
     except Exception as exc:
         local.error = exc
     headers = _exchange_header(comm, local)
@@ -415,17 +420,34 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, comm=None,
     from mpi4py import MPI
 
     C = local.sums.shape[1]
-    total = np.empty(2 * C)
+    total = np.empty(3 * C)
     comm.Allreduce(local.sums.reshape(-1), total, op=MPI.SUM)
     m_total = float(headers[:, _F["count"]].sum())
-    sum_dy, sum_dy_xmu = total[:C], total[C:]
-    if local.args is not None:
-        return parts.grad_apply(local.args, sum_dy, sum_dy_xmu, m_total)
-    shape, dtype, on_device = local.geom
+    sum_dy, sum_dy_xmu, sum_xmu = total[:C], total[C:2 * C], total[2 * C:]
+    # dγ and dβ from the global sums, on the host, by one formula on every rank (a kernel's
+    # fused multiply-adds could round them differently on a rank with rows and one without);
+    # δ folds save_mean's rounding back as single-process backward does (nbbn.fold).
     invstd = _to_host(save_invstd).astype(np.float64)
-    return (_empty_like(shape, dtype, x, on_device),
-            _like((sum_dy_xmu * invstd).astype(dtype), on_device),
-            _like(sum_dy.astype(dtype), on_device))
+    delta = fold_delta(sum_xmu, m_total, _to_host(save_mean))
+    dgamma = (sum_dy_xmu - delta * sum_dy) * invstd
+    if local.args is not None:
+        dx, dg_out, db_out = parts.grad_apply(local.args, sum_dy, sum_dy_xmu, m_total, sum_xmu)
+        _assign(dg_out, dgamma)
+        _assign(db_out, sum_dy)
+        return dx, dg_out, db_out
+    shape, dtype, on_device = local.geom
+    cdt = validate.channel_dtype(dtype)
+    return (_empty_like(shape, dtype, x, on_device), _like(dgamma.astype(cdt), on_device),
+            _like(sum_dy.astype(cdt), on_device))
+
+
+def _assign(out, values) -> None:
+    """Write float64 host values into a per-channel output (host or device) in its dtype."""
+    if isinstance(out, np.ndarray):
+        out[...] = values
+    else:
+        out.copy_to_device(np.ascontiguousarray(values, dtype=np.dtype(
+            out.__cuda_array_interface__["typestr"])))
 
 
 # -------------------------------------------------------------------------------- launching

@@ -193,8 +193,8 @@ def _environment(threads: int) -> dict:
     import mpi4py
     from mpi4py import MPI
 
-    from .harness.devices import _cpu_model
-    from .harness.env import environment
+    from .report import cpu_model as _cpu_model
+    from .report import environment
 
     env = environment()
     env["threads"] = threads
@@ -232,7 +232,7 @@ def _markdown(df, meta: dict) -> str:
         "slowest rank's per iteration, in µs. Method: the docstring of "
         "`nbbn/distributed_bench.py`.",
         "",
-        markdown_table(t, floatfmt=".4g", index=False),
+        markdown_table(t, ".4g", index=False),
         "",
     ]
     return "\n".join(lines)

@@ -121,9 +121,13 @@ class Parts:
     * ``normalize(args, mean, var, m_total) -> (y, save_mean, save_invstd)``: the forward's
       normalization with given statistics (var biased, over m_total values); updates
       ``args.running_*`` with the unbiased var·m_total/(m_total − 1); honours ``args.out``.
-    * ``grad_sums(args) -> (sum_dy, sum_dy_xmu)``: Σdy and Σdy·(x − save_mean) of this x.
-    * ``grad_apply(args, sum_dy, sum_dy_xmu, m_total) -> (dx, dgamma, dbeta)``: backward's
-      elementwise pass with given (global) sums: dβ = sum_dy, dγ = invstd·sum_dy_xmu.
+    * ``grad_sums(args) -> (sum_dy, sum_dy_xmu, sum_xmu)``: Σdy, Σdy·(x − save_mean) and
+      Σ(x − save_mean) of this x.
+    * ``grad_apply(args, sum_dy, sum_dy_xmu, m_total, sum_xmu=None) -> (dx, dgamma, dbeta)``:
+      backward's elementwise pass with given (global) sums: dβ = sum_dy, dγ = invstd·sum_dy_xmu.
+      With ``sum_xmu``, save_mean's rounding is folded back as in single-process backward (the
+      mean used is save_mean + sum_xmu/m_total when that correction is within a few ulps of
+      save_mean; otherwise save_mean as given).
     """
 
     stats: Callable

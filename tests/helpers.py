@@ -34,3 +34,16 @@ def assert_close(op, outputs, references, dtype, scales=None):
 def backward_refs(dy, x, save_mean, save_invstd, gamma):
     dx, dg, db = ref.backward(dy, x, save_mean, save_invstd, gamma)
     return (dx, dg, db), {"dx": ref.dx_scale(dy, save_invstd, gamma)}
+
+
+def exact_backward(dy, x, mean, invstd, gamma, axis=1, relu=False, y=None):
+    """The float64 reference gradient at the exact batch mean. At |mean|/std = 1e4 no float64
+    number is the batch mean (an ulp of 1e4 is 2e-12·σ away), and with a dy whose mean is far
+    from 0, dγ = Σdy·x̂ amplifies that by |Σdy|/|dγ|. Batch norm's gradient is unchanged by a
+    shift of x and μ together, so shift x by the float64 mean first (exact: Sterbenz) and pass
+    the small remaining mean, which float64 holds to ~u·σ."""
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = -1
+    xs = np.asarray(x, dtype=np.float64) - np.asarray(mean, np.float64).reshape(shape)
+    rest, _ = ref.batch_stats(xs, axis)
+    return ref.backward(dy, xs, rest, invstd, gamma, channel_axis=axis, relu=relu, y=y)

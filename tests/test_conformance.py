@@ -22,7 +22,7 @@ from nbbn import registry, validate
 from nbbn.spec import Fusion, Layout, Op
 from nbbn.tolerances import rel_err, tolerance
 
-from .helpers import make_params, make_x
+from .helpers import exact_backward, make_params, make_x
 
 SIMULATED_MAX = 160  # elements per case the CUDA simulator gets
 
@@ -112,19 +112,6 @@ def _specs(backend, op, layout):
     return [registry.select(backend, op, layout, v) for v in names]
 
 
-def _exact_backward(dy, x, mean, invstd, gamma, axis, relu, y):
-    """The float64 reference gradient at the exact batch mean. At |mean|/std = 1e4 no float64
-    number is the batch mean (an ulp of 1e4 is 2e-12·σ away), and with a dy whose mean is far
-    from 0, dγ = Σdy·x̂ amplifies that by |Σdy|/|dγ|. Batch norm's gradient is unchanged by a
-    shift of x and μ together, so shift x by the float64 mean first (exact: Sterbenz) and pass
-    the small remaining mean, which float64 holds to ~u·σ."""
-    shape = [1] * x.ndim
-    shape[axis % x.ndim] = -1
-    xs = np.asarray(x, dtype=np.float64) - np.asarray(mean, np.float64).reshape(shape)
-    rest, _ = ref.batch_stats(xs, axis)
-    return ref.backward(dy, xs, rest, invstd, gamma, channel_axis=axis, relu=relu, y=y)
-
-
 def _selected(spec, fusion, simulated: bool) -> bool:
     """Whether to run this (variant, fusion): all of them, except under the CUDA simulator
     (~1 s per kernel call), where every variant runs unfused and the default variant runs the
@@ -204,7 +191,7 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset):
             args = validate.backward_args(dy, x, sm, si, gamma, None, axis, fusion.relu, yfwd)
             outs = spec.fn(args)
             what = f"{backend}/{spec.variant} backward {fusion}"
-            expected = _exact_backward(dy, x, rmean, rinvstd, gamma, axis, fusion.relu, yfwd)
+            expected = exact_backward(dy, x, rmean, rinvstd, gamma, axis, fusion.relu, yfwd)
             assert len(outs) == len(expected), what
             scale = ref.dx_scale(dy, rinvstd, gamma, channel_axis=axis, relu=fusion.relu,
                                  y=yfwd)

@@ -406,14 +406,17 @@ def part_normalize(args, mean, var, m_total):
 
 def part_grad_sums(args):
     *_, sums = _backward(args, "auto", sums_only=True, fold=False)
-    return sums[0].copy(), sums[1].copy()
+    return sums[0].copy(), sums[1].copy(), sums[2].copy()
 
 
-def part_grad_apply(args, sum_dy, sum_dy_xmu, m_total):
+def part_grad_apply(args, sum_dy, sum_dy_xmu, m_total, sum_xmu=None):
     sums = np.zeros((3, args.geom.C))
     sums[0] = sum_dy
     sums[1] = sum_dy_xmu
-    dx, dgamma, dbeta, _, _ = _backward(args, "auto", sums=sums, m_total=m_total, fold=False)
+    if sum_xmu is not None:
+        sums[2] = sum_xmu
+    dx, dgamma, dbeta, _, _ = _backward(args, "auto", sums=sums, m_total=m_total,
+                                        fold=sum_xmu is not None)
     return dx, dgamma, dbeta
 
 

@@ -45,6 +45,7 @@ from numba import cuda
 from numba.cuda.cudadrv import devicearray
 
 from .. import registry, validate
+from ..fold import fold_delta
 from ..spec import (
     BackwardArgs,
     Fusion,
@@ -536,12 +537,13 @@ def part_grad_sums(args: BackwardArgs):
     K.bwd_merge[plan.merge_grid, plan.merge_block](g.m, part, sm, si, _dummy_vec(), 0, -1.0,
                                                    scratch_out[0], scratch_out[1], coef, sums)
     s = sums.copy_to_host()
-    return s[0].copy(), s[1].copy()
+    return s[0].copy(), s[1].copy(), s[2].copy()
 
 
-def part_grad_apply(args: BackwardArgs, sum_dy, sum_dy_xmu, m_total: int):
+def part_grad_apply(args: BackwardArgs, sum_dy, sum_dy_xmu, m_total: int, sum_xmu=None):
     """dx = k1·dy + k2·(x − save_mean) + k3 from given (global) sums: dβ = sum_dy,
-    dγ = invstd·sum_dy_xmu, k1 = γ·invstd, k2 = −k1·invstd·dγ/m_total, k3 = −k1·dβ/m_total."""
+    dγ = invstd·sum_dy_xmu, k1 = γ·invstd, k2 = −k1·invstd·dγ/m_total, k3 = −k1·dβ/m_total;
+    with ``sum_xmu`` the rounded-mean fold (registry.Parts) moves μ to μ̃ + δ."""
     _no_relu(args)
     g = args.geom
     lk, plan = _setup(g, None)
@@ -549,12 +551,17 @@ def part_grad_apply(args: BackwardArgs, sum_dy, sum_dy_xmu, m_total: int):
     ct = K.compute_dtype(g.dtype)
     invstd = _host_vector(args.save_invstd, 1.0, g.C)
     sdy = np.asarray(sum_dy, dtype=np.float64)
-    dg = np.asarray(sum_dy_xmu, dtype=np.float64) * invstd
+    mean = _host_vector(args.save_mean, 0.0, g.C)
+    delta = np.zeros(g.C)
+    if sum_xmu is not None:
+        delta = fold_delta(sum_xmu, m_total, _host_vector(args.save_mean, 0.0, g.C).astype(
+            validate.channel_dtype(g.dtype)))
+    dg = (np.asarray(sum_dy_xmu, dtype=np.float64) - delta * sdy) * invstd
     k1 = _host_vector(args.gamma, 1.0, g.C) * invstd
-    hi, lo = _split(_host_vector(args.save_mean, 0.0, g.C), ct)
+    k2 = -k1 * invstd * dg / m_total
+    hi, lo = _split(mean, ct)
     coef = cuda.to_device(np.ascontiguousarray(np.stack(
-        [hi, lo, k1.astype(ct), (-k1 * invstd * dg / m_total).astype(ct),
-         (-k1 * sdy / m_total).astype(ct)])))
+        [hi, lo, k1.astype(ct), k2.astype(ct), (-k1 * sdy / m_total - k2 * delta).astype(ct)])))
     xd = _x_like(args.x, "x", g)
     dyd = _x_like(args.dy, "dy", g)
     out = args.out if args.out is not None else (None, None, None)

@@ -24,8 +24,20 @@ def _kernel_backend(backend: str) -> str:
     return backend
 
 
+_CHECKED: dict[tuple, object] = {}
+registry._ON_CHANGE.append(_CHECKED.clear)
+
+
 def _kernel(backend: str, op: Op, args):
+    """The kernel function for a validated bundle: the registry's default variant for its memory
+    layout, after checking that it runs x's dtype and the fusion asked for (the answer is cached
+    per (backend, op, layout, dtype, fusion): this runs on every call)."""
     geom = args.geom
+    residual = getattr(args, "residual", None) is not None
+    key = (backend, op, geom.layout, geom.dtype, args.relu, residual)
+    fn = _CHECKED.get(key)
+    if fn is not None:
+        return fn
     spec = registry.select(backend, op, geom.layout)
     if args.fusion not in spec.fusions:
         raise ValueError(f"backend {backend!r} does not fuse {args.fusion} into {op} "
@@ -37,6 +49,7 @@ def _kernel(backend: str, op: Op, args):
             f"backend {backend!r} does not run {geom.dtype} x (it runs "
             f"{', '.join(str(d) for d in spec.dtypes)})"
             + (f"; {geom.dtype} runs on backend {', '.join(repr(b) for b in who)}" if who else ""))
+    _CHECKED[key] = spec.fn
     return spec.fn
 
 

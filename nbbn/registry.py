@@ -80,11 +80,22 @@ class _State:
 _STATE = _State()
 
 
+def _changed() -> None:
+    """Forget every cached answer (select's, and the API's per-call cache)."""
+    _STATE.fast.clear()
+    for hook in _ON_CHANGE:
+        hook()
+
+
+#: Functions called when a backend or kernel is (un)registered (caches elsewhere clear).
+_ON_CHANGE: list[Callable[[], None]] = []
+
+
 def register_backend(info: BackendInfo) -> None:
     _STATE.backends[info.name] = info
     _STATE.reasons.pop(info.name, None)
     _STATE.loaded.discard(info.name)
-    _STATE.fast.clear()
+    _changed()
 
 
 def register(spec: KernelSpec) -> KernelSpec:
@@ -94,7 +105,7 @@ def register(spec: KernelSpec) -> KernelSpec:
                       spec.variant, tuple(np.dtype(d) for d in spec.dtypes),
                       frozenset(Fusion(f) for f in spec.fusions))
     _STATE.kernels[spec.key] = spec
-    _STATE.fast.clear()
+    _changed()
     return spec
 
 
@@ -165,7 +176,7 @@ def unregister_backend(name: str) -> None:
     _STATE.loaded.discard(name)
     _STATE.stats.pop(name, None)
     _STATE.parts.pop(name, None)
-    _STATE.fast.clear()
+    _changed()
     for key in [k for k in _STATE.kernels if k[0] == name]:
         del _STATE.kernels[key]
 

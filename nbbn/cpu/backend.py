@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
@@ -53,126 +54,30 @@ SPLIT_CHUNK = 4096
 #: NCHW inference: bytes of x per task.
 INFER_TASK_BYTES = 64 * 1024
 
-_EMPTY = np.empty(0)
 _LOCAL = threading.local()
-
-
-def _scratch(n: int) -> np.ndarray:
-    """A float64 buffer of at least n values, owned by this thread and reused across calls."""
-    buf = getattr(_LOCAL, "buf", None)
-    if buf is None or buf.size < n:
-        buf = np.empty(max(n, 2 * (0 if buf is None else buf.size)))
-        _LOCAL.buf = buf
-    return buf
-
-
-def _carve(*shapes):
-    """Disjoint float64 scratch arrays of the given shapes, from the thread's buffer."""
-    sizes = [math.prod(s) for s in shapes]
-    buf = _scratch(sum(sizes))
-    out, o = [], 0
-    for shape, n in zip(shapes, sizes, strict=True):
-        out.append(buf[o:o + n].reshape(shape))
-        o += n
-    return out
+#: Absent optional vectors: an empty array of x's dtype (so no extra kernel signature).
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
+          np.dtype(np.float64): np.empty(0, np.float64)}
 
 
 # ---------------------------------------------------------------------------------------------
-# Arrays in, arrays out
+# Plans: the shape-only choices of one call, computed once per shape and cached
 # ---------------------------------------------------------------------------------------------
-def _host(a, name: str) -> np.ndarray:
-    if type(a) is not np.ndarray and not isinstance(a, np.ndarray):
-        raise TypeError(f"backend 'cpu' takes NumPy arrays; {name} is {type(a).__name__} "
-                        "(use backend='cuda' for device arrays)")
-    return a
+class Plan(NamedTuple):
+    """What a call of one (op, kernel shape, itemsize, variant) runs: the kernel dispatcher, the
+    trailing integer parameters it takes (chunks, lanes, group size, rows per task), the shapes
+    of the float64 scratch arrays that follow them, and the shape of the last scratch argument,
+    in x's dtype (the elementwise pass's coefficients), if it takes one."""
+
+    kernel: object
+    params: tuple
+    scratch: tuple
+    typed: tuple | None = None
 
 
-def _kview(a, geom, name: str) -> np.ndarray:
-    """The kernels' C-contiguous view of an x-shaped array: no copy when it is laid out as the
-    kernels need (x's memory layout), one copy otherwise."""
-    a = _host(a, name)
-    if not geom.identity_perm:
-        a = a.transpose(geom.perm)
-    if not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a)
-    return a.reshape(geom.kernel_shape)
+_PLANS: dict[tuple, Plan] = {}
 
 
-def _alloc(geom, out):
-    """(array returned to the caller, kernel view) of an x-shaped output in x's memory layout;
-    ``out`` is a validated preallocated array or None."""
-    if out is None:
-        if geom.identity_perm:
-            buf = np.empty(geom.shape, dtype=geom.dtype)
-            return buf, buf.reshape(geom.kernel_shape)
-        buf = np.empty(geom.memory_shape, dtype=geom.dtype)
-        return buf.transpose(inverse_perm(geom.perm)), buf.reshape(geom.kernel_shape)
-    buf = out if geom.identity_perm else out.transpose(geom.perm)
-    view = buf.reshape(geom.kernel_shape)
-    if not np.shares_memory(view, out):  # validation guarantees a view; never write a copy
-        raise AssertionError("out= array could not be viewed without a copy")
-    return out, view
-
-
-def _f64(v, name: str) -> np.ndarray:
-    """A per-channel vector as contiguous float64 (C values: the conversion is negligible)."""
-    if v is None:
-        return _EMPTY
-    v = _host(v, name)
-    if v.dtype == np.float64 and v.flags.c_contiguous:
-        return v
-    return np.ascontiguousarray(v, dtype=np.float64)
-
-
-def _vectors(geom, out, names=("save_mean", "save_invstd")):
-    """The two per-channel outputs (x's dtype), preallocated or new."""
-    if out is None:
-        return np.empty(geom.C, geom.dtype), np.empty(geom.C, geom.dtype)
-    return out[1], out[2]
-
-
-class _Running:
-    """Running statistics updated in place by the kernel; a strided one goes through a
-    contiguous copy that is written back."""
-
-    def __init__(self, args, placeholder):
-        rm, rv = args.running_mean, args.running_var
-        self.given = rm is not None
-        if not self.given:
-            self.rm = self.rv = placeholder
-            return
-        self.user = (_host(rm, "running_mean"), _host(rv, "running_var"))
-        self.rm = rm if rm.flags.c_contiguous else np.ascontiguousarray(rm)
-        self.rv = rv if rv.flags.c_contiguous else np.ascontiguousarray(rv)
-
-    def write_back(self):
-        if self.given:
-            for dst, src in zip(self.user, (self.rm, self.rv), strict=True):
-                if dst is not src:
-                    dst[...] = src
-
-
-def _flags(args) -> int:
-    f = 0
-    if args.gamma is not None:
-        f |= K.HAS_GAMMA
-    if getattr(args, "beta", None) is not None:
-        f |= K.HAS_BETA
-    if args.relu:
-        f |= K.RELU
-    if getattr(args, "residual", None) is not None:
-        f |= K.RESIDUAL
-    return f
-
-
-def _precision(dtype) -> int:
-    """Significand bits of a float dtype (24 for float32, 53 for float64)."""
-    return int(np.finfo(dtype).nmant) + 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Shape-only choices
-# ---------------------------------------------------------------------------------------------
 def nc_plan(M: int, C: int, itemsize: int) -> tuple[int, int]:
     """(K row chunks, L rows per wide row) of an (M, C) array."""
     L = -(-WIDE // C) if C < WIDE else 1
@@ -199,59 +104,213 @@ def _twin(pair, numel: int, variant: str):
     return pair[0]
 
 
-def _nchw_algorithm(geom, variant: str) -> str:
+def _nchw_split(C: int, variant: str) -> bool:
     if variant in ("grouped", "split"):
-        return variant
-    return "split" if geom.C < SPLIT_BELOW_C else "grouped"
+        return variant == "split"
+    return C < SPLIT_BELOW_C
+
+
+def _make_plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
+    numel = math.prod(shape)
+    if len(shape) == 2:  # NC family: (M, C)
+        M, C = shape
+        K_, L = nc_plan(M, C, itemsize)
+        W = L * C
+        if op == "forward":
+            return Plan(_twin(K.NC_FORWARD, numel, variant), (K_, L), ((K_, 2, W), (W,)), (5, W))
+        if op == "apply":
+            return Plan(_twin(K.NC_INFER, numel, variant), (K_, L), (), (5, W))
+        return Plan(_twin(K.NC_BACKWARD, numel, variant), (K_, L), ((K_, 3, W), (W,)), (5, W))
+    N, C, S = shape
+    if op == "apply":
+        R = max(1, INFER_TASK_BYTES // (S * itemsize))
+        return Plan(_twin(K.NCHW_INFER, numel, variant), (R,), (), (5, C))
+    if _nchw_split(C, variant):
+        K_ = nchw_split_chunks(N, C, S)
+        if op == "forward":
+            return Plan(_twin(K.NCHW_FORWARD_SPLIT, numel, variant), (K_,), ((C, K_, 2), (C,)),
+                        (5, C))
+        return Plan(_twin(K.NCHW_BACKWARD_SPLIT, numel, variant), (K_,), ((C, K_, 3),), (5, C))
+    G = nchw_group(N, C, S, itemsize)
+    if op == "forward":
+        return Plan(_twin(K.NCHW_FORWARD_GROUPED, numel, variant), (G,), ())
+    return Plan(_twin(K.NCHW_BACKWARD_GROUPED, numel, variant), (G,), ())
+
+
+def plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
+    """The cached :class:`Plan` of a call (``op`` is "forward", "apply" or "backward")."""
+    key = (op, shape, itemsize, variant)
+    p = _PLANS.get(key)
+    if p is None:
+        p = _PLANS[key] = _make_plan(op, shape, itemsize, variant)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Scratch: one float64 buffer per thread, carved into the arrays a plan needs
+# ---------------------------------------------------------------------------------------------
+def _scratch(n: int) -> np.ndarray:
+    """A float64 buffer of at least n values, owned by this thread and reused across calls."""
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or buf.size < n:
+        buf = np.empty(max(n, 2 * (0 if buf is None else buf.size)))
+        _LOCAL.buf = buf
+        _LOCAL.views = {}  # views of the old buffer are dropped with it
+    return buf
+
+
+def _carve(*shapes):
+    """Disjoint float64 scratch arrays of the given shapes, from the thread's buffer; the views
+    of a set of shapes are cached (a dict lookup per call)."""
+    views = getattr(_LOCAL, "views", None)
+    if views is not None:
+        got = views.get(shapes)
+        if got is not None:
+            return got
+    sizes = [math.prod(s) for s in shapes]
+    buf = _scratch(sum(sizes))
+    out, o = [], 0
+    for shape, n in zip(shapes, sizes, strict=True):
+        out.append(buf[o:o + n].reshape(shape))
+        o += n
+    out = tuple(out)
+    _LOCAL.views[shapes] = out
+    return out
+
+
+def _typed(shape, dtype) -> np.ndarray:
+    """A scratch array of x's dtype (the elementwise passes' coefficients), per thread, cached
+    by (shape, dtype)."""
+    cache = getattr(_LOCAL, "typed", None)
+    if cache is None:
+        cache = _LOCAL.typed = {}
+    key = (shape, dtype)
+    a = cache.get(key)
+    if a is None:
+        a = cache[key] = np.empty(shape, dtype)
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays in, arrays out
+# ---------------------------------------------------------------------------------------------
+def _host(a, name: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"backend 'cpu' takes NumPy arrays; {name} is {type(a).__name__} "
+                        "(use backend='cuda' for device arrays)")
+    return a
+
+
+def _kview(a, geom, name: str) -> np.ndarray:
+    """The kernels' C-contiguous view of an x-shaped array: no copy when it is laid out as the
+    kernels need (x's memory layout), one copy otherwise."""
+    if type(a) is not np.ndarray:
+        _host(a, name)
+    if geom.identity_perm:
+        if geom.layout is Layout.NC and len(geom.shape) == 2:
+            return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    else:
+        a = a.transpose(geom.perm)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a.reshape(geom.kernel_shape)
+
+
+def _alloc(geom, out):
+    """(array returned to the caller, kernel view) of an x-shaped output in x's memory layout;
+    ``out`` is a validated preallocated array or None."""
+    if out is None:
+        if geom.identity_perm:
+            buf = np.empty(geom.shape, dtype=geom.dtype)
+            if len(geom.shape) == 2:
+                return buf, buf
+            return buf, buf.reshape(geom.kernel_shape)
+        buf = np.empty(geom.memory_shape, dtype=geom.dtype)
+        return buf.transpose(inverse_perm(geom.perm)), buf.reshape(geom.kernel_shape)
+    buf = out if geom.identity_perm else out.transpose(geom.perm)
+    view = buf.reshape(geom.kernel_shape)
+    if not np.shares_memory(view, out):  # validation guarantees a view; never write a copy
+        raise AssertionError("out= array could not be viewed without a copy")
+    return out, view
+
+
+def _vec(v, name: str, dtype) -> np.ndarray:
+    """A per-channel input as a contiguous array in its own dtype (kernels read it and widen to
+    float64); an empty array of x's dtype when absent."""
+    if v is None:
+        return _EMPTY[dtype]
+    if type(v) is not np.ndarray:
+        _host(v, name)
+    if v.strides[0] != v.itemsize or not v.flags.writeable:
+        v = np.array(v)  # one dtype of kernel argument: contiguous and writeable
+    return v
+
+
+def _vectors(geom, out):
+    """The two per-channel outputs (x's dtype), preallocated or new."""
+    if out is None:
+        return np.empty(geom.C, geom.dtype), np.empty(geom.C, geom.dtype)
+    return out[1], out[2]
+
+
+def _running(v, name):
+    """A running statistic updated in place: (the array the kernel writes, the caller's)."""
+    v = _host(v, name)
+    return (v if v.strides[0] == v.itemsize else np.ascontiguousarray(v)), v
+
+
+def _flags(args) -> int:
+    f = 0
+    if args.gamma is not None:
+        f |= K.HAS_GAMMA
+    if getattr(args, "beta", None) is not None:
+        f |= K.HAS_BETA
+    if args.relu:
+        f |= K.RELU
+    if getattr(args, "residual", None) is not None:
+        f |= K.RESIDUAL
+    return f
+
+
+_PRECISION = {np.dtype(np.float32): 24, np.dtype(np.float64): 53}
 
 
 # ---------------------------------------------------------------------------------------------
 # The three ops
 # ---------------------------------------------------------------------------------------------
-def _forward(args, variant: str, *, stats_only=False, out_y=True):
-    """Run forward-train; returns (y_user, save_mean, save_invstd, mean64, var64)."""
+def _forward(args, variant: str, *, stats_only=False):
+    """Run forward-train; returns (y_user, save_mean, save_invstd, mean64, var64) -- the last two
+    are this thread's scratch: copy them to keep them."""
     geom = args.geom
+    dt = geom.dtype
     x = _kview(args.x, geom, "x")
     flags = _flags(args)
     if stats_only:  # y is never written: an untouched allocation keeps the kernel's types
         flags = (flags | K.STATS_ONLY) & ~(K.RELU | K.RESIDUAL)
         y_user, y = None, np.empty(x.shape, x.dtype)
-        save_mean = save_invstd = np.empty(geom.C, geom.dtype)
+        save_mean = save_invstd = np.empty(geom.C, dt)
     else:
         y_user, y = _alloc(geom, None if args.out is None else args.out[0])
         save_mean, save_invstd = _vectors(geom, args.out)
-    res = y
-    if flags & K.RESIDUAL:
-        res = _kview(args.residual, geom, "residual")
-    running = _Running(args, save_mean)
-    if running.given and not stats_only:
-        flags |= K.HAS_RUNNING
-    gamma = _f64(args.gamma, "gamma")
-    beta = _f64(args.beta, "beta")
-    mean64 = np.empty(geom.C)
-    var64 = np.empty(geom.C)
-    numel = x.size
-    if x.ndim == 2:
-        M, C = x.shape
-        K_, L = nc_plan(M, C, x.itemsize)
-        part, coef = _carve((K_, 2, L * C), (4, L * C))
-        _twin(K.NC_FORWARD, numel, variant)(
-            x, y, res, gamma, beta, running.rm, running.rv, save_mean, save_invstd, mean64,
-            var64, flags, args.eps, args.momentum, K_, L, part, coef)
-    else:
-        N, C, S = x.shape
-        if _nchw_algorithm(geom, variant) == "split":
-            K_ = nchw_split_chunks(N, C, S)
-            part, coef = _carve((C, K_, 2), (3, C))
-            _twin(K.NCHW_FORWARD_SPLIT, numel, variant)(
-                x, y, res, gamma, beta, running.rm, running.rv, save_mean, save_invstd, mean64,
-                var64, flags, args.eps, args.momentum, K_, part, coef)
-        else:
-            _twin(K.NCHW_FORWARD_GROUPED, numel, variant)(
-                x, y, res, gamma, beta, running.rm, running.rv, save_mean, save_invstd, mean64,
-                var64, flags, args.eps, args.momentum, nchw_group(N, C, S, x.itemsize))
-    if not stats_only:
-        running.write_back()
+    res = y if args.residual is None else _kview(args.residual, geom, "residual")
+    rm = rv = save_mean
+    if args.running_mean is not None:
+        rm, rm_user = _running(args.running_mean, "running_mean")
+        rv, rv_user = _running(args.running_var, "running_var")
+        if not stats_only:
+            flags |= K.HAS_RUNNING
+    p = plan("forward", x.shape, x.itemsize, variant)
+    mean64, var64, *scratch = _carve((geom.C,), (geom.C,), *p.scratch)
+    if p.typed is not None:
+        scratch.append(_typed(p.typed, dt))
+    p.kernel(x, y, res, _vec(args.gamma, "gamma", dt), _vec(args.beta, "beta", dt), rm, rv,
+             save_mean, save_invstd, mean64, var64, flags, args.eps, args.momentum, *p.params,
+             *scratch)
+    if flags & K.HAS_RUNNING:
+        if rm is not rm_user:
+            rm_user[...] = rm
+        if rv is not rv_user:
+            rv_user[...] = rv
     return y_user, save_mean, save_invstd, mean64, var64
 
 
@@ -264,35 +323,24 @@ def _apply(args, variant: str, coef_given=None):
     """y = (x − c0)·c1 + c2 (+ residual, ReLU): inference with the population statistics, or
     with ``coef_given`` (3, C) float64."""
     geom = args.geom
+    dt = geom.dtype
     x = _kview(args.x, geom, "x")
     flags = _flags(args)
     y_user, y = _alloc(geom, args.out if not isinstance(args.out, tuple) else args.out[0])
-    res = _kview(args.residual, geom, "residual") if flags & K.RESIDUAL else y
-    numel = x.size
+    res = y if args.residual is None else _kview(args.residual, geom, "residual")
+    p = plan("apply", x.shape, x.itemsize, variant)
+    (coef,) = _carve((3, geom.C))
     if coef_given is not None:
         flags |= K.COEF_GIVEN
-        rm = rv = gamma = beta = _EMPTY
+        coef[...] = coef_given
+        rm = rv = gamma = beta = _EMPTY[dt]
     else:
-        rm = _host(args.running_mean, "running_mean")
-        rv = _host(args.running_var, "running_var")
-        gamma = _f64(args.gamma, "gamma")
-        beta = _f64(args.beta, "beta")
-    if x.ndim == 2:
-        M, C = x.shape
-        K_, L = nc_plan(M, C, x.itemsize)
-        (coef,) = _carve((3, L * C))
-        if coef_given is not None:
-            coef[:, :C] = coef_given
-        _twin(K.NC_INFER, numel, variant)(x, y, res, rm, rv, gamma, beta, coef, flags, args.eps,
-                                          K_, L)
-    else:
-        N, C, S = x.shape
-        (coef,) = _carve((3, C))
-        if coef_given is not None:
-            coef[...] = coef_given
-        R = max(1, INFER_TASK_BYTES // (S * x.itemsize))
-        _twin(K.NCHW_INFER, numel, variant)(x, y, res, rm, rv, gamma, beta, coef, flags,
-                                            args.eps, R)
+        rm = _vec(args.running_mean, "running_mean", dt)
+        rv = _vec(args.running_var, "running_var", dt)
+        gamma = _vec(args.gamma, "gamma", dt)
+        beta = _vec(args.beta, "beta", dt)
+    p.kernel(x, y, res, rm, rv, gamma, beta, coef, _typed(p.typed, dt), flags, args.eps,
+             *p.params)
     return y_user
 
 
@@ -303,27 +351,25 @@ def inference(args, variant: str = "auto"):
 def _backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, fold=True):
     """Run backward; returns (dx_user, dgamma, dbeta, dz_user or None, sums (3, C))."""
     geom = args.geom
+    dt = geom.dtype
     x = _kview(args.x, geom, "x")
     dy = _kview(args.dy, geom, "dy")
     flags = _flags(args)
-    relu = bool(flags & K.RELU)
+    relu = args.relu
     yv = _kview(args.y, geom, "y") if relu else x
     out = args.out
     if sums_only:  # dx is never written (untouched allocation, see _forward)
         dx_user, dx = None, np.empty(x.shape, x.dtype)
     else:
         dx_user, dx = _alloc(geom, None if out is None else out[0])
-    dz_user, dz = (None, dx)
+    dz_user, dz = None, dx
     if relu:
         dz_user, dz = _alloc(geom, None if out is None else out[3])
     if out is None:
-        dgamma, dbeta = np.empty(geom.C, geom.dtype), np.empty(geom.C, geom.dtype)
+        dgamma, dbeta = np.empty(geom.C, dt), np.empty(geom.C, dt)
     else:
         dgamma, dbeta = out[1], out[2]
-    sm_user = _host(args.save_mean, "save_mean")
-    save_mean = _f64(sm_user, "save_mean")
-    save_invstd = _f64(args.save_invstd, "save_invstd")
-    gamma = _f64(args.gamma, "gamma")
+    save_mean = _vec(args.save_mean, "save_mean", dt)
     if sums is None:
         sums = np.empty((3, geom.C))
     else:
@@ -333,27 +379,13 @@ def _backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, f
     if fold:
         flags |= K.FOLD
     m = float(geom.m if m_total is None else m_total)
-    prec = _precision(sm_user.dtype)
-    numel = x.size
-    if x.ndim == 2:
-        M, C = x.shape
-        K_, L = nc_plan(M, C, x.itemsize)
-        part, coef = _carve((K_, 3, L * C), (4, L * C))
-        _twin(K.NC_BACKWARD, numel, variant)(
-            dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums, flags, m, prec,
-            K_, L, part, coef)
-    else:
-        N, C, S = x.shape
-        if _nchw_algorithm(geom, variant) == "split":
-            K_ = nchw_split_chunks(N, C, S)
-            part, coef = _carve((C, K_, 3), (3, C))
-            _twin(K.NCHW_BACKWARD_SPLIT, numel, variant)(
-                dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums, flags, m,
-                prec, K_, part, coef)
-        else:
-            _twin(K.NCHW_BACKWARD_GROUPED, numel, variant)(
-                dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums, flags, m,
-                prec, nchw_group(N, C, S, x.itemsize))
+    p = plan("backward", x.shape, x.itemsize, variant)
+    scratch = _carve(*p.scratch) if p.scratch else ()
+    if p.typed is not None:
+        scratch = (*scratch, _typed(p.typed, dt))
+    p.kernel(dy, x, yv, dx, dz, save_mean, _vec(args.save_invstd, "save_invstd", dt),
+             _vec(args.gamma, "gamma", dt), dgamma, dbeta, sums, flags, m,
+             _PRECISION.get(save_mean.dtype, 53), *p.params, *scratch)
     return dx_user, dgamma, dbeta, dz_user, sums
 
 
@@ -371,12 +403,12 @@ def batch_stats(x, channel_axis=1) -> tuple[np.ndarray, np.ndarray]:
 
     args = train_args(x, None, None, 1e-5, None, None, 0.0, None, channel_axis, min_m=1)
     _, _, _, mean, var = _forward(args, "auto", stats_only=True)
-    return mean, var
+    return mean.copy(), var.copy()
 
 
 def part_stats(args):
     _, _, _, mean, var = _forward(args, "auto", stats_only=True)
-    return mean, var * args.geom.m
+    return mean.copy(), var * args.geom.m
 
 
 def part_normalize(args, mean, var, m_total):

@@ -62,8 +62,8 @@ Work split and memory passes (S bytes per element)
     ``serial``: every kernel also exists without ``parallel`` (same code, ``prange`` runs as
         ``range``), for calls too small to pay a parallel region's wake-up (a few µs).
 
-Arguments: per-channel inputs (γ, β, saved statistics) arrive as float64 arrays (the backend
-converts C values); x-shaped arrays in x's dtype; running statistics in their own dtype.
+Arguments: per-channel inputs (γ, β, saved and running statistics) arrive in their own dtype and
+are widened to float64 where read; x-shaped arrays in x's dtype.
 Absent optional arrays are empty arrays and a ``flags`` bit says whether they are present.
 """
 
@@ -134,8 +134,8 @@ def _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rv
                    save_invstd, mean64, var64):
     """Saved and running statistics of channel c; returns (α = γ·invstd, β)."""
     invstd = 1.0 / math.sqrt(var + eps)
-    g = gamma[c] if flags & HAS_GAMMA else 1.0
-    b = beta[c] if flags & HAS_BETA else 0.0
+    g = np.float64(gamma[c]) if flags & HAS_GAMMA else 1.0
+    b = np.float64(beta[c]) if flags & HAS_BETA else 0.0
     mean64[c] = mean
     var64[c] = var
     if not flags & STATS_ONLY:
@@ -149,13 +149,13 @@ def _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rv
 
 
 @njit(inline="always")
-def _infer_channel(c, rmean, rvar, gamma, beta, flags, eps):
-    """Folded inference coefficients of channel c: α = γ/√(σ²_pop + ε), β' = β − μ_pop·α."""
+def _infer_channel(c, rvar, gamma, beta, flags, eps):
+    """Inference coefficients of channel c: α = γ/√(σ²_pop + ε) and β, for y = (x − μ_pop)·α + β
+    (the folded y = α·x + β', β' = β − μ_pop·α, in exact arithmetic)."""
     alpha = 1.0 / math.sqrt(np.float64(rvar[c]) + eps)
     if flags & HAS_GAMMA:
-        alpha *= gamma[c]
-    b = beta[c] if flags & HAS_BETA else 0.0
-    return alpha, b - np.float64(rmean[c]) * alpha
+        alpha *= np.float64(gamma[c])
+    return alpha, (np.float64(beta[c]) if flags & HAS_BETA else 0.0)
 
 
 @njit(inline="always")
@@ -169,21 +169,43 @@ def _fold(sx, m, mu_saved, precision):
 
 
 @njit(inline="always")
+def _grad_coefficients(t, j, c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags,
+                       precision, dgamma, dbeta):
+    """:func:`_grad_channel` of channel c into t[:, j] = (h, l, k1, k2, k3) of x's dtype, with
+    μ = μ̃ + δ split into h + l: dx = k1·g + k2·((x − h) − l) + k3."""
+    k1, k2, k3, mu = _grad_channel(c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags,
+                                   precision, dgamma, dbeta)
+    _split(t, j, mu)
+    t[2, j] = k1
+    t[3, j] = k2
+    t[4, j] = k3
+
+
+@njit(inline="always")
 def _grad_channel(c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags, precision,
                   dgamma, dbeta):
-    """dγ, dβ of channel c and the dx coefficients (k1, k2, k3) for dx = k1·g + k2·(x − μ̃) + k3,
-    with the rounded-mean fold applied when ``flags`` asks for it."""
-    mu = save_mean[c]
-    invstd = save_invstd[c]
+    """dγ, dβ of channel c and (k1, k2, k3, μ) for dx = k1·g + k2·(x − μ) + k3, with μ = μ̃ + δ
+    when the rounded-mean fold applies (``flags``), else μ̃."""
+    mu = np.float64(save_mean[c])
+    invstd = np.float64(save_invstd[c])
     delta = _fold(sx, m, mu, precision) if flags & FOLD else 0.0
     sdyx = sdyx - delta * sdy  # Σg·(x − μ) with μ = μ̃ + δ
     dg = sdyx * invstd
     dgamma[c] = dg
     dbeta[c] = sdy
-    k1 = gamma[c] * invstd if flags & HAS_GAMMA else invstd
+    k1 = np.float64(gamma[c]) * invstd if flags & HAS_GAMMA else invstd
     k2 = -k1 * invstd * dg / m
-    k3 = -k1 * sdy / m - k2 * delta  # (x − μ) = (x − μ̃) − δ
-    return k1, k2, k3
+    return k1, k2, -k1 * sdy / m, mu + delta
+
+
+@njit(inline="always")
+def _split(t, c, mu):
+    """t[0, c] = μ rounded to t's dtype (h), t[1, c] = the rest (l = μ − h, rounded): the
+    elementwise passes form (x − h) − l in x's dtype. x − h is exact when x is near μ
+    (Sterbenz), so float32 data at |μ|/σ = 1e4 keep their accuracy in float32 arithmetic,
+    where x·α − μ·α would cancel; for float64 data l = 0."""
+    t[0, c] = mu
+    t[1, c] = mu - t[0, c]
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,46 +242,50 @@ def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
 
 
 @njit(fastmath=_FM, inline="always")
-def _row_apply(xr, yr, rr, c0, c1, c2, flags):
-    """yr = (xr − c0)·c1 + c2, then + rr (RESIDUAL) and max(·, 0) (RELU). c0, c1, c2 are arrays
-    indexed like the row, or scalars."""
+def _row_apply(xr, yr, rr, t, flags):
+    """yr = ((xr − h) − l)·a + b, then + rr (RESIDUAL) and max(·, 0) (RELU), in x's dtype;
+    t = (h, l, a, b) are arrays of x's dtype indexed like the row (see :func:`_split`)."""
+    h = t[0]
+    lo = t[1]
+    a = t[2]
+    b = t[3]
     W = xr.size
     if flags & RESIDUAL:
         if flags & RELU:
             for j in range(W):
-                v = (xr[j] - c0[j]) * c1[j] + c2[j] + rr[j]
+                v = ((xr[j] - h[j]) - lo[j]) * a[j] + b[j] + rr[j]
                 yr[j] = 0.0 if v < 0.0 else v
         else:
             for j in range(W):
-                yr[j] = (xr[j] - c0[j]) * c1[j] + c2[j] + rr[j]
+                yr[j] = ((xr[j] - h[j]) - lo[j]) * a[j] + b[j] + rr[j]
     elif flags & RELU:
         for j in range(W):
-            v = (xr[j] - c0[j]) * c1[j] + c2[j]
+            v = ((xr[j] - h[j]) - lo[j]) * a[j] + b[j]
             yr[j] = 0.0 if v < 0.0 else v
     else:
         for j in range(W):
-            yr[j] = (xr[j] - c0[j]) * c1[j] + c2[j]
+            yr[j] = ((xr[j] - h[j]) - lo[j]) * a[j] + b[j]
 
 
 @njit(fastmath=_FM, inline="always")
-def _row_apply_scalar(xr, yr, rr, c0, c1, c2, flags):
-    """:func:`_row_apply` with scalar coefficients (one channel per row: NCHW)."""
+def _row_apply_scalar(xr, yr, rr, h, lo, a, b, flags):
+    """:func:`_row_apply` with scalar coefficients of x's dtype (one channel per row: NCHW)."""
     W = xr.size
     if flags & RESIDUAL:
         if flags & RELU:
             for j in range(W):
-                v = (xr[j] - c0) * c1 + c2 + rr[j]
+                v = ((xr[j] - h) - lo) * a + b + rr[j]
                 yr[j] = 0.0 if v < 0.0 else v
         else:
             for j in range(W):
-                yr[j] = (xr[j] - c0) * c1 + c2 + rr[j]
+                yr[j] = ((xr[j] - h) - lo) * a + b + rr[j]
     elif flags & RELU:
         for j in range(W):
-            v = (xr[j] - c0) * c1 + c2
+            v = ((xr[j] - h) - lo) * a + b
             yr[j] = 0.0 if v < 0.0 else v
     else:
         for j in range(W):
-            yr[j] = (xr[j] - c0) * c1 + c2
+            yr[j] = ((xr[j] - h) - lo) * a + b
 
 
 @njit(fastmath=_FM, inline="always")
@@ -310,16 +336,22 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
 
 
 @njit(fastmath=_FM, inline="always")
-def _row_dx(gr, xr, dr, mu, k1, k2, k3):
-    """dx = k1·g + k2·(x − μ̃) + k3 over one row (arrays indexed like the row)."""
+def _row_dx(gr, xr, dr, t):
+    """dx = k1·g + k2·((x − h) − l) + k3 over one row, in x's dtype; t = (h, l, k1, k2, k3)
+    arrays indexed like the row."""
+    h = t[0]
+    lo = t[1]
+    k1 = t[2]
+    k2 = t[3]
+    k3 = t[4]
     for j in range(xr.size):
-        dr[j] = k1[j] * gr[j] + k2[j] * (xr[j] - mu[j]) + k3[j]
+        dr[j] = k1[j] * gr[j] + k2[j] * ((xr[j] - h[j]) - lo[j]) + k3[j]
 
 
 @njit(fastmath=_FM, inline="always")
-def _row_dx_scalar(gr, xr, dr, mu, k1, k2, k3):
+def _row_dx_scalar(gr, xr, dr, h, lo, k1, k2, k3):
     for j in range(xr.size):
-        dr[j] = k1 * gr[j] + k2 * (xr[j] - mu) + k3
+        dr[j] = k1 * gr[j] + k2 * ((xr[j] - h) - lo) + k3
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,13 +383,17 @@ def _nc_chunk_sums(x, r0, r1, L, wshift, a1, a2):
     _rows_shifted_sums(x, tail, r1, wshift, a1, a2)  # leftover rows use lanes 0..C−1
 
 
-@njit(inline="always")
-def _lanes(part, k, q, c, C, L):
-    """Σ over the L lanes of channel c of part[k, q] (lane j holds channel j mod C)."""
-    s = 0.0
-    for lane in range(L):
-        s += part[k, q, lane * C + c]
-    return s
+@njit(fastmath=_FM, inline="always")
+def _merge(part, q, C, L, acc):
+    """acc[c] = Σ over chunks k, then lanes, of part[k, q, lane·C + c] (lane j holds channel
+    j mod C), in that fixed order; chunk-major, so every pass is a unit-stride vector add."""
+    for c in range(C):
+        acc[c] = 0.0
+    for k in range(part.shape[0]):
+        for lane in range(L):
+            p = part[k, q, lane * C:(lane + 1) * C]
+            for c in range(C):
+                acc[c] += p[c]
 
 
 @njit(inline="always")
@@ -368,25 +404,22 @@ def _tile(v, C, L):
 
 
 def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean64, var64,
-               flags, eps, momentum, K, L, part, coef):
-    """Forward-train over x (M, C): ``part`` (K, 2, W) and ``coef`` (4, W) float64 scratch."""
+               flags, eps, momentum, K, L, part, shift, t):
+    """Forward-train over x (M, C). Scratch: ``part`` (K, 2, W) and ``shift`` (W,) float64,
+    ``t`` (5, W) in x's dtype (the apply pass's h, l, α, β)."""
     M, C = x.shape
     m = float(M)
-    shift = coef[3]
     for j in range(C):
         shift[j] = x[0, j]
     _tile(shift, C, L)
     for k in prange(K):
         r0, r1 = _chunk(M, K, k)
         _nc_chunk_sums(x, r0, r1, L, shift, part[k, 0], part[k, 1])
+    _merge(part, 0, C, L, mean64)  # Σ(x − K), then Σ(x − K)², per channel
+    _merge(part, 1, C, L, var64)
     redo = False
     for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for k in range(K):
-            s1 += _lanes(part, k, 0, c, C, L)
-            s2 += _lanes(part, k, 1, c, C, L)
-        mean64[c], var64[c] = _finish(s1, s2, shift[c], m)
+        mean64[c], var64[c] = _finish(mean64[c], var64[c], shift[c], m)
         redo = redo or _far(mean64[c], var64[c], shift[c])
     if redo:  # an outlier first row: take the sums again around μ
         for j in range(C):
@@ -395,61 +428,63 @@ def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean
         for k in prange(K):
             r0, r1 = _chunk(M, K, k)
             _nc_chunk_sums(x, r0, r1, L, shift, part[k, 0], part[k, 1])
+        _merge(part, 0, C, L, mean64)
+        _merge(part, 1, C, L, var64)
         for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            for k in range(K):
-                s1 += _lanes(part, k, 0, c, C, L)
-                s2 += _lanes(part, k, 1, c, C, L)
-            mean64[c], var64[c] = _finish(s1, s2, shift[c], m)
+            mean64[c], var64[c] = _finish(mean64[c], var64[c], shift[c], m)
     for c in range(C):
-        coef[0, c] = mean64[c]
-        coef[1, c], coef[2, c] = _train_channel(c, mean64[c], var64[c], m, eps, gamma, beta,
-                                                flags, momentum, rmean, rvar, save_mean,
-                                                save_invstd, mean64, var64)
+        _split(t, c, mean64[c])
+        t[2, c], t[3, c] = _train_channel(c, mean64[c], var64[c], m, eps, gamma, beta, flags,
+                                          momentum, rmean, rvar, save_mean, save_invstd, mean64,
+                                          var64)
     if flags & STATS_ONLY:
         return
-    for q in range(3):
-        _tile(coef[q], C, L)
+    for q in range(4):
+        _tile(t[q], C, L)
     for k in prange(K):
         r0, r1 = _chunk(M, K, k)
-        _nc_apply_rows(x, y, res, r0, r1, L, coef, flags)
+        _nc_apply_rows(x, y, res, r0, r1, L, t, flags)
 
 
 @njit(fastmath=_FM, inline="always")
-def _nc_apply_rows(x, y, res, r0, r1, L, coef, flags):
-    """Rows [r0, r1): y = (x − c0)·c1 + c2 (+ res, ReLU), wide rows first."""
+def _nc_apply_rows(x, y, res, r0, r1, L, t, flags):
+    """Rows [r0, r1): y = ((x − h) − l)·a + b (+ res, ReLU), wide rows first."""
     xw, tail = _wide(x, r0, r1, L)
     yw, _ = _wide(y, r0, r1, L)
     rw, _ = _wide(res, r0, r1, L)  # res is y itself when there is no residual (never read)
     for n in range(xw.shape[0]):
-        _row_apply(xw[n], yw[n], rw[n], coef[0], coef[1], coef[2], flags)
+        _row_apply(xw[n], yw[n], rw[n], t, flags)
     for n in range(tail, r1):
-        _row_apply(x[n], y[n], res[n], coef[0], coef[1], coef[2], flags)
+        _row_apply(x[n], y[n], res[n], t, flags)
 
 
-def nc_infer(x, y, res, rmean, rvar, gamma, beta, coef, flags, eps, K, L):
-    """Inference (or any apply pass) over x (M, C): coef (3, W) holds c0, c1, c2; computed here
-    from the population statistics unless COEF_GIVEN (then only its first C columns are read)."""
+def nc_infer(x, y, res, rmean, rvar, gamma, beta, coef, t, flags, eps, K, L):
+    """Inference (or any apply pass) over x (M, C): y = (x − μ)·α + β with ``coef`` (3, C)
+    float64 = (μ, α, β), computed here from the population statistics unless COEF_GIVEN;
+    ``t`` (5, W) in x's dtype is scratch for the split form."""
     M, C = x.shape
     if not flags & COEF_GIVEN:
         for c in range(C):
-            coef[0, c] = 0.0
-            coef[1, c], coef[2, c] = _infer_channel(c, rmean, rvar, gamma, beta, flags, eps)
-    for q in range(3):
-        _tile(coef[q], C, L)
+            coef[0, c] = np.float64(rmean[c])
+            coef[1, c], coef[2, c] = _infer_channel(c, rvar, gamma, beta, flags, eps)
+    for c in range(C):
+        _split(t, c, coef[0, c])
+        t[2, c] = coef[1, c]
+        t[3, c] = coef[2, c]
+    for q in range(4):
+        _tile(t[q], C, L)
     for k in prange(K):
         r0, r1 = _chunk(M, K, k)
-        _nc_apply_rows(x, y, res, r0, r1, L, coef, flags)
+        _nc_apply_rows(x, y, res, r0, r1, L, t, flags)
 
 
 def nc_backward(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums, flags,
-                m, precision, K, L, part, coef):
-    """Backward over x (M, C) (RELU: g = dy·[yv > 0], written to dz). ``part`` (K, 3, W) and
-    ``coef`` (4, W) are scratch; ``sums`` (3, C) receives Σg, Σg·(x − μ̃), Σ(x − μ̃), or holds
-    them (COEF_GIVEN: sums of every process, m values per channel)."""
+                m, precision, K, L, part, mu, t):
+    """Backward over x (M, C) (RELU: g = dy·[yv > 0], written to dz). Scratch: ``part``
+    (K, 3, W) and ``mu`` (W,) float64, ``t`` (5, W) in x's dtype. ``sums`` (3, C) receives
+    Σg, Σg·(x − μ̃), Σ(x − μ̃), or holds them (COEF_GIVEN: sums of every process, m values per
+    channel)."""
     M, C = x.shape
-    mu = coef[0]
     for j in range(C):
         mu[j] = save_mean[j]
     _tile(mu, C, L)
@@ -469,43 +504,33 @@ def nc_backward(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta,
             zw, _ = _wide(dz, r0, r1, L)
             _rows_grad_sums(gw, xw, yw, zw, 0, xw.shape[0], mu, a1, a2, a3, flags)
             _rows_grad_sums(dy, x, yv, dz, tail, r1, mu, a1, a2, a3, flags)
-        for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            s3 = 0.0
-            for k in range(K):
-                s1 += _lanes(part, k, 0, c, C, L)
-                s2 += _lanes(part, k, 1, c, C, L)
-                s3 += _lanes(part, k, 2, c, C, L)
-            sums[0, c] = s1
-            sums[1, c] = s2
-            sums[2, c] = s3
+        for q in range(3):
+            _merge(part, q, C, L, sums[q])
     if flags & SUMS_ONLY:
         return
     for c in range(C):
-        coef[1, c], coef[2, c], coef[3, c] = _grad_channel(
-            c, sums[0, c], sums[1, c], sums[2, c], m, save_mean, save_invstd, gamma, flags,
-            precision, dgamma, dbeta)
-    for q in range(1, 4):
-        _tile(coef[q], C, L)
+        _grad_coefficients(t, c, c, sums[0, c], sums[1, c], sums[2, c], m, save_mean,
+                           save_invstd, gamma, flags, precision, dgamma, dbeta)
+    for q in range(5):
+        _tile(t[q], C, L)
     for k in prange(K):
         r0, r1 = _chunk(M, K, k)
         if flags & RELU:  # g = dz, written by the sums pass
-            _nc_dx_rows(dz, x, dx, r0, r1, L, coef)
+            _nc_dx_rows(dz, x, dx, r0, r1, L, t)
         else:
-            _nc_dx_rows(dy, x, dx, r0, r1, L, coef)
+            _nc_dx_rows(dy, x, dx, r0, r1, L, t)
 
 
 @njit(fastmath=_FM, inline="always")
-def _nc_dx_rows(g, x, dx, r0, r1, L, coef):
-    """dx = k1·g + k2·(x − μ̃) + k3 over rows [r0, r1), wide rows first."""
+def _nc_dx_rows(g, x, dx, r0, r1, L, t):
+    """dx = k1·g + k2·((x − h) − l) + k3 over rows [r0, r1), wide rows first."""
     xw, tail = _wide(x, r0, r1, L)
     gw, _ = _wide(g, r0, r1, L)
     dw, _ = _wide(dx, r0, r1, L)
     for n in range(xw.shape[0]):
-        _row_dx(gw[n], xw[n], dw[n], coef[0], coef[1], coef[2], coef[3])
+        _row_dx(gw[n], xw[n], dw[n], t)
     for n in range(tail, r1):
-        _row_dx(g[n], x[n], dx[n], coef[0], coef[1], coef[2], coef[3])
+        _row_dx(g[n], x[n], dx[n], t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,15 +592,14 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
     N, C, S = x.shape
     m = float(N * S)
     ngroups = (C + G - 1) // G
-    for t in prange(ngroups):
-        c0 = t * G
+    for task in prange(ngroups):
+        c0 = task * G
         c1 = min(C, c0 + G)
         w = c1 - c0
         sh = np.empty(w)
         t1 = np.empty(w)
         t2 = np.empty(w)
-        al = np.empty(w)
-        be = np.empty(w)
+        tg = np.empty((4, w), x.dtype)  # h, l, α, β of the group's channels
         for i in range(w):
             sh[i] = x[0, c0 + i, 0]
         _group_sums(x, c0, c1, sh, t1, t2)
@@ -590,14 +614,16 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
         for i in range(w):
             c = c0 + i
             mean, var = _finish(t1[i], t2[i], sh[i], m)
-            al[i], be[i] = _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum,
-                                          rmean, rvar, save_mean, save_invstd, mean64, var64)
+            _split(tg, i, mean)
+            tg[2, i], tg[3, i] = _train_channel(c, mean, var, m, eps, gamma, beta, flags,
+                                                momentum, rmean, rvar, save_mean, save_invstd,
+                                                mean64, var64)
         if not flags & STATS_ONLY:
             for n in range(N):
                 for i in range(w):
                     c = c0 + i
-                    _row_apply_scalar(x[n, c], y[n, c], res[n, c], mean64[c], al[i], be[i],
-                                      flags)
+                    _row_apply_scalar(x[n, c], y[n, c], res[n, c], tg[0, i], tg[1, i], tg[2, i],
+                                      tg[3, i], flags)
 
 
 @njit(inline="always")
@@ -624,19 +650,18 @@ def _segment_shifted(x, c, p0, p1, k):
 
 
 def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean64,
-                       var64, flags, eps, momentum, K, part, coef):
+                       var64, flags, eps, momentum, K, part, shift, t):
     """Forward-train with each channel's m positions in K chunks: tasks (channel, chunk) take
-    partial sums (``part`` (C, K, 2)), a serial merge in chunk order, then tasks normalize
-    (``coef`` (3, C): μ, α, β)."""
+    partial sums (``part`` (C, K, 2) float64), a serial merge in chunk order, then tasks
+    normalize. ``shift`` (C,) float64 and ``t`` (5, C) of x's dtype (h, l, α, β) are scratch."""
     N, C, S = x.shape
     m = N * S
     fm = float(m)
-    shift = coef[0]
     for c in range(C):
         shift[c] = x[0, c, 0]
-    for t in prange(C * K):
-        c = t // K
-        k = t - c * K
+    for task in prange(C * K):
+        c = task // K
+        k = task - c * K
         p0, p1 = _positions(m, K, k)
         part[c, k, 0], part[c, k, 1] = _segment_shifted(x, c, p0, p1, shift[c])
     redo = False
@@ -651,9 +676,9 @@ def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invs
     if redo:
         for c in range(C):
             shift[c] = mean64[c]
-        for t in prange(C * K):
-            c = t // K
-            k = t - c * K
+        for task in prange(C * K):
+            c = task // K
+            k = task - c * K
             p0, p1 = _positions(m, K, k)
             part[c, k, 0], part[c, k, 1] = _segment_shifted(x, c, p0, p1, shift[c])
         for c in range(C):
@@ -664,46 +689,50 @@ def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invs
                 s2 += part[c, k, 1]
             mean64[c], var64[c] = _finish(s1, s2, shift[c], fm)
     for c in range(C):
-        coef[0, c] = mean64[c]
-        coef[1, c], coef[2, c] = _train_channel(c, mean64[c], var64[c], fm, eps, gamma, beta,
-                                                flags, momentum, rmean, rvar, save_mean,
-                                                save_invstd, mean64, var64)
+        _split(t, c, mean64[c])
+        t[2, c], t[3, c] = _train_channel(c, mean64[c], var64[c], fm, eps, gamma, beta, flags,
+                                          momentum, rmean, rvar, save_mean, save_invstd, mean64,
+                                          var64)
     if flags & STATS_ONLY:
         return
-    for t in prange(C * K):
-        c = t // K
-        k = t - c * K
+    for task in prange(C * K):
+        c = task // K
+        k = task - c * K
         p0, p1 = _positions(m, K, k)
-        _segment_apply(x, y, res, c, p0, p1, coef[0, c], coef[1, c], coef[2, c], flags)
+        _segment_apply(x, y, res, c, p0, p1, t[0, c], t[1, c], t[2, c], t[3, c], flags)
 
 
 @njit(fastmath=_FM, inline="always")
-def _segment_apply(x, y, res, c, p0, p1, c0, c1, c2, flags):
+def _segment_apply(x, y, res, c, p0, p1, h, lo, a, b, flags):
     S = x.shape[2]
     p = p0
     while p < p1:
         n = p // S
         s = p - n * S
         e = min(S, s + (p1 - p))
-        _row_apply_scalar(x[n, c, s:e], y[n, c, s:e], res[n, c, s:e], c0, c1, c2, flags)
+        _row_apply_scalar(x[n, c, s:e], y[n, c, s:e], res[n, c, s:e], h, lo, a, b, flags)
         p += e - s
 
 
-def nchw_infer(x, y, res, rmean, rvar, gamma, beta, coef, flags, eps, R):
+def nchw_infer(x, y, res, rmean, rvar, gamma, beta, coef, t, flags, eps, R):
     """Inference (or any apply pass) over x (N, C, S): tasks of R consecutive (n, c) rows of the
-    (N·C, S) view, contiguous in memory; ``coef`` (3, C) as in :func:`nc_infer`."""
+    (N·C, S) view, contiguous in memory; ``coef`` (3, C) and ``t`` as in :func:`nc_infer`."""
     N, C, S = x.shape
     if not flags & COEF_GIVEN:
         for c in range(C):
-            coef[0, c] = 0.0
-            coef[1, c], coef[2, c] = _infer_channel(c, rmean, rvar, gamma, beta, flags, eps)
+            coef[0, c] = np.float64(rmean[c])
+            coef[1, c], coef[2, c] = _infer_channel(c, rvar, gamma, beta, flags, eps)
+    for c in range(C):
+        _split(t, c, coef[0, c])
+        t[2, c] = coef[1, c]
+        t[3, c] = coef[2, c]
     rows = N * C
     ntasks = (rows + R - 1) // R
-    for t in prange(ntasks):
-        for r in range(t * R, min(rows, (t + 1) * R)):
+    for task in prange(ntasks):
+        for r in range(task * R, min(rows, (task + 1) * R)):
             n = r // C
             c = r - n * C
-            _row_apply_scalar(x[n, c], y[n, c], res[n, c], coef[0, c], coef[1, c], coef[2, c],
+            _row_apply_scalar(x[n, c], y[n, c], res[n, c], t[0, c], t[1, c], t[2, c], t[3, c],
                               flags)
 
 
@@ -714,8 +743,8 @@ def nchw_backward_grouped(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgam
     N, C, S = x.shape
     ngroups = (C + G - 1) // G
     relu = flags & RELU
-    for t in prange(ngroups):
-        c0 = t * G
+    for task in prange(ngroups):
+        c0 = task * G
         c1 = min(C, c0 + G)
         w = c1 - c0
         if not flags & COEF_GIVEN:
@@ -727,28 +756,25 @@ def nchw_backward_grouped(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgam
                 for i in range(w):
                     c = c0 + i
                     a, b, d = _run_grad_sums(dy[n, c], x[n, c], yv[n, c], dz[n, c],
-                                             save_mean[c], relu)
+                                             np.float64(save_mean[c]), relu)
                     sums[0, c] += a
                     sums[1, c] += b
                     sums[2, c] += d
         if not flags & SUMS_ONLY:
-            k1 = np.empty(w)
-            k2 = np.empty(w)
-            k3 = np.empty(w)
+            tg = np.empty((5, w), x.dtype)  # h, l, k1, k2, k3 of the group's channels
             for i in range(w):
                 c = c0 + i
-                k1[i], k2[i], k3[i] = _grad_channel(c, sums[0, c], sums[1, c], sums[2, c], m,
-                                                    save_mean, save_invstd, gamma, flags,
-                                                    precision, dgamma, dbeta)
+                _grad_coefficients(tg, i, c, sums[0, c], sums[1, c], sums[2, c], m, save_mean,
+                                   save_invstd, gamma, flags, precision, dgamma, dbeta)
             for n in range(N):
                 for i in range(w):
                     c = c0 + i
                     if relu:
-                        _row_dx_scalar(dz[n, c], x[n, c], dx[n, c], save_mean[c], k1[i], k2[i],
-                                       k3[i])
+                        _row_dx_scalar(dz[n, c], x[n, c], dx[n, c], tg[0, i], tg[1, i], tg[2, i],
+                                       tg[3, i], tg[4, i])
                     else:
-                        _row_dx_scalar(dy[n, c], x[n, c], dx[n, c], save_mean[c], k1[i], k2[i],
-                                       k3[i])
+                        _row_dx_scalar(dy[n, c], x[n, c], dx[n, c], tg[0, i], tg[1, i], tg[2, i],
+                                       tg[3, i], tg[4, i])
 
 
 @njit(fastmath=_FM, inline="always")
@@ -772,19 +798,19 @@ def _segment_grad_sums(dy, x, yv, dz, c, p0, p1, mu, relu):
 
 
 def nchw_backward_split(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums,
-                        flags, m, precision, K, part, coef):
-    """Backward with each channel's positions in K chunks (``part`` (C, K, 3), ``coef`` (3, C)
-    scratch); ``sums`` as in :func:`nchw_backward_grouped`."""
+                        flags, m, precision, K, part, t):
+    """Backward with each channel's positions in K chunks (``part`` (C, K, 3) float64 and ``t``
+    (5, C) of x's dtype are scratch); ``sums`` as in :func:`nchw_backward_grouped`."""
     N, C, S = x.shape
     mm = N * S
     relu = flags & RELU
     if not flags & COEF_GIVEN:
-        for t in prange(C * K):
-            c = t // K
-            k = t - c * K
+        for task in prange(C * K):
+            c = task // K
+            k = task - c * K
             p0, p1 = _positions(mm, K, k)
             part[c, k, 0], part[c, k, 1], part[c, k, 2] = _segment_grad_sums(
-                dy, x, yv, dz, c, p0, p1, save_mean[c], relu)
+                dy, x, yv, dz, c, p0, p1, np.float64(save_mean[c]), relu)
         for c in range(C):
             s1 = 0.0
             s2 = 0.0
@@ -799,12 +825,11 @@ def nchw_backward_split(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma
     if flags & SUMS_ONLY:
         return
     for c in range(C):
-        coef[0, c], coef[1, c], coef[2, c] = _grad_channel(
-            c, sums[0, c], sums[1, c], sums[2, c], m, save_mean, save_invstd, gamma, flags,
-            precision, dgamma, dbeta)
-    for t in prange(C * K):
-        c = t // K
-        k = t - c * K
+        _grad_coefficients(t, c, c, sums[0, c], sums[1, c], sums[2, c], m, save_mean,
+                           save_invstd, gamma, flags, precision, dgamma, dbeta)
+    for task in prange(C * K):
+        c = task // K
+        k = task - c * K
         p0, p1 = _positions(mm, K, k)
         p = p0
         while p < p1:
@@ -812,11 +837,11 @@ def nchw_backward_split(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma
             s = p - n * S
             e = min(S, s + (p1 - p))
             if relu:
-                _row_dx_scalar(dz[n, c, s:e], x[n, c, s:e], dx[n, c, s:e], save_mean[c],
-                               coef[0, c], coef[1, c], coef[2, c])
+                _row_dx_scalar(dz[n, c, s:e], x[n, c, s:e], dx[n, c, s:e], t[0, c], t[1, c],
+                               t[2, c], t[3, c], t[4, c])
             else:
-                _row_dx_scalar(dy[n, c, s:e], x[n, c, s:e], dx[n, c, s:e], save_mean[c],
-                               coef[0, c], coef[1, c], coef[2, c])
+                _row_dx_scalar(dy[n, c, s:e], x[n, c, s:e], dx[n, c, s:e], t[0, c], t[1, c],
+                               t[2, c], t[3, c], t[4, c])
             p += e - s
 
 

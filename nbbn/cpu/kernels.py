@@ -268,24 +268,26 @@ def _row_apply(xr, yr, rr, t, flags):
 
 
 @njit(fastmath=_FM, inline="always")
-def _row_apply_scalar(xr, yr, rr, h, lo, a, b, flags):
-    """:func:`_row_apply` with scalar coefficients of x's dtype (one channel per row: NCHW)."""
-    W = xr.size
+def _span_apply(xf, yf, rf, o, n, h, lo, a, b, flags):
+    """:func:`_row_apply` over the run [o, o + n) of flat arrays, with scalar coefficients of
+    x's dtype (one channel per run: NCHW). Flat offsets, not row views: an NCHW run can be as
+    short as 49 values, and a view per run would cost as much as the run."""
+    e = o + n
     if flags & RESIDUAL:
         if flags & RELU:
-            for j in range(W):
-                v = ((xr[j] - h) - lo) * a + b + rr[j]
-                yr[j] = 0.0 if v < 0.0 else v
+            for j in range(o, e):
+                v = ((xf[j] - h) - lo) * a + b + rf[j]
+                yf[j] = 0.0 if v < 0.0 else v
         else:
-            for j in range(W):
-                yr[j] = ((xr[j] - h) - lo) * a + b + rr[j]
+            for j in range(o, e):
+                yf[j] = ((xf[j] - h) - lo) * a + b + rf[j]
     elif flags & RELU:
-        for j in range(W):
-            v = ((xr[j] - h) - lo) * a + b
-            yr[j] = 0.0 if v < 0.0 else v
+        for j in range(o, e):
+            v = ((xf[j] - h) - lo) * a + b
+            yf[j] = 0.0 if v < 0.0 else v
     else:
-        for j in range(W):
-            yr[j] = ((xr[j] - h) - lo) * a + b
+        for j in range(o, e):
+            yf[j] = ((xf[j] - h) - lo) * a + b
 
 
 @njit(fastmath=_FM, inline="always")
@@ -349,9 +351,10 @@ def _row_dx(gr, xr, dr, t):
 
 
 @njit(fastmath=_FM, inline="always")
-def _row_dx_scalar(gr, xr, dr, h, lo, k1, k2, k3):
-    for j in range(xr.size):
-        dr[j] = k1 * gr[j] + k2 * ((xr[j] - h) - lo) + k3
+def _span_dx(gf, xf, df, o, n, h, lo, k1, k2, k3):
+    """:func:`_row_dx` over the run [o, o + n) of flat arrays, scalar coefficients."""
+    for j in range(o, o + n):
+        df[j] = k1 * gf[j] + k2 * ((xf[j] - h) - lo) + k3
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,51 +540,57 @@ def _nc_dx_rows(g, x, dx, r0, r1, L, t):
 # NCHW: x is (N, C, S). Channel groups (one region) or fixed chunks of positions (few channels).
 # --------------------------------------------------------------------------------------------
 @njit(fastmath=_FM, inline="always")
-def _run_shifted(xr, k):
-    """Σ(x − k), Σ(x − k)² over one contiguous run."""
+def _span_shifted(xf, o, n, k):
+    """Σ(x − k), Σ(x − k)² over the run [o, o + n) of a flat array."""
     s1 = 0.0
     s2 = 0.0
-    for j in range(xr.size):
-        d = xr[j] - k
+    for j in range(o, o + n):
+        d = xf[j] - k
         s1 += d
         s2 += d * d
     return s1, s2
 
 
 @njit(fastmath=_FM, inline="always")
-def _run_grad_sums(gr, xr, yr, zr, mu, relu):
-    """Σg, Σg·(x − μ̃), Σ(x − μ̃) over one run (g = dy·[y > 0] written to zr under a ReLU)."""
+def _span_grad_sums(gf, xf, yf, zf, o, n, mu, relu):
+    """Σg, Σg·(x − μ̃), Σ(x − μ̃) over the run [o, o + n) (g = dy·[y > 0] written to zf under a
+    ReLU)."""
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
     if relu:
-        for j in range(xr.size):
-            g = gr[j] if yr[j] > 0.0 else 0.0
-            zr[j] = g
-            d = xr[j] - mu
+        for j in range(o, o + n):
+            g = gf[j] if yf[j] > 0.0 else 0.0
+            zf[j] = g
+            d = xf[j] - mu
             s1 += g
             s2 += g * d
             s3 += d
     else:
-        for j in range(xr.size):
-            u = np.float64(gr[j])
-            d = xr[j] - mu
+        for j in range(o, o + n):
+            u = np.float64(gf[j])
+            d = xf[j] - mu
             s1 += u
             s2 += u * d
             s3 += d
     return s1, s2, s3
 
 
+@njit(inline="always")
+def _flat(a):
+    return a.reshape(a.size)
+
+
 @njit(fastmath=_FM, inline="always")
-def _group_sums(x, c0, c1, sh, t1, t2):
-    """Shifted sums of channels [c0, c1) over all N rows, streaming x[n, c0:c1, :]; channel c's
-    total is Σ over n, in order, of its run sums."""
+def _group_sums(xf, N, C, S, c0, c1, sh, t1, t2):
+    """Shifted sums of channels [c0, c1) over all N rows, streaming x[n, c0:c1, :] (contiguous);
+    channel c's total is Σ over n, in order, of its run sums."""
     for i in range(c1 - c0):
         t1[i] = 0.0
         t2[i] = 0.0
-    for n in range(x.shape[0]):
+    for n in range(N):
         for i in range(c1 - c0):
-            s1, s2 = _run_shifted(x[n, c0 + i], sh[i])
+            s1, s2 = _span_shifted(xf, (n * C + c0 + i) * S, S, sh[i])
             t1[i] += s1
             t2[i] += s2
 
@@ -591,6 +600,9 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
     """Forward-train, one task per group of G channels: statistics, then y from cache."""
     N, C, S = x.shape
     m = float(N * S)
+    xf = _flat(x)
+    yf = _flat(y)
+    rf = _flat(res)
     ngroups = (C + G - 1) // G
     for task in prange(ngroups):
         c0 = task * G
@@ -602,7 +614,7 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
         tg = np.empty((4, w), x.dtype)  # h, l, α, β of the group's channels
         for i in range(w):
             sh[i] = x[0, c0 + i, 0]
-        _group_sums(x, c0, c1, sh, t1, t2)
+        _group_sums(xf, N, C, S, c0, c1, sh, t1, t2)
         redo = False
         for i in range(w):
             mean, var = _finish(t1[i], t2[i], sh[i], m)
@@ -610,7 +622,7 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
         if redo:  # an outlier first value: take the group's sums again around the means
             for i in range(w):
                 sh[i], _ = _finish(t1[i], t2[i], sh[i], m)
-            _group_sums(x, c0, c1, sh, t1, t2)
+            _group_sums(xf, N, C, S, c0, c1, sh, t1, t2)
         for i in range(w):
             c = c0 + i
             mean, var = _finish(t1[i], t2[i], sh[i], m)
@@ -621,9 +633,8 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
         if not flags & STATS_ONLY:
             for n in range(N):
                 for i in range(w):
-                    c = c0 + i
-                    _row_apply_scalar(x[n, c], y[n, c], res[n, c], tg[0, i], tg[1, i], tg[2, i],
-                                      tg[3, i], flags)
+                    _span_apply(xf, yf, rf, (n * C + c0 + i) * S, S, tg[0, i], tg[1, i], tg[2, i],
+                                tg[3, i], flags)
 
 
 @njit(inline="always")
@@ -632,9 +643,8 @@ def _positions(m, K, k):
 
 
 @njit(fastmath=_FM, inline="always")
-def _segment_shifted(x, c, p0, p1, k):
-    """Shifted sums of channel c over flat positions [p0, p1) (position p = n·S + s)."""
-    S = x.shape[2]
+def _segment_shifted(xf, C, S, c, p0, p1, k):
+    """Shifted sums of channel c over its positions [p0, p1) (position p = n·S + s)."""
     s1 = 0.0
     s2 = 0.0
     p = p0
@@ -642,7 +652,7 @@ def _segment_shifted(x, c, p0, p1, k):
         n = p // S
         s = p - n * S
         e = min(S, s + (p1 - p))
-        a, b = _run_shifted(x[n, c, s:e], k)
+        a, b = _span_shifted(xf, (n * C + c) * S + s, e - s, k)
         s1 += a
         s2 += b
         p += e - s
@@ -657,13 +667,14 @@ def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invs
     N, C, S = x.shape
     m = N * S
     fm = float(m)
+    xf = _flat(x)
     for c in range(C):
         shift[c] = x[0, c, 0]
     for task in prange(C * K):
         c = task // K
         k = task - c * K
         p0, p1 = _positions(m, K, k)
-        part[c, k, 0], part[c, k, 1] = _segment_shifted(x, c, p0, p1, shift[c])
+        part[c, k, 0], part[c, k, 1] = _segment_shifted(xf, C, S, c, p0, p1, shift[c])
     redo = False
     for c in range(C):
         s1 = 0.0
@@ -680,7 +691,7 @@ def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invs
             c = task // K
             k = task - c * K
             p0, p1 = _positions(m, K, k)
-            part[c, k, 0], part[c, k, 1] = _segment_shifted(x, c, p0, p1, shift[c])
+            part[c, k, 0], part[c, k, 1] = _segment_shifted(xf, C, S, c, p0, p1, shift[c])
         for c in range(C):
             s1 = 0.0
             s2 = 0.0
@@ -699,18 +710,18 @@ def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invs
         c = task // K
         k = task - c * K
         p0, p1 = _positions(m, K, k)
-        _segment_apply(x, y, res, c, p0, p1, t[0, c], t[1, c], t[2, c], t[3, c], flags)
+        _segment_apply(xf, _flat(y), _flat(res), C, S, c, p0, p1, t[0, c], t[1, c], t[2, c],
+                       t[3, c], flags)
 
 
 @njit(fastmath=_FM, inline="always")
-def _segment_apply(x, y, res, c, p0, p1, h, lo, a, b, flags):
-    S = x.shape[2]
+def _segment_apply(xf, yf, rf, C, S, c, p0, p1, h, lo, a, b, flags):
     p = p0
     while p < p1:
         n = p // S
         s = p - n * S
         e = min(S, s + (p1 - p))
-        _row_apply_scalar(x[n, c, s:e], y[n, c, s:e], res[n, c, s:e], h, lo, a, b, flags)
+        _span_apply(xf, yf, rf, (n * C + c) * S + s, e - s, h, lo, a, b, flags)
         p += e - s
 
 
@@ -726,14 +737,15 @@ def nchw_infer(x, y, res, rmean, rvar, gamma, beta, coef, t, flags, eps, R):
         _split(t, c, coef[0, c])
         t[2, c] = coef[1, c]
         t[3, c] = coef[2, c]
+    xf = _flat(x)
+    yf = _flat(y)
+    rf = _flat(res)
     rows = N * C
     ntasks = (rows + R - 1) // R
     for task in prange(ntasks):
         for r in range(task * R, min(rows, (task + 1) * R)):
-            n = r // C
-            c = r - n * C
-            _row_apply_scalar(x[n, c], y[n, c], res[n, c], t[0, c], t[1, c], t[2, c], t[3, c],
-                              flags)
+            c = r % C
+            _span_apply(xf, yf, rf, r * S, S, t[0, c], t[1, c], t[2, c], t[3, c], flags)
 
 
 def nchw_backward_grouped(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums,
@@ -743,6 +755,11 @@ def nchw_backward_grouped(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgam
     N, C, S = x.shape
     ngroups = (C + G - 1) // G
     relu = flags & RELU
+    gf = _flat(dy)
+    xf = _flat(x)
+    yf = _flat(yv)
+    zf = _flat(dz)
+    df = _flat(dx)
     for task in prange(ngroups):
         c0 = task * G
         c1 = min(C, c0 + G)
@@ -755,8 +772,8 @@ def nchw_backward_grouped(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgam
             for n in range(N):
                 for i in range(w):
                     c = c0 + i
-                    a, b, d = _run_grad_sums(dy[n, c], x[n, c], yv[n, c], dz[n, c],
-                                             np.float64(save_mean[c]), relu)
+                    a, b, d = _span_grad_sums(gf, xf, yf, zf, (n * C + c) * S, S,
+                                              np.float64(save_mean[c]), relu)
                     sums[0, c] += a
                     sums[1, c] += b
                     sums[2, c] += d
@@ -768,18 +785,17 @@ def nchw_backward_grouped(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgam
                                    save_invstd, gamma, flags, precision, dgamma, dbeta)
             for n in range(N):
                 for i in range(w):
-                    c = c0 + i
+                    o = (n * C + c0 + i) * S
                     if relu:
-                        _row_dx_scalar(dz[n, c], x[n, c], dx[n, c], tg[0, i], tg[1, i], tg[2, i],
-                                       tg[3, i], tg[4, i])
+                        _span_dx(zf, xf, df, o, S, tg[0, i], tg[1, i], tg[2, i], tg[3, i],
+                                 tg[4, i])
                     else:
-                        _row_dx_scalar(dy[n, c], x[n, c], dx[n, c], tg[0, i], tg[1, i], tg[2, i],
-                                       tg[3, i], tg[4, i])
+                        _span_dx(gf, xf, df, o, S, tg[0, i], tg[1, i], tg[2, i], tg[3, i],
+                                 tg[4, i])
 
 
 @njit(fastmath=_FM, inline="always")
-def _segment_grad_sums(dy, x, yv, dz, c, p0, p1, mu, relu):
-    S = x.shape[2]
+def _segment_grad_sums(gf, xf, yf, zf, C, S, c, p0, p1, mu, relu):
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
@@ -788,8 +804,7 @@ def _segment_grad_sums(dy, x, yv, dz, c, p0, p1, mu, relu):
         n = p // S
         s = p - n * S
         e = min(S, s + (p1 - p))
-        a, b, d = _run_grad_sums(dy[n, c, s:e], x[n, c, s:e], yv[n, c, s:e], dz[n, c, s:e], mu,
-                                 relu)
+        a, b, d = _span_grad_sums(gf, xf, yf, zf, (n * C + c) * S + s, e - s, mu, relu)
         s1 += a
         s2 += b
         s3 += d
@@ -804,13 +819,18 @@ def nchw_backward_split(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma
     N, C, S = x.shape
     mm = N * S
     relu = flags & RELU
+    gf = _flat(dy)
+    xf = _flat(x)
+    yf = _flat(yv)
+    zf = _flat(dz)
+    df = _flat(dx)
     if not flags & COEF_GIVEN:
         for task in prange(C * K):
             c = task // K
             k = task - c * K
             p0, p1 = _positions(mm, K, k)
             part[c, k, 0], part[c, k, 1], part[c, k, 2] = _segment_grad_sums(
-                dy, x, yv, dz, c, p0, p1, np.float64(save_mean[c]), relu)
+                gf, xf, yf, zf, C, S, c, p0, p1, np.float64(save_mean[c]), relu)
         for c in range(C):
             s1 = 0.0
             s2 = 0.0
@@ -836,12 +856,11 @@ def nchw_backward_split(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma
             n = p // S
             s = p - n * S
             e = min(S, s + (p1 - p))
+            o = (n * C + c) * S + s
             if relu:
-                _row_dx_scalar(dz[n, c, s:e], x[n, c, s:e], dx[n, c, s:e], t[0, c], t[1, c],
-                               t[2, c], t[3, c], t[4, c])
+                _span_dx(zf, xf, df, o, e - s, t[0, c], t[1, c], t[2, c], t[3, c], t[4, c])
             else:
-                _row_dx_scalar(dy[n, c, s:e], x[n, c, s:e], dx[n, c, s:e], t[0, c], t[1, c],
-                               t[2, c], t[3, c], t[4, c])
+                _span_dx(gf, xf, df, o, e - s, t[0, c], t[1, c], t[2, c], t[3, c], t[4, c])
             p += e - s
 
 

@@ -14,6 +14,11 @@ or by the batch's own statistics when ``track_running_stats=False`` (PyTorch's s
 
 ``backward(dy)`` takes what the last training-mode ``forward`` saved (x, by reference, and the
 batch mean and 1/√(σ²_B + ε)) and returns dx; dγ and dβ are stored as ``dgamma``/``dbeta``.
+
+Fusion (issue 14): ``BatchNorm(C, relu=True)`` computes y = max(BN(x), 0), and
+``forward(x, residual=z)`` y = [max](BN(x) + z, 0) -- a ResNet block's tail -- in the same pass
+over x. Backward then takes the ReLU's mask from the saved y (no recomputation) and stores the
+residual's gradient as ``dresidual`` (dz = dy·[y > 0], or dy itself without a ReLU).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class BatchNorm:
     backend: an nbbn kernel backend ("cpu", "cuda").
     dtype: float32 or float64, the dtype of x, dy and every parameter and statistic. An input
         of another dtype raises TypeError (no silent casts).
+    relu: apply max(·, 0) to the output, fused into the kernels (forward and backward).
 
     Attributes ``gamma``, ``beta``, ``running_mean``, ``running_var`` are plain (C,) arrays of
     ``dtype`` (assign into them with ``[...] =``, or use :meth:`load_state_dict`);
@@ -54,7 +60,7 @@ class BatchNorm:
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, channel_axis: int = 1,
-                 backend: str = "cpu", dtype=np.float32):
+                 backend: str = "cpu", dtype=np.float32, relu: bool = False):
         if isinstance(num_features, bool) or not isinstance(num_features, int | np.integer) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -88,6 +94,7 @@ class BatchNorm:
         self.channel_axis = int(channel_axis)
         self.backend = backend
         self.dtype = dt
+        self.relu = bool(relu)
         self.gamma = np.ones(C, dt) if self.affine else None
         self.beta = np.zeros(C, dt) if self.affine else None
         self.running_mean = np.zeros(C, dt) if self.track_running_stats else None
@@ -97,7 +104,10 @@ class BatchNorm:
         self.training = True
         self.dgamma = None
         self.dbeta = None
-        self._saved = None  # (x, save_mean, save_invstd) of the last training-mode forward
+        #: Gradient of the last training forward's ``residual`` (None when it had none).
+        self.dresidual = None
+        #: (x, save_mean, save_invstd, y or None, had_residual) of the last training forward
+        self._saved = None
         self._last_forward = None  # "train" | "eval" | None
 
     # ------------------------------------------------------------------------------ modes
@@ -127,12 +137,17 @@ class BatchNorm:
                 f"{name} has {shape[self.channel_axis]} channels on axis {self.channel_axis} "
                 f"(shape {tuple(shape)}) but the layer has num_features={self.num_features}")
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
         """Training mode: y = γ·(x − μ_B)/√(σ²_B + ε) + β, running statistics updated, and x,
         μ_B, 1/√(σ²_B + ε) kept for :meth:`backward`. Eval mode: y = γ·(x − μ)/√(σ² + ε) + β
-        with the running statistics (batch statistics when ``track_running_stats=False``)."""
+        with the running statistics (batch statistics when ``track_running_stats=False``).
+        ``residual`` (x's shape and dtype) is added to y, then the layer's ReLU, if any, applies;
+        both fused into the same pass."""
         self._check_input(x, "x")
-        common = dict(eps=self.eps, channel_axis=self.channel_axis, backend=self.backend)
+        if residual is not None:
+            self._check_input(residual, "residual")
+        common = dict(eps=self.eps, channel_axis=self.channel_axis, backend=self.backend,
+                      relu=self.relu, residual=residual)
         if self.training:
             if self.track_running_stats:
                 k = self.num_batches_tracked + 1
@@ -143,7 +158,7 @@ class BatchNorm:
                 self.num_batches_tracked = k
             else:
                 y, mean, invstd = batch_norm_train(x, self.gamma, self.beta, **common)
-            self._saved = (x, mean, invstd)
+            self._saved = (x, mean, invstd, y if self.relu else None, residual is not None)
             self._last_forward = "train"
             return y
         self._saved = None
@@ -157,8 +172,10 @@ class BatchNorm:
     __call__ = forward
 
     def backward(self, dy):
-        """dx of the last training-mode forward; stores ``dgamma`` = Σ dy·x̂ and ``dbeta`` =
-        Σ dy (None when ``affine=False``). dx = γ·invstd·(dy − dβ/m − x̂·dγ/m)."""
+        """dx of the last training-mode forward; stores ``dgamma`` = Σ g·x̂ and ``dbeta`` =
+        Σ g (None when ``affine=False``), dx = γ·invstd·(g − dβ/m − x̂·dγ/m), with g = dy, or
+        g = dy·[y > 0] with the layer's ReLU; and ``dresidual`` = g when forward had a
+        residual (None otherwise)."""
         if self._saved is None:
             if self._last_forward == "eval":
                 raise RuntimeError(
@@ -168,10 +185,15 @@ class BatchNorm:
             raise RuntimeError("backward() called before forward(): there is nothing saved to "
                                "differentiate; call forward(x) in training mode first")
         self._check_input(dy, "dy")
-        x, mean, invstd = self._saved
-        dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, self.gamma,
-                                                channel_axis=self.channel_axis,
-                                                backend=self.backend)
+        x, mean, invstd, y, had_residual = self._saved
+        common = dict(channel_axis=self.channel_axis, backend=self.backend)
+        if self.relu:
+            dx, dgamma, dbeta, dz = batch_norm_backward(dy, x, mean, invstd, self.gamma,
+                                                        relu=True, y=y, **common)
+        else:
+            dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, self.gamma, **common)
+            dz = dy
+        self.dresidual = dz if had_residual else None
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx
@@ -239,6 +261,7 @@ class BatchNorm:
 
     def __repr__(self) -> str:
         extra = "" if self.channel_axis == 1 else f", channel_axis={self.channel_axis}"
+        extra += ", relu=True" if self.relu else ""
         return (f"BatchNorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum!r}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}{extra}, "
                 f"backend={self.backend!r}, dtype={self.dtype}, "

@@ -237,3 +237,53 @@ def test_cuda_backend_matches_cpu():
     assert rel_err(a.backward(dy), b.backward(dy)) <= tolerance("dx", np.float32)
     assert rel_err(a.dgamma, b.dgamma) <= tolerance("dgamma", np.float32)
     assert rel_err(a.eval()(x), b.eval()(x)) <= tolerance("y", np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channel_axis", [1, -1])
+def test_fused_relu_and_residual(dtype, channel_axis):
+    """relu=True and forward(x, residual=z): y = max(BN(x) + z, 0) against the reference;
+    backward masks by the saved y, dx/dγ/dβ match the reference gradient of the masked dy, and
+    dresidual = dy·[y > 0]; eval mode fuses the same way."""
+    shape = (6, 4, 3, 5) if channel_axis == 1 else (6, 3, 5, 4)
+    C = shape[channel_axis]
+    bn = _layer(C, dtype, relu=True, channel_axis=channel_axis)
+    x = make_x(shape, dtype, offset=3.0)
+    z = make_x(shape, dtype, seed=5)
+    y = bn(x, residual=z)
+    ry, rmean, rinvstd, _ = ref.forward_train(x, bn.gamma, bn.beta, 1e-5,
+                                              channel_axis=channel_axis, relu=True, residual=z)
+    assert rel_err(y, ry) <= tolerance("y", dtype)
+    assert (y == 0).any() and (y > 0).any()  # the mask is not trivial
+    dy = make_x(shape, dtype, seed=3)
+    dx = bn.backward(dy)
+    refs = ref.backward(dy, x, rmean, rinvstd, bn.gamma, channel_axis=channel_axis,
+                        relu=True, y=y)
+    assert_close(Op.BACKWARD, (dx, bn.dgamma, bn.dbeta), refs[:3], dtype,
+                 {"dx": ref.dx_scale(dy, rinvstd, bn.gamma, channel_axis=channel_axis,
+                                     relu=True, y=y)})
+    np.testing.assert_array_equal(bn.dresidual, np.where(y > 0, dy, 0))
+    # without a residual there is no residual gradient
+    bn(x)
+    bn.backward(dy)
+    assert bn.dresidual is None
+    bn.eval()
+    ye = bn(x, residual=z)
+    re = ref.inference(x, bn.running_mean, bn.running_var, bn.gamma, bn.beta, 1e-5,
+                       channel_axis=channel_axis, relu=True, residual=z)
+    assert rel_err(ye, re) <= tolerance("y", dtype)
+    assert "relu=True" in repr(bn)
+
+
+def test_residual_without_relu_gradient_is_dy():
+    bn = _layer(3, np.float64)
+    x = make_x((5, 3), np.float64)
+    z = make_x((5, 3), np.float64, seed=2)
+    y = bn(x, residual=z)
+    ry, *_ = ref.forward_train(x, bn.gamma, bn.beta, 1e-5, residual=z)
+    assert rel_err(y, ry) <= tolerance("y", np.float64)
+    dy = make_x((5, 3), np.float64, seed=4)
+    bn.backward(dy)
+    assert bn.dresidual is dy
+    with pytest.raises(TypeError, match="residual"):
+        bn(x, residual=z.astype(np.float32))

@@ -7,6 +7,11 @@ import nox
 nox.options.sessions = ["lint", "tests"]
 nox.options.default_venv_backend = "venv"
 
+#: The fused-op report's shapes (results/fusion-cpu.md): an early and a late ResNet-50 stage at
+#: N = 32, channels first and last (NHWC runs the NC kernel family, with N·H·W rows).
+FUSION_SHAPES = ["--shapes", "NCHW:256,56,56 NCHW:1024,14,14 NHWC:256,56,56 NHWC:1024,14,14",
+                 "-N", "32"]
+
 
 def _install(session, extras="test"):
     # torch is optional (PyTorch baselines); a missing wheel must not stop the session.
@@ -26,7 +31,7 @@ def lint(session):
 @nox.session
 def tests(session):
     """The whole suite: CPU kernels, CUDA kernels under the simulator, PTX compile checks."""
-    _install(session, "cuda,plot,test")
+    _install(session, "cuda,plot,test,mpi,paper")
     session.run("python", "-m", "pytest", *session.posargs)
 
 
@@ -47,8 +52,9 @@ def bench(session):
 def report(session):
     """Re-make the committed reports of this machine (run it on a quiet host: it waits up to
     5 minutes for a 1-minute load below 0.5, else stops): the default bench sweep, issue #9's
-    target sweep and its report, README's generated headline, the accuracy study."""
-    _install(session, "plot,test")
+    target sweep and its report, the fused-op sweep and its report, README's generated headline,
+    the accuracy study with its peers, the distributed cost."""
+    _install(session, "plot,test,peers,mpi")
     quiet = ["--require-quiet", "--quiet-timeout", "300"]
     session.run("python", "-m", "nbbn.cli", "bench", *quiet, "--out", "results/bench-cpu")
     session.run("python", "-m", "nbbn.cli", "bench", "--sweep", "cpu-targets", "--threads", "2",
@@ -57,5 +63,12 @@ def report(session):
                 "results/cpu-kernels.md", *(["--notes", "results/cpu-kernels.notes.md"]
                                             if Path("results/cpu-kernels.notes.md").exists()
                                             else []))
+    session.run("python", "-m", "nbbn.cli", "bench", "--backend", "cpu,nbbn-unfused,torch-cpu",
+                "--fusion", "none,relu,add-relu", "--threads", "2", *quiet, *FUSION_SHAPES,
+                "--out", "results/fusion-cpu")
+    session.run("python", "-m", "nbbn.harness.fusion", "results/fusion-cpu", "--out",
+                "results/fusion-cpu.md")
     session.run("python", "-m", "nbbn.harness.readme")
     session.run("python", "-m", "nbbn.cli", "accuracy", "--out", "results/accuracy")
+    session.run("python", "-m", "nbbn.distributed", "bench", "--ranks", "1,2", "--out",
+                "results/distributed.md")

@@ -27,11 +27,13 @@ Determinism
     of positions (``split``). ``prange`` only distributes those tasks, so outputs are
     bit-identical for any number of threads.
 
-Normalization (training): y = (x − μ)·α + β with α = γ·invstd, in float64 per element, rounded
-    once to x's dtype (subtracting μ first keeps large offsets exact). Inference folds the
-    population statistics into y = x·α + β' (β' = β − μ_pop·α): one multiply-add. Both are
-    "apply" passes y = (x − c0)·c1 + c2, followed by the fusion: y += residual, y = max(y, 0)
-    (NaN propagates, as in ``np.maximum``).
+Normalization: y = ((x − h) − l)·α + β in x's dtype, where h + l = μ is the float64 mean split
+    into x's dtype (h = μ rounded, l = the rest; l = 0 for float64 data) and α = γ·invstd. x − h
+    is exact for x near μ (Sterbenz), so float32 data at |μ|/σ = 1e4 lose nothing to the offset,
+    while the arithmetic runs at float32 vector width (x·α − μ·α would cancel). Inference does
+    the same with the population mean (not folded into β' = β − μ·α, for the same reason). Both
+    are "apply" passes followed by the fusion: y += residual, y = max(y, 0) (NaN propagates, as
+    in ``np.maximum``).
 
 Backward: with g = dy (or dz = dy·[y > 0] under a ReLU, written out in the same pass), the sums
     Σg, Σg·(x − μ̃) and Σ(x − μ̃) in float64 over the saved mean μ̃, then
@@ -56,6 +58,8 @@ Work split and memory passes (S bytes per element)
     NCHW, ``grouped``: 1 parallel region. A task owns a group of consecutive channels sized so
         the group's data fit in L2; it streams x[n, c0:c1, :] (contiguous) for n = 0..N−1 to
         get its channels' sums, then normalizes the group from cache: ~2 passes from memory.
+    NCHW loops address x through flat offsets (n·C + c)·S + s, unsigned: Numba wraps negative
+        signed indices, and that check keeps LLVM from vectorizing a loop over [o, o + n).
     NCHW, ``split`` (few channels): each channel's m positions are cut into fixed chunks; tasks
         (channel, chunk) sum, a serial merge, then tasks normalize: 2 regions, 3 passes.
     Inference: 1 region, contiguous row blocks, one read and one write.

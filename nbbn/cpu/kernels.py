@@ -246,35 +246,37 @@ def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
 
 
 @njit(fastmath=_FM, inline="always")
-def _row_apply(xr, yr, rr, t, flags):
-    """yr = ((xr − h) − l)·a + b, then + rr (RESIDUAL) and max(·, 0) (RELU), in x's dtype;
-    t = (h, l, a, b) are arrays of x's dtype indexed like the row (see :func:`_split`)."""
-    h = t[0]
-    lo = t[1]
-    a = t[2]
-    b = t[3]
-    W = xr.size
+def _span_apply_vec(xf, yf, rf, o, n, h, lo, a, b, flags):
+    """yf[o + i] = ((xf[o + i] − h[i]) − l[i])·a[i] + b[i], then + rf[o + i] (RESIDUAL) and
+    max(·, 0) (RELU), for i < n, in x's dtype; h, l, a, b (see :func:`_split`) are arrays of x's
+    dtype indexed like the run (NC: lane j is channel j mod C). Unsigned offsets, as in
+    :func:`_span_apply`."""
+    o = np.uint64(o)
     if flags & RESIDUAL:
         if flags & RELU:
-            for j in range(W):
-                v = ((xr[j] - h[j]) - lo[j]) * a[j] + b[j] + rr[j]
-                yr[j] = 0.0 if v < 0.0 else v
+            for i in range(np.uint64(n)):
+                j = o + i
+                v = ((xf[j] - h[i]) - lo[i]) * a[i] + b[i] + rf[j]
+                yf[j] = 0.0 if v < 0.0 else v
         else:
-            for j in range(W):
-                yr[j] = ((xr[j] - h[j]) - lo[j]) * a[j] + b[j] + rr[j]
+            for i in range(np.uint64(n)):
+                j = o + i
+                yf[j] = ((xf[j] - h[i]) - lo[i]) * a[i] + b[i] + rf[j]
     elif flags & RELU:
-        for j in range(W):
-            v = ((xr[j] - h[j]) - lo[j]) * a[j] + b[j]
-            yr[j] = 0.0 if v < 0.0 else v
+        for i in range(np.uint64(n)):
+            j = o + i
+            v = ((xf[j] - h[i]) - lo[i]) * a[i] + b[i]
+            yf[j] = 0.0 if v < 0.0 else v
     else:
-        for j in range(W):
-            yr[j] = ((xr[j] - h[j]) - lo[j]) * a[j] + b[j]
+        for i in range(np.uint64(n)):
+            j = o + i
+            yf[j] = ((xf[j] - h[i]) - lo[i]) * a[i] + b[i]
 
 
 @njit(fastmath=_FM, inline="always")
 def _span_apply(xf, yf, rf, o, n, h, lo, a, b, flags):
-    """:func:`_row_apply` over the run [o, o + n) of flat arrays, with scalar coefficients of
-    x's dtype (one channel per run: NCHW; a run can be as short as 49 values). The offsets are
+    """:func:`_span_apply_vec` with scalar coefficients of x's dtype (one channel per run:
+    NCHW; a run can be as short as 49 values). The offsets are
     made unsigned: Numba wraps a negative signed index, and that per-element check keeps LLVM
     from vectorizing a loop over [o, o + n) -- 5.5× slower at 7×7 (measured, see the notes)."""
     o = np.uint64(o)
@@ -347,21 +349,18 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
 
 
 @njit(fastmath=_FM, inline="always")
-def _row_dx(gr, xr, dr, t):
-    """dx = k1·g + k2·((x − h) − l) + k3 over one row, in x's dtype; t = (h, l, k1, k2, k3)
-    arrays indexed like the row."""
-    h = t[0]
-    lo = t[1]
-    k1 = t[2]
-    k2 = t[3]
-    k3 = t[4]
-    for j in range(xr.size):
-        dr[j] = k1[j] * gr[j] + k2[j] * ((xr[j] - h[j]) - lo[j]) + k3[j]
+def _span_dx_vec(gf, xf, df, o, n, h, lo, k1, k2, k3):
+    """df[o + i] = k1[i]·g + k2[i]·((x − h[i]) − l[i]) + k3[i] over the run [o, o + n), in x's
+    dtype, coefficient arrays indexed like the run."""
+    o = np.uint64(o)
+    for i in range(np.uint64(n)):
+        j = o + i
+        df[j] = k1[i] * gf[j] + k2[i] * ((xf[j] - h[i]) - lo[i]) + k3[i]
 
 
 @njit(fastmath=_FM, inline="always")
 def _span_dx(gf, xf, df, o, n, h, lo, k1, k2, k3):
-    """:func:`_row_dx` over the run [o, o + n) of flat arrays, scalar coefficients."""
+    """:func:`_span_dx_vec` with scalar coefficients (one channel per run: NCHW)."""
     o = np.uint64(o)
     for i in range(np.uint64(n)):
         j = o + i
@@ -462,14 +461,23 @@ def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean
 
 @njit(fastmath=_FM, inline="always")
 def _nc_apply_rows(x, y, res, r0, r1, L, t, flags):
-    """Rows [r0, r1): y = ((x − h) − l)·a + b (+ res, ReLU), wide rows first."""
-    xw, tail = _wide(x, r0, r1, L)
-    yw, _ = _wide(y, r0, r1, L)
-    rw, _ = _wide(res, r0, r1, L)  # res is y itself when there is no residual (never read)
-    for n in range(xw.shape[0]):
-        _row_apply(xw[n], yw[n], rw[n], t, flags)
-    for n in range(tail, r1):
-        _row_apply(x[n], y[n], res[n], t, flags)
+    """Rows [r0, r1): y = ((x − h) − l)·a + b (+ res, ReLU), as wide rows of W = L·C values,
+    then the leftover rows. The rows are contiguous: flat unsigned offsets, coefficient rows
+    taken once (no per-row views: a row can be as short as 64 values)."""
+    C = x.shape[1]
+    W = L * C
+    xf = _flat(x)
+    yf = _flat(y)
+    rf = _flat(res)  # res is y itself when there is no residual (never read)
+    h = t[0]
+    lo = t[1]
+    a = t[2]
+    b = t[3]
+    R = (r1 - r0) // L
+    for i in range(R):
+        _span_apply_vec(xf, yf, rf, (r0 + i * L) * C, W, h, lo, a, b, flags)
+    for n in range(r0 + R * L, r1):
+        _span_apply_vec(xf, yf, rf, n * C, C, h, lo, a, b, flags)
 
 
 def nc_infer(x, y, res, rmean, rvar, gamma, beta, coef, t, flags, eps, K, L):
@@ -537,14 +545,23 @@ def nc_backward(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta,
 
 @njit(fastmath=_FM, inline="always")
 def _nc_dx_rows(g, x, dx, r0, r1, L, t):
-    """dx = k1·g + k2·((x − h) − l) + k3 over rows [r0, r1), wide rows first."""
-    xw, tail = _wide(x, r0, r1, L)
-    gw, _ = _wide(g, r0, r1, L)
-    dw, _ = _wide(dx, r0, r1, L)
-    for n in range(xw.shape[0]):
-        _row_dx(gw[n], xw[n], dw[n], t)
-    for n in range(tail, r1):
-        _row_dx(g[n], x[n], dx[n], t)
+    """dx = k1·g + k2·((x − h) − l) + k3 over rows [r0, r1), wide rows first (flat offsets, as
+    :func:`_nc_apply_rows`)."""
+    C = x.shape[1]
+    W = L * C
+    gf = _flat(g)
+    xf = _flat(x)
+    df = _flat(dx)
+    h = t[0]
+    lo = t[1]
+    k1 = t[2]
+    k2 = t[3]
+    k3 = t[4]
+    R = (r1 - r0) // L
+    for i in range(R):
+        _span_dx_vec(gf, xf, df, (r0 + i * L) * C, W, h, lo, k1, k2, k3)
+    for n in range(r0 + R * L, r1):
+        _span_dx_vec(gf, xf, df, n * C, C, h, lo, k1, k2, k3)
 
 
 # --------------------------------------------------------------------------------------------

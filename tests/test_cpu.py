@@ -142,6 +142,9 @@ def test_auto_depends_on_the_shape_only():
     serial kernels."""
     assert B.nc_plan(32768, 1024, 4) == (64, 1)
     assert B.nc_plan(8, 16, 4) == (1, 4)
+    # few rows, many channels: chunks of >= MIN_CHUNK_ROWS rows, partials << x
+    K_, L = B.nc_plan(256, 4096, 4)
+    assert (K_, L) == (8, 1) and K_ * 3 * 4096 * 8 <= 256 * 4096 * 4 // 4
     assert B.nchw_group(32, 2048, 49, 4) * 32 * 49 * 4 <= B.GROUP_BYTES
     assert B._twin(("par", "ser"), 128, "auto") == "ser"
     assert B._twin(("par", "ser"), 1 << 20, "auto") == "par"

@@ -42,6 +42,10 @@ WIDE = 64
 #: NC: bytes of x per row chunk (at least), and the most chunks (the partials' count).
 CHUNK_BYTES = 64 * 1024
 MAX_CHUNKS = 64
+#: NC: at least this many (wide) rows per chunk, so the K chunks' float64 partials (2-3 per
+#: lane) stay a small fraction of x: with 4096 channels and 256 rows, 64 chunks of 4 rows made
+#: 6 MiB of partials for 4 MiB of data, merged serially.
+MIN_CHUNK_ROWS = 32
 #: NCHW: a channel group's data (N·G·S values) fit in this many bytes, to be normalized from L2.
 GROUP_BYTES = 256 * 1024
 #: NCHW: at least this many channel groups (load balance), when there are channels enough.
@@ -81,7 +85,7 @@ _PLANS: dict[tuple, Plan] = {}
 def nc_plan(M: int, C: int, itemsize: int) -> tuple[int, int]:
     """(K row chunks, L rows per wide row) of an (M, C) array."""
     L = -(-WIDE // C) if C < WIDE else 1
-    K_ = max(1, min(MAX_CHUNKS, M // L if M >= L else 1, (M * C * itemsize) // CHUNK_BYTES))
+    K_ = max(1, min(MAX_CHUNKS, (M // L) // MIN_CHUNK_ROWS, (M * C * itemsize) // CHUNK_BYTES))
     return K_, L
 
 

@@ -320,22 +320,31 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
                 a2[j] += g * d
                 a3[j] += d
     else:
+        # Four rows per step: each of the three accumulators' load and store serves 4 values.
         i = r0
-        while i + 2 <= r1:
+        while i + 4 <= r1:
             x0 = x[i]
             x1 = x[i + 1]
+            x2 = x[i + 2]
+            x3 = x[i + 3]
             g0 = dy[i]
             g1 = dy[i + 1]
+            g2 = dy[i + 2]
+            g3 = dy[i + 3]
             for j in range(W):
                 k = mu[j]
                 d0 = x0[j] - k
                 d1 = x1[j] - k
+                d2 = x2[j] - k
+                d3 = x3[j] - k
                 u0 = np.float64(g0[j])
                 u1 = np.float64(g1[j])
-                a1[j] += u0 + u1
-                a2[j] += u0 * d0 + u1 * d1
-                a3[j] += d0 + d1
-            i += 2
+                u2 = np.float64(g2[j])
+                u3 = np.float64(g3[j])
+                a1[j] += (u0 + u1) + (u2 + u3)
+                a2[j] += (u0 * d0 + u1 * d1) + (u2 * d2 + u3 * d3)
+                a3[j] += (d0 + d1) + (d2 + d3)
+            i += 4
         while i < r1:
             xr = x[i]
             gr = dy[i]

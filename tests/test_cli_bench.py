@@ -329,3 +329,26 @@ def test_readme_headline_is_generated(target_run, tmp_path):
     assert readme.main(["--readme", str(path), "--check"]) == 0
     (tmp_path / "R.md").write_text("no markers")
     assert readme.main(["--readme", str(tmp_path / "R.md")]) == 1
+
+
+def test_per_call_from_a_warm_run(target_run, tmp_path):
+    """--per-call (targets) and per_call= (README marker): the (8, 16) target is judged from the
+    warm run's rows, and says so."""
+    warm = target_run.parent / "per-call"
+    result = invoke(bench, ["--backend", "cpu,torch-cpu", "--call", "api", "--cache", "warm",
+                            "--shapes", "NC:16", "--batch-sizes", "8", *FAST, "--out", warm])
+    assert result.exit_code == 0, result.output
+    assert targets.main([str(target_run), "--out", str(tmp_path / "t.md"), "--per-call",
+                         str(warm)]) == 0
+    md = (tmp_path / "t.md").read_text()
+    assert "## Per-call cost, warm" in md and "cache warm): " in md
+    assert "cache cold): " not in md  # the cold tiny rows no longer judge the target
+    src, pc = (p.relative_to(target_run.parent) for p in (target_run, warm))
+    path = target_run.parent / "README2.md"
+    path.write_text(f"<!-- nbbn:headline:begin source={src} per_call={pc} -->\n"
+                    "<!-- nbbn:headline:end -->\n")
+    assert readme.main(["--readme", str(path)]) == 0
+    new = path.read_text()
+    assert "8×16 call µs (warm)" in new and f"per_call={pc}" in new
+    row = next(line for line in new.splitlines() if line.startswith("| cpu | forward-train | NC"))
+    assert row.split("|")[-2].strip() not in ("", "nan")

@@ -145,6 +145,32 @@ def _cudasim() -> bool:
     return bool(numba.config.ENABLE_CUDASIM)
 
 
+def test_half_storage_rows():
+    """Part (a)'s half dtypes: data stored in float16/bfloat16, the study's algorithms in float32
+    on them (backend study-f32) -- exact enough at κ = 0 --, the cpu backend skipped with its
+    reason, and at κ = 1e4 the stored batch itself has collapsed (an ulp of 8 in float16, 64 in
+    bfloat16, where σ = 1): its exact variance is far below the data's 1."""
+    from nbbn.study.rounding import HALF_DTYPES
+
+    if not HALF_DTYPES:
+        pytest.skip("no half dtypes (ml_dtypes absent and numpy without float16?)")
+    backends, _ = usable_backends()
+    cfg = RoundingConfig(sizes=[1024], kappas=(0.0, 1e4), dtypes=HALF_DTYPES)
+    df, skipped = run_rounding(cfg, backends=backends, peers=[])
+    assert set(df["dtype"]) == {d.name for d in HALF_DTYPES}
+    assert set(df["backend"]) <= {"study-f32"} | {b.name for b in backends if HALF_DTYPES[0]
+                                                 in b.dtypes}
+    for dt in HALF_DTYPES:
+        easy = df[(df["dtype"] == dt.name) & (df["kappa"] == 0.0) & (df["stat"] == "var")
+                  & (df["algorithm"] == "two-pass-corrected")]
+        assert len(easy) == 1 and float(easy["rel_err"].iloc[0]) <= tolerance("var", F32)
+        far = df[(df["dtype"] == dt.name) & (df["kappa"] == 1e4) & (df["stat"] == "var")]
+        assert (far["reference"] < 0.1).all(), far[["algorithm", "reference"]]
+    if any(b.name == "cpu" for b in backends):
+        assert any(s["item"] == "backend cpu float16" and "does not run" in s["reason"]
+                   for s in skipped)
+
+
 def test_default_grid_goes_beyond_2_pow_24():
     assert max(DEFAULT_SIZES) > 2**24 and 2**24 + 1 in DEFAULT_SIZES
 

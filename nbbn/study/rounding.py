@@ -2,6 +2,14 @@
 
 For each m, one draw z ~ N(0, 1)^m (seeded by m alone) is shifted to x = κ + z, so |mean|/std = κ
 and every κ and dtype sees the same noise; float32 data are the float64 values rounded once.
+Half dtypes (float16, bfloat16) are storage only: the data are rounded once to them, and the
+study's algorithms then run in float32 on those (exactly widened) values -- rows with backend
+``study-f32`` -- as every half-precision batch norm computes (its sums in float32 or wider);
+kernel backends run them if they register the dtype (``cuda``; ``cpu`` does not: Numba's CPU
+target has no float16 arithmetic). What half storage costs is therefore not in these errors,
+which are against the exact statistics of the *stored* values: rounding to float16 moves each
+value by up to 2^-11 relative (an ulp of 8 at 1e4, where σ = 1: the stored batch is a handful
+of distinct values), bfloat16 by 2^-8.
 Each statistics algorithm runs on x in x's dtype (:mod:`nbbn.study.algorithms`), and so does each
 usable nbbn kernel backend (its registered statistics function, plus its forward-train kernel
 for invstd and y). Errors are against the double-double reference of the same (rounded) data:
@@ -39,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..validate import STORAGE_DTYPES
 from .algorithms import (
     ALGORITHMS,
     dd_rel_err,
@@ -56,6 +65,10 @@ QUICK_SIZES = [2, 16, 128, 1024, 2**13, 2**16, 2**20 + 1]
 PEER_MAX_M = 2**24 + 1
 KAPPAS = (0.0, 1.0, 1e2, 1e3, 1e4)
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: Half storage dtypes of part (a) (bfloat16 when ml_dtypes is installed): the data are stored
+#: in them, and every computation (the study's algorithms, every kernel) runs in float32 or
+#: wider, as half-precision batch norms do (cuDNN, PyTorch, nbbn's cuda backend).
+HALF_DTYPES = tuple(d for d in STORAGE_DTYPES if d.itemsize == 2)
 STATS = ("mean", "mean_in_sd", "var", "invstd", "y")
 EPS = 1e-5
 #: Rounding error below this fraction of the sampling error counts as negligible.
@@ -66,7 +79,7 @@ NEGLIGIBLE = 0.1
 class RoundingConfig:
     sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
     kappas: tuple[float, ...] = KAPPAS
-    dtypes: tuple[np.dtype, ...] = DTYPES
+    dtypes: tuple[np.dtype, ...] = DTYPES + HALF_DTYPES
     algorithms: tuple[str, ...] = tuple(ALGORITHMS)
     backends: bool = True
     peers: bool = True
@@ -103,6 +116,8 @@ class StatsBackend:
     name: str
     device: str
     stats: Callable
+    #: dtypes of x the backend runs (registry.BackendInfo.dtypes)
+    dtypes: tuple = DTYPES
 
 
 def usable_backends(simulator_ok: bool = False, part: str = "rounding"
@@ -128,7 +143,8 @@ def usable_backends(simulator_ok: bool = False, part: str = "rounding"
             except Exception as exc:  # a backend that cannot load must not stop the study
                 reason = f"{type(exc).__name__}: {exc}"
         if reason is None:
-            usable.append(StatsBackend(name, info.device, fn))
+            usable.append(StatsBackend(name, info.device, fn,
+                                       tuple(np.dtype(d) for d in info.dtypes)))
         else:
             skipped.append({"part": part, "item": f"backend {name}", "reason": reason})
     return usable, skipped
@@ -193,11 +209,13 @@ def _rows(p: _Point, algorithm: str, backend: str, layout: str, mean, var,
 
 
 def _backend_rows(b: StatsBackend, p: _Point, x: np.ndarray, eps: float, bad: set,
-                  skipped: list[dict]) -> list[dict]:
+                  skipped: list[dict], xc: np.ndarray | None = None) -> list[dict]:
     """A backend's statistics function (mean, var) and its forward-train kernel (invstd, y),
-    on x viewed as NC (m, 1) and as NCHW (N, 1, 1, S)."""
+    on x viewed as NC (m, 1) and as NCHW (N, 1, 1, S). ``xc``: x in float32 (half x), for the
+    error of y, whose output is widened to float32 (exactly) to be compared."""
     import nbbn
 
+    xc = x if xc is None else xc
     rows = []
     for layout, shape in (("NC", (p.m, 1)), ("NCHW", _nchw_shape(p.m))):
         if (b.name, layout, "stats") in bad:
@@ -215,7 +233,8 @@ def _backend_rows(b: StatsBackend, p: _Point, x: np.ndarray, eps: float, bad: se
             try:
                 y, _, save_invstd = nbbn.batch_norm_train(xs, eps=eps, backend=b.name)
                 invstd = float(np.asarray(save_invstd)[0])
-                y_err = _finite(y_array_rel_err(x, np.asarray(y).reshape(-1),
+                y = np.asarray(y).reshape(-1)
+                y_err = _finite(y_array_rel_err(xc, y.astype(xc.dtype) if y.itemsize == 2 else y,
                                                 p.mh, p.ml, p.ih, p.il))
             except Exception as exc:
                 bad.add((b.name, layout, "kernel"))
@@ -264,7 +283,11 @@ def run_rounding(cfg: RoundingConfig, progress: Callable[[int], None] = lambda n
         skipped.append({"part": "rounding", "item": "peers at m = " + ", ".join(map(str, above)),
                         "reason": f"peers run up to m = {cfg.peer_max_m} in the default grid "
                                   "(time); --sizes runs them at any m"})
-    bad: set[tuple[str, str, str]] = set()
+    halves = [d.name for d in cfg.dtypes if d.itemsize == 2]
+    if peers and halves:
+        skipped.append({"part": "rounding", "item": "peers at " + ", ".join(halves),
+                        "reason": "the peers run float32 and float64 data only"})
+    bad: set[tuple] = set()
     rows: list[dict] = []
     for m in cfg.sizes:
         z = rng_for(cfg.seed, "rounding", m).standard_normal(m)
@@ -272,16 +295,27 @@ def run_rounding(cfg: RoundingConfig, progress: Callable[[int], None] = lambda n
             x64 = z + kappa
             for dtype in cfg.dtypes:
                 x = x64 if dtype == np.float64 else x64.astype(dtype)
-                mh, ml, vh, vl = exact_stats(x)
+                half = dtype.itemsize == 2
+                xc = x.astype(np.float32) if half else x  # half data, float32 math (exact)
+                mh, ml, vh, vl = exact_stats(xc)
                 ih, il = exact_invstd(vh, vl, cfg.eps)
                 p = _Point(m, kappa, dtype, mh, ml, vh, vl, ih, il)
                 for name in cfg.algorithms:
-                    mean, var = ALGORITHMS[name](x)
-                    invstd = _invstd(var, dtype, cfg.eps)
-                    y_err = _finite(y_rel_err(x, mean, invstd, mh, ml, ih, il))
-                    rows += _rows(p, name, "study", "1-D", mean, var, invstd, y_err)
+                    mean, var = ALGORITHMS[name](xc)
+                    invstd = _invstd(var, xc.dtype, cfg.eps)
+                    y_err = _finite(y_rel_err(xc, mean, invstd, mh, ml, ih, il))
+                    rows += _rows(p, name, "study-f32" if half else "study", "1-D", mean, var,
+                                  invstd, y_err)
                 for b in backends:
-                    rows += _backend_rows(b, p, x, cfg.eps, bad, skipped)
+                    if half and dtype not in b.dtypes:
+                        if (b.name, dtype.name) not in bad:
+                            bad.add((b.name, dtype.name))
+                            skipped.append({"part": "rounding",
+                                            "item": f"backend {b.name} {dtype.name}",
+                                            "reason": f"backend {b.name!r} does not run "
+                                                      f"{dtype.name} (registry dtypes)"})
+                        continue
+                    rows += _backend_rows(b, p, x, cfg.eps, bad, skipped, xc)
                 if cfg.peer_max_m is None or m <= cfg.peer_max_m:
                     for peer in peers:
                         rows += _peer_rows(peer, p, x, cfg.eps, bad, skipped)

@@ -48,7 +48,8 @@ Backward: with g = dy (or dz = dy·[y > 0] under a ReLU, written out in the same
 
 Work split and memory passes (S bytes per element)
     NC family, ``rows``: 2 parallel regions. (1) each of K row chunks accumulates C-long (here
-        W = L·C-long, see below) shifted sums while streaming its rows, 4 rows per step so each
+        W = L·C-long, see below) shifted sums while streaming its rows in four ascending
+        streams (one per quarter of the chunk), four rows per step so each
         accumulator load/store serves 4 values; (2) after a serial merge of the K partials,
         each chunk normalizes its rows. x is read twice (3S with the write of y); the data of
         one chunk do not stay in cache between the two regions.
@@ -219,14 +220,18 @@ def _split(t, c, mu):
 @njit(fastmath=_FM, inline="always")
 def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
     """a1 += Σ(x − shift), a2 += Σ(x − shift)² column-wise over rows [r0, r1) of x (R, W).
-    Four rows per step: each accumulator load and store serves four values."""
+    Four row streams, one per quarter of the rows, each walking its quarter in order: every
+    accumulator load and store serves four values, and each stream's addresses only ascend,
+    which the hardware prefetchers follow (four *adjacent* rows of 512 B interleave within a
+    page, and that pattern read x from DRAM 3× slower than a plain sum; see the notes). The
+    rows left over by the quarters follow, one at a time. The order depends on r0, r1 only."""
     W = x.shape[1]
-    n = r0
-    while n + 4 <= r1:
-        x0 = x[n]
-        x1 = x[n + 1]
-        x2 = x[n + 2]
-        x3 = x[n + 3]
+    Q = (r1 - r0) // 4
+    for i in range(r0, r0 + Q):
+        x0 = x[i]
+        x1 = x[i + Q]
+        x2 = x[i + 2 * Q]
+        x3 = x[i + 3 * Q]
         for j in range(W):
             k = shift[j]
             d0 = x0[j] - k
@@ -235,14 +240,12 @@ def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
             d3 = x3[j] - k
             a1[j] += (d0 + d1) + (d2 + d3)
             a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        n += 4
-    while n < r1:
+    for n in range(r0 + 4 * Q, r1):
         xr = x[n]
         for j in range(W):
             d = xr[j] - shift[j]
             a1[j] += d
             a2[j] += d * d
-        n += 1
 
 
 @njit(fastmath=_FM, inline="always")
@@ -320,17 +323,18 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
                 a2[j] += g * d
                 a3[j] += d
     else:
-        # Four rows per step: each of the three accumulators' load and store serves 4 values.
-        i = r0
-        while i + 4 <= r1:
+        # Four row streams over the quarters of [r0, r1), as in _rows_shifted_sums: each of the
+        # three accumulators' load and store serves 4 values, every stream ascends.
+        Q = (r1 - r0) // 4
+        for i in range(r0, r0 + Q):
             x0 = x[i]
-            x1 = x[i + 1]
-            x2 = x[i + 2]
-            x3 = x[i + 3]
+            x1 = x[i + Q]
+            x2 = x[i + 2 * Q]
+            x3 = x[i + 3 * Q]
             g0 = dy[i]
-            g1 = dy[i + 1]
-            g2 = dy[i + 2]
-            g3 = dy[i + 3]
+            g1 = dy[i + Q]
+            g2 = dy[i + 2 * Q]
+            g3 = dy[i + 3 * Q]
             for j in range(W):
                 k = mu[j]
                 d0 = x0[j] - k
@@ -344,8 +348,7 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
                 a1[j] += (u0 + u1) + (u2 + u3)
                 a2[j] += (u0 * d0 + u1 * d1) + (u2 * d2 + u3 * d3)
                 a3[j] += (d0 + d1) + (d2 + d3)
-            i += 4
-        while i < r1:
+        for i in range(r0 + 4 * Q, r1):
             xr = x[i]
             gr = dy[i]
             for j in range(W):
@@ -354,7 +357,6 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
                 a1[j] += u
                 a2[j] += u * d
                 a3[j] += d
-            i += 1
 
 
 @njit(fastmath=_FM, inline="always")

@@ -30,7 +30,13 @@ from nbbn.study.gradients import (
 )
 from nbbn.study.gradients import _rows as _grad_rows
 from nbbn.study.peers import _flax_peer, from_layout, load_peers, nchw_shape, to_layout
-from nbbn.study.rounding import DEFAULT_SIZES, RoundingConfig, run_rounding, usable_backends
+from nbbn.study.rounding import (
+    DEFAULT_SIZES,
+    HALF_DTYPES,
+    RoundingConfig,
+    run_rounding,
+    usable_backends,
+)
 from nbbn.study.sampling import SamplingConfig, load_activations, run_sampling
 from nbbn.tolerances import tolerance
 
@@ -150,8 +156,6 @@ def test_half_storage_rows():
     on them (backend study-f32) -- exact enough at κ = 0 --, the cpu backend skipped with its
     reason, and at κ = 1e4 the stored batch itself has collapsed (an ulp of 8 in float16, 64 in
     bfloat16, where σ = 1): its exact variance is far below the data's 1."""
-    from nbbn.study.rounding import HALF_DTYPES
-
     if not HALF_DTYPES:
         pytest.skip("no half dtypes (ml_dtypes absent and numpy without float16?)")
     backends, _ = usable_backends()
@@ -565,7 +569,9 @@ def test_cli_quick_writes_tables_report_and_figures(tmp_path):
     rnd = pd.read_csv(out / "rounding.csv")
     assert set(rnd["algorithm"]) >= {"naive", "two-pass", "welford", "chan", "nbbn", "peer"}
     assert set(rnd[rnd["algorithm"] == "peer"]["backend"]) >= {"numpy"}  # always installed
-    assert set(rnd["dtype"]) == {"float32", "float64"}
+    # float32, float64 and the half storage dtypes this NumPy has (float16; bfloat16 with
+    # ml_dtypes)
+    assert set(rnd["dtype"]) == {"float32", "float64"} | {d.name for d in HALF_DTYPES}
     assert set(rnd["kappa"]) == {0, 1, 1e2, 1e3, 1e4}
     assert set(rnd["m"]) == {2, 64, 4096}
     grad = pd.read_csv(out / "gradients.csv")

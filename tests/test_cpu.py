@@ -113,6 +113,59 @@ def test_rounded_mean_is_folded(shape, axis):
         assert rel_err(old, rdx, scale) > 1e-4
 
 
+def test_split_and_direct_forms():
+    """A channel with |μ| ≤ DIRECT_MAX·σ is normalized as x·α + (β − μ·α) (h = l = 0), one
+    further away as ((x − h) − l)·α + β; the threshold is exact and NaN keeps the split form."""
+    K = cpu.kernels
+    t = np.ones((5, 1), np.float32)
+    assert K._split(t, 0, 3.9, 1.0) == 3.9 and t[0, 0] == 0 and t[1, 0] == 0
+    assert K._split(t, 0, -8.0, 0.5) == -8.0  # |μ|·invstd = 4: direct
+    assert K._split(t, 0, 4.1, 1.0) == 0.0 and t[0, 0] == np.float32(4.1)
+    assert t[1, 0] == np.float32(4.1 - float(np.float32(4.1)))
+    assert K._split(t, 0, np.nan, 1.0) == 0.0
+    assert K._split(t, 0, 1.0, np.inf) == 0.0  # σ unknown (given coefficients): split
+
+
+@pytest.mark.parametrize("shape, axis", [((3000, 6), 1), ((700, 130), 1), ((4, 6, 20, 20), 1),
+                                         ((4, 20, 20, 6), -1)], ids=str)
+def test_mixed_forms_match_the_reference_and_each_other(shape, axis):
+    """Channels at |μ|/σ of 0 to 1e4 in one call: every output within the float32 tolerance of
+    the float64 reference, and the channels that take the direct form give the same bits
+    whether the other channels are direct too (the NC family's loop that reads no h, l) or not
+    (the split loop with h = l = 0)."""
+    rng = np.random.default_rng(4)
+    C = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = C
+    sd = np.linspace(0.5, 2.0, C)
+    ratio = np.resize([0.0, 3.0, -3.9, 4.5, 100.0, 1e4], C)  # |μ|/σ per channel
+    base = rng.standard_normal(shape)
+    x = (base * sd.reshape(bshape) + (ratio * sd).reshape(bshape)).astype(np.float32)
+    gamma, beta = make_params(C, dtype=np.float32)
+    dy = make_x(shape, np.float32, seed=5)
+    y, sm, si = nbbn.batch_norm_train(x, gamma, beta, channel_axis=axis)
+    ry, rmean, rinvstd, _ = ref.forward_train(x, gamma, beta, channel_axis=axis)
+    assert rel_err(y, ry) <= tolerance("y", np.float32)
+    yi = nbbn.batch_norm_infer(x, sm, 1 / si.astype(np.float64) ** 2 - 1e-5, gamma, beta,
+                               channel_axis=axis)
+    ryi = ref.inference(x, sm, 1 / si.astype(np.float64) ** 2 - 1e-5, gamma, beta,
+                    channel_axis=axis)
+    assert rel_err(yi, ryi) <= tolerance("y", np.float32)
+    dx, dg, db = nbbn.batch_norm_backward(dy, x, sm, si, gamma, channel_axis=axis)
+    rdx, rdg, rdb = ref.backward(dy, x, sm, si, gamma, channel_axis=axis)
+    scale = ref.dx_scale(dy, si, gamma, channel_axis=axis)
+    assert rel_err(dx, rdx, scale) <= tolerance("dx", np.float32)
+    # the far channels brought near (same shape, so the same sums for the near ones): now every
+    # channel is direct
+    near = np.abs(ratio) <= 3.9
+    x2 = np.where(near.reshape(bshape), x, (base * sd.reshape(bshape)).astype(np.float32))
+    y2, sm2, si2 = nbbn.batch_norm_train(x2, gamma, beta, channel_axis=axis)
+    dx2, _, _ = nbbn.batch_norm_backward(dy, x2, sm2, si2, gamma, channel_axis=axis)
+    idx = np.flatnonzero(near)
+    for a, b in ((y2, y), (dx2, dx)):
+        np.testing.assert_array_equal(np.take(a, idx, axis=axis), np.take(b, idx, axis=axis))
+
+
 def test_a_different_mean_is_used_as_given():
     """A save_mean that is not this batch's (e.g. a global mean in synchronized BN) is no
     rounding error: backward uses it as it is."""

@@ -30,10 +30,13 @@ Determinism
 Normalization: y = ((x − h) − l)·α + β in x's dtype, where h + l = μ is the float64 mean split
     into x's dtype (h = μ rounded, l = the rest; l = 0 for float64 data) and α = γ·invstd. x − h
     is exact for x near μ (Sterbenz), so float32 data at |μ|/σ = 1e4 lose nothing to the offset,
-    while the arithmetic runs at float32 vector width (x·α − μ·α would cancel). Inference does
-    the same with the population mean (not folded into β' = β − μ·α, for the same reason). Both
-    are "apply" passes followed by the fusion: y += residual, y = max(y, 0) (NaN propagates, as
-    in ``np.maximum``).
+    while the arithmetic runs at float32 vector width (x·α − μ·α would cancel). A channel with
+    |μ| ≤ ``DIRECT_MAX``·σ (the usual case) takes the direct form y = x·α + (β − μ·α) instead:
+    h = l = 0, two coefficient reads and one operation per value fewer, for at most a few ulps
+    of γ (see :func:`_split`); an NC pass whose every channel is direct runs a loop that reads
+    neither h nor l. Inference does the same with the population mean, dx with its k2, k3. The
+    apply passes end with the fusion: y += residual, y = max(y, 0) (NaN propagates, as in
+    ``np.maximum``).
 
 Backward: with g = dy (or dz = dy·[y > 0] under a ReLU, written out in the same pass), the sums
     Σg, Σg·(x − μ̃) and Σ(x − μ̃) in float64 over the saved mean μ̃, then
@@ -94,11 +97,15 @@ FOLD = 32  # backward: fold the rounding of save_mean (see the module docstring)
 STATS_ONLY = 64  # forward: statistics only (no y, no saved statistics, no running update)
 COEF_GIVEN = 128  # apply: c0, c1, c2 are given in ``coef``; backward: sums given in ``sums``
 SUMS_ONLY = 256  # backward: the sums only (no dx, no fold)
+DIRECT = 512  # elementwise pass, set by the kernel: every channel takes the direct form
 
 #: Re-take a channel's sums with K = μ when (μ − K)² > RESHIFT·σ² (see the module docstring).
 RESHIFT = 1024.0
 #: The rounded-mean fold applies when |δ| ≤ FOLD_ULPS·ulp(μ̃).
 FOLD_ULPS = 2.0
+#: The elementwise passes take the direct form x·α + (β − μ·α) for a channel with
+#: |μ| ≤ DIRECT_MAX·σ, the split form otherwise (see the module docstring).
+DIRECT_MAX = 4.0
 
 
 def twin(fn):
@@ -137,7 +144,7 @@ def _far(mean, var, shift):
 @njit(inline="always")
 def _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rvar, save_mean,
                    save_invstd, mean64, var64):
-    """Saved and running statistics of channel c; returns (α = γ·invstd, β)."""
+    """Saved and running statistics of channel c; returns (α = γ·invstd, β, invstd)."""
     invstd = 1.0 / math.sqrt(var + eps)
     g = np.float64(gamma[c]) if flags & HAS_GAMMA else 1.0
     b = np.float64(beta[c]) if flags & HAS_BETA else 0.0
@@ -150,17 +157,31 @@ def _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rv
             # PyTorch's convention; the running variance takes the unbiased σ²·m/(m − 1).
             rmean[c] = (1.0 - momentum) * rmean[c] + momentum * mean
             rvar[c] = (1.0 - momentum) * rvar[c] + momentum * (var * (m / (m - 1.0)))
-    return g * invstd, b
+    return g * invstd, b, invstd
 
 
 @njit(inline="always")
 def _infer_channel(c, rvar, gamma, beta, flags, eps):
-    """Inference coefficients of channel c: α = γ/√(σ²_pop + ε) and β, for y = (x − μ_pop)·α + β
-    (the folded y = α·x + β', β' = β − μ_pop·α, in exact arithmetic)."""
-    alpha = 1.0 / math.sqrt(np.float64(rvar[c]) + eps)
-    if flags & HAS_GAMMA:
-        alpha *= np.float64(gamma[c])
-    return alpha, (np.float64(beta[c]) if flags & HAS_BETA else 0.0)
+    """Inference coefficients of channel c: (α = γ·invstd, β, invstd = 1/√(σ²_pop + ε)), for
+    y = (x − μ_pop)·α + β."""
+    invstd = 1.0 / math.sqrt(np.float64(rvar[c]) + eps)
+    alpha = np.float64(gamma[c]) * invstd if flags & HAS_GAMMA else invstd
+    return alpha, (np.float64(beta[c]) if flags & HAS_BETA else 0.0), invstd
+
+
+@njit(inline="always")
+def _infer_coefficients(rmean, rvar, gamma, beta, coef, t, flags, eps):
+    """``coef`` (3, C) = (μ, α, β) from the population statistics (unless COEF_GIVEN: then the
+    caller's, whose σ is unknown, so the split form), and t[0:4, c] = (h, l, α, β − f·α)."""
+    for c in range(coef.shape[1]):
+        if flags & COEF_GIVEN:
+            invstd = np.inf
+        else:
+            coef[0, c] = np.float64(rmean[c])
+            coef[1, c], coef[2, c], invstd = _infer_channel(c, rvar, gamma, beta, flags, eps)
+        f = _split(t, c, coef[0, c], invstd)
+        t[2, c] = coef[1, c]
+        t[3, c] = coef[2, c] - f * coef[1, c]
 
 
 @njit(inline="always")
@@ -176,14 +197,15 @@ def _fold(sx, m, mu_saved, precision):
 @njit(inline="always")
 def _grad_coefficients(t, j, c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags,
                        precision, dgamma, dbeta):
-    """:func:`_grad_channel` of channel c into t[:, j] = (h, l, k1, k2, k3) of x's dtype, with
-    μ = μ̃ + δ split into h + l: dx = k1·g + k2·((x − h) − l) + k3."""
+    """:func:`_grad_channel` of channel c into t[:, j] = (h, l, k1, k2, k3) of x's dtype for
+    dx = k1·g + k2·((x − h) − l) + k3: μ = μ̃ + δ split into h + l, or h = l = 0 and k3 − k2·μ
+    (the direct form, see :func:`_split`)."""
     k1, k2, k3, mu = _grad_channel(c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags,
                                    precision, dgamma, dbeta)
-    _split(t, j, mu)
+    f = _split(t, j, mu, np.float64(save_invstd[c]))
     t[2, j] = k1
     t[3, j] = k2
-    t[4, j] = k3
+    t[4, j] = k3 - f * k2
 
 
 @njit(inline="always")
@@ -204,13 +226,37 @@ def _grad_channel(c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags, pre
 
 
 @njit(inline="always")
-def _split(t, c, mu):
-    """t[0, c] = μ rounded to t's dtype (h), t[1, c] = the rest (l = μ − h, rounded): the
-    elementwise passes form (x − h) − l in x's dtype. x − h is exact when x is near μ
-    (Sterbenz), so float32 data at |μ|/σ = 1e4 keep their accuracy in float32 arithmetic,
-    where x·α − μ·α would cancel; for float64 data l = 0."""
+def _split(t, c, mu, invstd):
+    """How the elementwise passes subtract μ from x in x's dtype; returns the part of μ to fold
+    into the additive coefficient (the caller subtracts it times the multiplier of x − μ).
+
+    Split form: t[0, c] = μ rounded to t's dtype (h), t[1, c] = the rest (l = μ − h, rounded),
+    and the pass forms (x − h) − l. x − h is exact when x is near μ (Sterbenz), so float32
+    data at |μ|/σ = 1e4 keep their accuracy in float32 arithmetic, where x·α − μ·α would
+    cancel; for float64 data l = 0. Returns 0.
+
+    Direct form, when |μ|·invstd ≤ DIRECT_MAX: h = l = 0, returns μ, and the pass computes
+    x·α + (β − μ·α) -- two coefficient reads and one operation per value instead of four and
+    three. Its extra rounding: x·α is rounded at |μ|/σ + |x̂| times |γ| instead of |x̂|·|γ|,
+    and β − μ·α once: at most ~2·DIRECT_MAX + |β|/|γ| ulps of γ more (≈ 8 ulps of γ at the
+    threshold, ≈ 1e-7·γ in float32), where dropping the split form at |μ|/σ = 1e4 would cost
+    ~1e4 ulps. NaN or infinite statistics keep the split form."""
+    if abs(mu) * invstd <= DIRECT_MAX:
+        t[0, c] = 0.0
+        t[1, c] = 0.0
+        return mu
     t[0, c] = mu
     t[1, c] = mu - t[0, c]
+    return 0.0
+
+
+@njit(inline="always")
+def _direct(t, C, flags):
+    """flags with DIRECT set when every channel of t (4+, W) took the direct form."""
+    for c in range(C):
+        if t[0, c] != 0.0 or t[1, c] != 0.0:
+            return flags
+    return flags | DIRECT
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,10 +298,12 @@ def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
 def _span_apply_vec(xf, yf, rf, o, n, h, lo, a, b, flags):
     """yf[o + i] = ((xf[o + i] − h[i]) − l[i])·a[i] + b[i], then + rf[o + i] (RESIDUAL) and
     max(·, 0) (RELU), for i < n, in x's dtype; h, l, a, b (see :func:`_split`) are arrays of x's
-    dtype indexed like the run (NC: lane j is channel j mod C). Unsigned offsets, as in
-    :func:`_span_apply`."""
+    dtype indexed like the run (NC: lane j is channel j mod C); DIRECT: every h = l = 0, the
+    loop skips them. Unsigned offsets, as in :func:`_span_apply`."""
     o = np.uint64(o)
-    if flags & RESIDUAL:
+    if flags & DIRECT:
+        _span_direct_vec(xf, yf, rf, o, n, a, b, flags)
+    elif flags & RESIDUAL:
         if flags & RELU:
             for i in range(np.uint64(n)):
                 j = o + i
@@ -277,13 +325,64 @@ def _span_apply_vec(xf, yf, rf, o, n, h, lo, a, b, flags):
 
 
 @njit(fastmath=_FM, inline="always")
+def _span_direct_vec(xf, yf, rf, o, n, a, b, flags):
+    """:func:`_span_apply_vec` in the direct form, y = x·a + b (``o`` unsigned)."""
+    if flags & RESIDUAL:
+        if flags & RELU:
+            for i in range(np.uint64(n)):
+                j = o + i
+                v = xf[j] * a[i] + b[i] + rf[j]
+                yf[j] = 0.0 if v < 0.0 else v
+        else:
+            for i in range(np.uint64(n)):
+                j = o + i
+                yf[j] = xf[j] * a[i] + b[i] + rf[j]
+    elif flags & RELU:
+        for i in range(np.uint64(n)):
+            j = o + i
+            v = xf[j] * a[i] + b[i]
+            yf[j] = 0.0 if v < 0.0 else v
+    else:
+        for i in range(np.uint64(n)):
+            j = o + i
+            yf[j] = xf[j] * a[i] + b[i]
+
+
+@njit(fastmath=_FM, inline="always")
+def _span_direct(xf, yf, rf, o, n, a, b, flags):
+    """:func:`_span_direct_vec` with scalar coefficients."""
+    if flags & RESIDUAL:
+        if flags & RELU:
+            for i in range(np.uint64(n)):
+                j = o + i
+                v = xf[j] * a + b + rf[j]
+                yf[j] = 0.0 if v < 0.0 else v
+        else:
+            for i in range(np.uint64(n)):
+                j = o + i
+                yf[j] = xf[j] * a + b + rf[j]
+    elif flags & RELU:
+        for i in range(np.uint64(n)):
+            j = o + i
+            v = xf[j] * a + b
+            yf[j] = 0.0 if v < 0.0 else v
+    else:
+        for i in range(np.uint64(n)):
+            j = o + i
+            yf[j] = xf[j] * a + b
+
+
+@njit(fastmath=_FM, inline="always")
 def _span_apply(xf, yf, rf, o, n, h, lo, a, b, flags):
     """:func:`_span_apply_vec` with scalar coefficients of x's dtype (one channel per run:
     NCHW; a run can be as short as 49 values). The offsets are
     made unsigned: Numba wraps a negative signed index, and that per-element check keeps LLVM
-    from vectorizing a loop over [o, o + n) -- 5.5× slower at 7×7 (measured, see the notes)."""
+    from vectorizing a loop over [o, o + n) -- 5.5× slower at 7×7 (measured, see the notes).
+    h = l = 0 (a channel in the direct form, or μ = 0) takes the direct loop: the same values."""
     o = np.uint64(o)
-    if flags & RESIDUAL:
+    if h == 0.0 and lo == 0.0:
+        _span_direct(xf, yf, rf, o, n, a, b, flags)
+    elif flags & RESIDUAL:
         if flags & RELU:
             for i in range(np.uint64(n)):
                 j = o + i
@@ -360,22 +459,33 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
 
 
 @njit(fastmath=_FM, inline="always")
-def _span_dx_vec(gf, xf, df, o, n, h, lo, k1, k2, k3):
+def _span_dx_vec(gf, xf, df, o, n, h, lo, k1, k2, k3, flags):
     """df[o + i] = k1[i]·g + k2[i]·((x − h[i]) − l[i]) + k3[i] over the run [o, o + n), in x's
-    dtype, coefficient arrays indexed like the run."""
+    dtype, coefficient arrays indexed like the run; DIRECT: every h = l = 0, not read."""
     o = np.uint64(o)
-    for i in range(np.uint64(n)):
-        j = o + i
-        df[j] = k1[i] * gf[j] + k2[i] * ((xf[j] - h[i]) - lo[i]) + k3[i]
+    if flags & DIRECT:
+        for i in range(np.uint64(n)):
+            j = o + i
+            df[j] = k1[i] * gf[j] + k2[i] * xf[j] + k3[i]
+    else:
+        for i in range(np.uint64(n)):
+            j = o + i
+            df[j] = k1[i] * gf[j] + k2[i] * ((xf[j] - h[i]) - lo[i]) + k3[i]
 
 
 @njit(fastmath=_FM, inline="always")
 def _span_dx(gf, xf, df, o, n, h, lo, k1, k2, k3):
-    """:func:`_span_dx_vec` with scalar coefficients (one channel per run: NCHW)."""
+    """:func:`_span_dx_vec` with scalar coefficients (one channel per run: NCHW); h = l = 0
+    takes the direct loop."""
     o = np.uint64(o)
-    for i in range(np.uint64(n)):
-        j = o + i
-        df[j] = k1 * gf[j] + k2 * ((xf[j] - h) - lo) + k3
+    if h == 0.0 and lo == 0.0:
+        for i in range(np.uint64(n)):
+            j = o + i
+            df[j] = k1 * gf[j] + k2 * xf[j] + k3
+    else:
+        for i in range(np.uint64(n)):
+            j = o + i
+            df[j] = k1 * gf[j] + k2 * ((xf[j] - h) - lo) + k3
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,12 +567,15 @@ def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean
         for c in range(C):
             mean64[c], var64[c] = _finish(mean64[c], var64[c], shift[c], m)
     for c in range(C):
-        _split(t, c, mean64[c])
-        t[2, c], t[3, c] = _train_channel(c, mean64[c], var64[c], m, eps, gamma, beta, flags,
-                                          momentum, rmean, rvar, save_mean, save_invstd, mean64,
-                                          var64)
+        a, b, invstd = _train_channel(c, mean64[c], var64[c], m, eps, gamma, beta, flags,
+                                      momentum, rmean, rvar, save_mean, save_invstd, mean64,
+                                      var64)
+        f = _split(t, c, mean64[c], invstd)
+        t[2, c] = a
+        t[3, c] = b - f * a
     if flags & STATS_ONLY:
         return
+    flags = _direct(t, C, flags)
     for q in range(4):
         _tile(t[q], C, L)
     for k in prange(K):
@@ -496,14 +609,8 @@ def nc_infer(x, y, res, rmean, rvar, gamma, beta, coef, t, flags, eps, K, L):
     float64 = (μ, α, β), computed here from the population statistics unless COEF_GIVEN;
     ``t`` (5, W) in x's dtype is scratch for the split form."""
     M, C = x.shape
-    if not flags & COEF_GIVEN:
-        for c in range(C):
-            coef[0, c] = np.float64(rmean[c])
-            coef[1, c], coef[2, c] = _infer_channel(c, rvar, gamma, beta, flags, eps)
-    for c in range(C):
-        _split(t, c, coef[0, c])
-        t[2, c] = coef[1, c]
-        t[3, c] = coef[2, c]
+    _infer_coefficients(rmean, rvar, gamma, beta, coef, t, flags, eps)
+    flags = _direct(t, C, flags)
     for q in range(4):
         _tile(t[q], C, L)
     for k in prange(K):
@@ -544,18 +651,19 @@ def nc_backward(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta,
     for c in range(C):
         _grad_coefficients(t, c, c, sums[0, c], sums[1, c], sums[2, c], m, save_mean,
                            save_invstd, gamma, flags, precision, dgamma, dbeta)
+    flags = _direct(t, C, flags)
     for q in range(5):
         _tile(t[q], C, L)
     for k in prange(K):
         r0, r1 = _chunk(M, K, k)
         if flags & RELU:  # g = dz, written by the sums pass
-            _nc_dx_rows(dz, x, dx, r0, r1, L, t)
+            _nc_dx_rows(dz, x, dx, r0, r1, L, t, flags)
         else:
-            _nc_dx_rows(dy, x, dx, r0, r1, L, t)
+            _nc_dx_rows(dy, x, dx, r0, r1, L, t, flags)
 
 
 @njit(fastmath=_FM, inline="always")
-def _nc_dx_rows(g, x, dx, r0, r1, L, t):
+def _nc_dx_rows(g, x, dx, r0, r1, L, t, flags):
     """dx = k1·g + k2·((x − h) − l) + k3 over rows [r0, r1), wide rows first (flat offsets, as
     :func:`_nc_apply_rows`)."""
     C = x.shape[1]
@@ -570,9 +678,9 @@ def _nc_dx_rows(g, x, dx, r0, r1, L, t):
     k3 = t[4]
     R = (r1 - r0) // L
     for i in range(R):
-        _span_dx_vec(gf, xf, df, (r0 + i * L) * C, W, h, lo, k1, k2, k3)
+        _span_dx_vec(gf, xf, df, (r0 + i * L) * C, W, h, lo, k1, k2, k3, flags)
     for n in range(r0 + R * L, r1):
-        _span_dx_vec(gf, xf, df, n * C, C, h, lo, k1, k2, k3)
+        _span_dx_vec(gf, xf, df, n * C, C, h, lo, k1, k2, k3, flags)
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,10 +777,11 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
         for i in range(w):
             c = c0 + i
             mean, var = _finish(t1[i], t2[i], sh[i], m)
-            _split(tg, i, mean)
-            tg[2, i], tg[3, i] = _train_channel(c, mean, var, m, eps, gamma, beta, flags,
-                                                momentum, rmean, rvar, save_mean, save_invstd,
-                                                mean64, var64)
+            a, b, invstd = _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum,
+                                          rmean, rvar, save_mean, save_invstd, mean64, var64)
+            f = _split(tg, i, mean, invstd)
+            tg[2, i] = a
+            tg[3, i] = b - f * a
         if not flags & STATS_ONLY:
             for n in range(N):
                 for i in range(w):
@@ -743,10 +852,12 @@ def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invs
                 s2 += part[c, k, 1]
             mean64[c], var64[c] = _finish(s1, s2, shift[c], fm)
     for c in range(C):
-        _split(t, c, mean64[c])
-        t[2, c], t[3, c] = _train_channel(c, mean64[c], var64[c], fm, eps, gamma, beta, flags,
-                                          momentum, rmean, rvar, save_mean, save_invstd, mean64,
-                                          var64)
+        a, b, invstd = _train_channel(c, mean64[c], var64[c], fm, eps, gamma, beta, flags,
+                                      momentum, rmean, rvar, save_mean, save_invstd, mean64,
+                                      var64)
+        f = _split(t, c, mean64[c], invstd)
+        t[2, c] = a
+        t[3, c] = b - f * a
     if flags & STATS_ONLY:
         return
     for task in prange(C * K):
@@ -772,14 +883,7 @@ def nchw_infer(x, y, res, rmean, rvar, gamma, beta, coef, t, flags, eps, R):
     """Inference (or any apply pass) over x (N, C, S): tasks of R consecutive (n, c) rows of the
     (N·C, S) view, contiguous in memory; ``coef`` (3, C) and ``t`` as in :func:`nc_infer`."""
     N, C, S = x.shape
-    if not flags & COEF_GIVEN:
-        for c in range(C):
-            coef[0, c] = np.float64(rmean[c])
-            coef[1, c], coef[2, c] = _infer_channel(c, rvar, gamma, beta, flags, eps)
-    for c in range(C):
-        _split(t, c, coef[0, c])
-        t[2, c] = coef[1, c]
-        t[3, c] = coef[2, c]
+    _infer_coefficients(rmean, rvar, gamma, beta, coef, t, flags, eps)
     xf = _flat(x)
     yf = _flat(y)
     rf = _flat(res)

@@ -32,11 +32,11 @@ Normalization: y = ((x − h) − l)·α + β in x's dtype, where h + l = μ is 
     is exact for x near μ (Sterbenz), so float32 data at |μ|/σ = 1e4 lose nothing to the offset,
     while the arithmetic runs at float32 vector width (x·α − μ·α would cancel). A channel with
     |μ| ≤ ``DIRECT_MAX``·σ (the usual case) takes the direct form y = x·α + (β − μ·α) instead:
-    h = l = 0, two coefficient reads and one operation per value fewer, for at most ~2·DIRECT_MAX
-    ulps of γ (see :func:`_split`); an NC pass whose every channel is direct runs a loop that reads
-    neither h nor l. Inference does the same with the population mean, dx with its k2, k3. The
-    apply passes end with the fusion: y += residual, y = max(y, 0) (NaN propagates, as in
-    ``np.maximum``).
+    h = l = 0, for at most ~2·DIRECT_MAX ulps of γ (see :func:`_split`); an NC pass whose every
+    channel is direct runs a loop that reads neither h nor l (two coefficient reads and two
+    subtractions per value fewer). Inference does the same with the population mean, dx with
+    its k2, k3. The apply passes end with the fusion: y += residual, y = max(y, 0) (NaN
+    propagates, as in ``np.maximum``).
 
 Backward: with g = dy (or dz = dy·[y > 0] under a ReLU, written out in the same pass), the sums
     Σg, Σg·(x − μ̃) and Σ(x − μ̃) in float64 over the saved mean μ̃, then
@@ -161,6 +161,18 @@ def _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rv
 
 
 @njit(inline="always")
+def _train_coefficients(t, j, c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rvar,
+                        save_mean, save_invstd, mean64, var64):
+    """:func:`_train_channel` of channel c into t[0:4, j] = (h, l, α, β − f·α) of x's dtype,
+    the split or direct form of :func:`_split`."""
+    a, b, invstd = _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean,
+                                  rvar, save_mean, save_invstd, mean64, var64)
+    f = _split(t, j, mean, invstd)
+    t[2, j] = a
+    t[3, j] = b - f * t[2, j]  # with α as stored (see _split)
+
+
+@njit(inline="always")
 def _infer_channel(c, rvar, gamma, beta, flags, eps):
     """Inference coefficients of channel c: (α = γ·invstd, β, invstd = 1/√(σ²_pop + ε)), for
     y = (x − μ_pop)·α + β."""
@@ -236,11 +248,12 @@ def _split(t, c, mu, invstd):
     cancel; for float64 data l = 0. Returns 0.
 
     Direct form, when |μ|·invstd ≤ DIRECT_MAX: h = l = 0, returns μ, and the pass computes
-    x·α + (β − μ·α) -- two coefficient reads and one operation per value instead of four and
-    three. The caller forms β − μ·α in float64 with α as stored (rounded to x's dtype), so
-    x·α̃ + (β − μ·α̃) = (x − μ)·α̃ + β exactly and α's rounding stays relative to x̂·γ; what
-    remains is the rounding of β − μ·α̃ to x's dtype, |μ|/σ ulps of γ, and (without an FMA)
-    that of x·α̃, another |μ|/σ + |x̂|: at most ~2·DIRECT_MAX ulps of γ more than the split
+    x·α + (β − μ·α) -- in the NC family's all-direct loop two coefficient reads and two
+    subtractions per value fewer (NCHW keeps its scalar h = l = 0 in registers). The caller
+    forms β − μ·α in float64 with α as stored (rounded to x's dtype), so x·α̃ + (β − μ·α̃) =
+    (x − μ)·α̃ + β exactly and α's rounding stays relative to x̂·γ; what remains is the
+    rounding of β − μ·α̃ to x's dtype, |μ|/σ ulps of γ, and (without an FMA) that of x·α̃,
+    another |μ|/σ + |x̂|: at most ~2·DIRECT_MAX ulps of γ more than the split
     form (≈ 1e-6·γ in float32 at the threshold; float32's tolerance for y is 1e-5), where the
     direct form at |μ|/σ = 1e4 would cost ~1e4 ulps. DIRECT_MAX = 8 keeps typical activations
     (|μ|/σ ≲ 2 before and after a ReLU) and the harness's −2.3 + 0.5·randn (4.6) direct and
@@ -353,40 +366,15 @@ def _span_direct_vec(xf, yf, rf, o, n, a, b, flags):
 
 
 @njit(fastmath=_FM, inline="always")
-def _span_direct(xf, yf, rf, o, n, a, b, flags):
-    """:func:`_span_direct_vec` with scalar coefficients."""
-    if flags & RESIDUAL:
-        if flags & RELU:
-            for i in range(np.uint64(n)):
-                j = o + i
-                v = xf[j] * a + b + rf[j]
-                yf[j] = 0.0 if v < 0.0 else v
-        else:
-            for i in range(np.uint64(n)):
-                j = o + i
-                yf[j] = xf[j] * a + b + rf[j]
-    elif flags & RELU:
-        for i in range(np.uint64(n)):
-            j = o + i
-            v = xf[j] * a + b
-            yf[j] = 0.0 if v < 0.0 else v
-    else:
-        for i in range(np.uint64(n)):
-            j = o + i
-            yf[j] = xf[j] * a + b
-
-
-@njit(fastmath=_FM, inline="always")
 def _span_apply(xf, yf, rf, o, n, h, lo, a, b, flags):
     """:func:`_span_apply_vec` with scalar coefficients of x's dtype (one channel per run:
     NCHW; a run can be as short as 49 values). The offsets are
     made unsigned: Numba wraps a negative signed index, and that per-element check keeps LLVM
     from vectorizing a loop over [o, o + n) -- 5.5× slower at 7×7 (measured, see the notes).
-    h = l = 0 (a channel in the direct form, or μ = 0) takes the direct loop: the same values."""
+    A channel in the direct form has h = l = 0 here (the scalars stay in registers, so no
+    separate loop: measured the same speed)."""
     o = np.uint64(o)
-    if h == 0.0 and lo == 0.0:
-        _span_direct(xf, yf, rf, o, n, a, b, flags)
-    elif flags & RESIDUAL:
+    if flags & RESIDUAL:
         if flags & RELU:
             for i in range(np.uint64(n)):
                 j = o + i
@@ -479,17 +467,12 @@ def _span_dx_vec(gf, xf, df, o, n, h, lo, k1, k2, k3, flags):
 
 @njit(fastmath=_FM, inline="always")
 def _span_dx(gf, xf, df, o, n, h, lo, k1, k2, k3):
-    """:func:`_span_dx_vec` with scalar coefficients (one channel per run: NCHW); h = l = 0
-    takes the direct loop."""
+    """:func:`_span_dx_vec` with scalar coefficients (one channel per run: NCHW; the direct
+    form is h = l = 0, as in :func:`_span_apply`)."""
     o = np.uint64(o)
-    if h == 0.0 and lo == 0.0:
-        for i in range(np.uint64(n)):
-            j = o + i
-            df[j] = k1 * gf[j] + k2 * xf[j] + k3
-    else:
-        for i in range(np.uint64(n)):
-            j = o + i
-            df[j] = k1 * gf[j] + k2 * ((xf[j] - h) - lo) + k3
+    for i in range(np.uint64(n)):
+        j = o + i
+        df[j] = k1 * gf[j] + k2 * ((xf[j] - h) - lo) + k3
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,12 +554,8 @@ def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean
         for c in range(C):
             mean64[c], var64[c] = _finish(mean64[c], var64[c], shift[c], m)
     for c in range(C):
-        a, b, invstd = _train_channel(c, mean64[c], var64[c], m, eps, gamma, beta, flags,
-                                      momentum, rmean, rvar, save_mean, save_invstd, mean64,
-                                      var64)
-        f = _split(t, c, mean64[c], invstd)
-        t[2, c] = a
-        t[3, c] = b - f * t[2, c]  # with α as stored (see _split)
+        _train_coefficients(t, c, c, mean64[c], var64[c], m, eps, gamma, beta, flags, momentum,
+                            rmean, rvar, save_mean, save_invstd, mean64, var64)
     if flags & STATS_ONLY:
         return
     flags = _direct(t, C, flags)
@@ -781,11 +760,8 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
         for i in range(w):
             c = c0 + i
             mean, var = _finish(t1[i], t2[i], sh[i], m)
-            a, b, invstd = _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum,
-                                          rmean, rvar, save_mean, save_invstd, mean64, var64)
-            f = _split(tg, i, mean, invstd)
-            tg[2, i] = a
-            tg[3, i] = b - f * tg[2, i]  # with α as stored (see _split)
+            _train_coefficients(tg, i, c, mean, var, m, eps, gamma, beta, flags, momentum,
+                                rmean, rvar, save_mean, save_invstd, mean64, var64)
         if not flags & STATS_ONLY:
             for n in range(N):
                 for i in range(w):
@@ -856,12 +832,8 @@ def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invs
                 s2 += part[c, k, 1]
             mean64[c], var64[c] = _finish(s1, s2, shift[c], fm)
     for c in range(C):
-        a, b, invstd = _train_channel(c, mean64[c], var64[c], fm, eps, gamma, beta, flags,
-                                      momentum, rmean, rvar, save_mean, save_invstd, mean64,
-                                      var64)
-        f = _split(t, c, mean64[c], invstd)
-        t[2, c] = a
-        t[3, c] = b - f * t[2, c]  # with α as stored (see _split)
+        _train_coefficients(t, c, c, mean64[c], var64[c], fm, eps, gamma, beta, flags, momentum,
+                            rmean, rvar, save_mean, save_invstd, mean64, var64)
     if flags & STATS_ONLY:
         return
     for task in prange(C * K):

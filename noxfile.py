@@ -59,16 +59,16 @@ def report(session):
     session.run("python", "-m", "nbbn.cli", "bench", *quiet, "--out", "results/bench-cpu")
     session.run("python", "-m", "nbbn.cli", "bench", "--sweep", "cpu-targets", "--threads", "2",
                 *quiet, "--out", "results/cpu-kernels")
-    session.run("python", "-m", "nbbn.harness.targets", "results/cpu-kernels", "--out",
+    session.run("python", "-m", "nbbn.bench.targets", "results/cpu-kernels", "--out",
                 "results/cpu-kernels.md", *(["--notes", "results/cpu-kernels.notes.md"]
                                             if Path("results/cpu-kernels.notes.md").exists()
                                             else []))
     session.run("python", "-m", "nbbn.cli", "bench", "--backend", "cpu,nbbn-unfused,torch-cpu",
                 "--fusion", "none,relu,add-relu", "--threads", "2", *quiet, *FUSION_SHAPES,
                 "--out", "results/fusion-cpu")
-    session.run("python", "-m", "nbbn.harness.fusion", "results/fusion-cpu", "--out",
+    session.run("python", "-m", "nbbn.bench.fusion", "results/fusion-cpu", "--out",
                 "results/fusion-cpu.md")
-    session.run("python", "-m", "nbbn.harness.readme")
+    session.run("python", "-m", "nbbn.bench.readme")
     session.run("python", "-m", "nbbn.cli", "accuracy", "--out", "results/accuracy")
     session.run("python", "-m", "nbbn.distributed", "bench", "--ranks", "1,2", "--out",
                 "results/distributed.md")

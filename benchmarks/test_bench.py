@@ -1,12 +1,12 @@
 """pytest-benchmark over the harness's case table: thin wrappers, no second table, timer or
 bytes model.
 
-Each test is one configuration of a harness sweep planned by :func:`nbbn.harness.bench.make_sweep`
-(and :func:`nbbn.harness.sweep.make_plan`) -- or the copy of x of a point -- built by
-:mod:`nbbn.harness.cases` and checked against the float64 reference before it is timed.
+Each test is one configuration of a harness sweep planned by :func:`nbbn.bench.run.make_sweep`
+(and :func:`nbbn.bench.sweep.make_plan`) -- or the copy of x of a point -- built by
+:mod:`nbbn.bench.cases` and checked against the float64 reference before it is timed.
 pytest-benchmark times the call; with ``--cache cold`` semantics each call takes the next of the
-point's buffer sets (:func:`nbbn.harness.cases.buffer_sets`). ``extra_info`` carries the
-configuration and the bytes of :mod:`nbbn.harness.roofline`.
+point's buffer sets (:func:`nbbn.bench.cases.buffer_sets`). ``extra_info`` carries the
+configuration and the bytes of :mod:`nbbn.bench.roofline`.
 
     nox -s bench                                     # autosaves under .benchmarks/
     nox -s bench -- --benchmark-compare --benchmark-compare-fail=median:10%
@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 
 from nbbn import registry
-from nbbn.harness import devices, roofline
-from nbbn.harness.bench import make_sweep
-from nbbn.harness.cases import BufferSets, buffer_sets, copy_case, make_case, point_data
-from nbbn.harness.sweep import make_plan
+from nbbn.bench import devices, roofline
+from nbbn.bench.cases import BufferSets, buffer_sets, copy_case, make_case, point_data
+from nbbn.bench.run import make_sweep
+from nbbn.bench.sweep import make_plan
 
 _SWEEP = os.environ.get("NBBN_BENCH_SWEEP", "default")
 _KW = {"backends": os.environ.get("NBBN_BENCH_BACKENDS", "cpu,torch-cpu"),

@@ -1,6 +1,22 @@
-"""The ``nbbn`` command line: a click group; each sub-command lives with the code it drives."""
+"""The ``nbbn`` command line: one click group; each command lives with the code it drives.
+
+======================  ==================================================================
+``nbbn bench``          sweep, check against the float64 reference, time, report (bench/)
+``nbbn compare``        label two bench runs faster / slower / same (bench/)
+``nbbn report ...``     reports from finished bench runs: targets, fusion, readme (bench/)
+``nbbn accuracy``       the accuracy study (accuracy/)
+``nbbn paper``          the paper's MNIST experiment reproduced (paper/)
+``nbbn distributed ..`` synchronized BN over MPI: ``bench``, its cost (distributed/)
+``nbbn ptxcheck``       compile every CUDA kernel to PTX and report registers (cuda/)
+======================  ==================================================================
+
+``python -m nbbn ...`` is the same. Sub-commands are imported when the group is built, but the
+modules they drive (Numba kernels, torch, MPI) load only when a command runs.
+"""
 
 from __future__ import annotations
+
+import sys
 
 import click
 
@@ -13,16 +29,49 @@ def main() -> None:
     """nbbn: batch-normalization kernels in Numba, their benchmark harness and accuracy study."""
 
 
-def _add_commands() -> None:
-    from .harness.commands import bench, compare
-    from .paper.commands import paper
-    from .study.commands import accuracy
+@main.command("ptxcheck", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--cc", "ccs", multiple=True, metavar="MAJOR.MINOR",
+              help="Compute capability, e.g. 9.0 (repeatable). [default: 8.0 and 9.0]")
+def ptxcheck(ccs) -> None:
+    """Compile every CUDA kernel for real (no GPU needed) and print a JSON report: registers,
+    local memory and compile time per kernel. Needs NUMBA_ENABLE_CUDASIM unset."""
+    import json
+    import os
 
-    for cmd in (bench, compare, accuracy, paper):
+    from .cuda import ptxcheck as _ptx
+
+    try:
+        parsed = tuple(_ptx._cc(c) for c in ccs)
+    except ValueError:
+        raise click.BadParameter(f"{ccs!r}: write MAJOR.MINOR, e.g. 9.0",
+                                 param_hint="--cc") from None
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        raise click.ClickException("NUMBA_ENABLE_CUDASIM=1: the simulator compiles nothing; "
+                                   "unset it for the PTX check")
+    report = _ptx.run(parsed or _ptx.DEFAULT_CCS)
+    click.echo(json.dumps(report, indent=1))
+    if not report["ok"]:
+        sys.exit(1)
+
+
+def _add_commands() -> None:
+    from .accuracy.cli import accuracy
+    from .bench.cli import bench, compare, report
+    from .distributed.cost import cli as distributed
+    from .paper.cli import paper
+
+    for cmd in (bench, compare, report, accuracy, paper, distributed):
         main.add_command(cmd)
 
 
 _add_commands()
+
+
+def deprecated_alias(old: str, words: list[str]) -> None:
+    """Run ``nbbn WORDS ARGS...`` for a deprecated ``python -m`` entry point, saying so once."""
+    click.echo(f"{old} is deprecated and goes in nbbn 0.3: use `nbbn {' '.join(words)}`.",
+               err=True)
+    main.main(args=[*words, *sys.argv[1:]], prog_name="nbbn")
 
 
 if __name__ == "__main__":

@@ -17,27 +17,28 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from nbbn.study import algorithms as A
-from nbbn.study.commands import accuracy, parse_parts
-from nbbn.study.common import POPULATIONS, StudyError, parse_size, parse_sizes, rng_for
-from nbbn.study.estimators import EstimatorConfig, run_estimators
-from nbbn.study.gradients import (
+from nbbn.accuracy import algorithms as A
+from nbbn.accuracy.cli import accuracy, parse_parts
+from nbbn.accuracy.common import POPULATIONS, StudyError, parse_size, parse_sizes
+from nbbn.accuracy.estimators import EstimatorConfig, run_estimators
+from nbbn.accuracy.gradients import (
     OLD_NBBN,
     GradientConfig,
     old_nbbn_backward,
     reference_point,
     run_gradients,
 )
-from nbbn.study.gradients import _rows as _grad_rows
-from nbbn.study.peers import _flax_peer, from_layout, load_peers, nchw_shape, to_layout
-from nbbn.study.rounding import (
+from nbbn.accuracy.gradients import _rows as _grad_rows
+from nbbn.accuracy.peers import _flax_peer, from_layout, load_peers, nchw_shape, to_layout
+from nbbn.accuracy.rounding import (
     DEFAULT_SIZES,
     HALF_DTYPES,
     RoundingConfig,
     run_rounding,
     usable_backends,
 )
-from nbbn.study.sampling import SamplingConfig, load_activations, run_sampling
+from nbbn.accuracy.sampling import SamplingConfig, load_activations, run_sampling
+from nbbn.seeds import rng_for
 from nbbn.tolerances import tolerance
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -611,7 +612,7 @@ def test_cli_no_peers_and_parts_by_letter(tmp_path):
 def test_a_registered_part_runs_and_reports(tmp_path, monkeypatch):
     """Adding a part is one registry entry: the command runs it, saves its table, puts its
     findings and section in report.md (the distributed part d is added this way)."""
-    from nbbn.study import parts
+    from nbbn.accuracy import parts
 
     monkeypatch.setitem(parts.PARTS, "z", parts.Part(
         "z", "dummy", "a test part", run=f"{__name__}:_dummy_run",
@@ -631,7 +632,7 @@ def _dummy_run(ctx):
 
 
 def _dummy_report(tables):
-    from nbbn.study.parts import Section
+    from nbbn.accuracy.parts import Section
 
     v = int(tables["dummy"]["value"].iloc[0])
     return Section([f"dummy finding: {v}"], ["## (z) dummy", ""])
@@ -691,7 +692,7 @@ def test_size_parsing():
 
 
 def test_crossover_reads_the_first_non_negligible_m():
-    from nbbn.study.rounding import crossover
+    from nbbn.accuracy.rounding import crossover
 
     base = dict(algorithm="a", backend="study", layout="1-D", dtype="float32", kappa=0.0,
                 stat="var")
@@ -705,7 +706,7 @@ def test_crossover_reads_the_first_non_negligible_m():
 def test_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_path):
     import sys
 
-    from nbbn.study.report import write_plots
+    from nbbn.accuracy.report import write_plots
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     paths, note = write_plots(tmp_path, {})

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from nbbn import registry
-from nbbn.harness import readme, targets
-from nbbn.harness.commands import bench, compare
-from nbbn.report import RowLog, read_rows
+from nbbn.bench import readme, targets
+from nbbn.bench.cli import bench, compare
+from nbbn.output import RowLog, read_rows
 
 from .test_harness import NUMPY_FNS, register_throwaway, result_rows
 
@@ -325,7 +325,7 @@ def test_readme_headline_is_generated(target_run, tmp_path):
     assert readme.main(["--readme", str(path)]) == 0
     new = path.read_text()
     assert "stale" not in new and new.startswith("# x\n\nbefore\n") and new.endswith("after\n")
-    assert "| kernel | op | layout |" in new and "python -m nbbn.harness.readme" in new
+    assert "| kernel | op | layout |" in new and "python -m nbbn.bench.readme" in new
     assert readme.main(["--readme", str(path), "--check"]) == 0
     (tmp_path / "R.md").write_text("no markers")
     assert readme.main(["--readme", str(tmp_path / "R.md")]) == 1

@@ -214,13 +214,14 @@ def test_errors_raise_the_same_exception_on_every_rank(ranks, warm_kernels):
 def test_bench_quick_runs(tmp_path, warm_kernels):
     """The benchmark entry point end to end (tiny shapes; its figures here mean nothing)."""
     out = tmp_path / "d.md"
-    proc = subprocess.run([sys.executable, "-m", "nbbn.distributed", "bench", "--quick",
+    proc = subprocess.run([sys.executable, "-m", "nbbn", "distributed", "bench", "--quick",
                            "--ranks", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
                           text=True, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import pandas as pd
 
     df = pd.read_csv(tmp_path / "d.csv")
+    assert not (tmp_path / "d.rows.jsonl").exists()  # the row log is gone once the report is
     assert len(df) == 2 * 2  # shapes × ops
     assert set(df["ranks"]) == {2} and set(df["op"]) == {"forward-train", "backward"}
     assert (df["sync_us_p50"] > 0).all() and (df["exchange_us_p50"] > 0).all()
@@ -231,7 +232,7 @@ def test_bench_quick_runs(tmp_path, warm_kernels):
 
 
 def test_study_part_d_small_run():
-    from nbbn.study.distributed import DistributedConfig, findings, run_part
+    from nbbn.accuracy.across_ranks import DistributedConfig, findings, run_part
 
     cfg = DistributedConfig(ranks=[1, 4], per_rank=[2, 16], replicates=256, channels=16,
                             variances=[1.0, 1e-10, 1e-14])

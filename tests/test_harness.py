@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 
 from nbbn import reference, registry
-from nbbn.harness import HarnessError, baselines, cases, devices, roofline, run, stats
-from nbbn.harness.compare import compare, label_change, load_results
-from nbbn.harness.report import summary_markdown, tidy
-from nbbn.harness.runner import COLUMN_DOCS, COLUMNS, SCHEMA
-from nbbn.harness.sweep import (
+from nbbn.bench import HarnessError, baselines, cases, devices, roofline, run, stats
+from nbbn.bench.compare import compare, label_change, load_results
+from nbbn.bench.report import summary_markdown, tidy
+from nbbn.bench.runner import COLUMN_DOCS, COLUMNS, SCHEMA
+from nbbn.bench.sweep import (
     NAMED_SWEEPS,
     PRESETS,
     RESNET50,
@@ -28,8 +28,9 @@ from nbbn.harness.sweep import (
     parse_shapes,
     points_from,
 )
+from nbbn.output import RowLog, read_rows
 from nbbn.registry import BackendInfo, KernelSpec
-from nbbn.report import RowLog, read_rows
+from nbbn.seeds import rng_for
 from nbbn.spec import Fusion, Layout, Op
 
 NUMPY_FNS = {Op.FORWARD_TRAIN: baselines.np_forward_train, Op.BACKWARD: baselines.np_backward,
@@ -235,7 +236,7 @@ def test_buffer_sets_exceed_twice_the_last_level_cache():
 
 
 def test_environment_reads_the_cache_sizes():
-    from nbbn.report import cache_sizes, environment, last_level_cache_bytes
+    from nbbn.output import cache_sizes, environment, last_level_cache_bytes
 
     sizes = cache_sizes()
     env = environment()
@@ -251,15 +252,15 @@ def test_bootstrap_intervals_are_seeded_and_cover_the_ratio():
     rng = np.random.default_rng(1)
     base = rng.lognormal(0, 0.3, 400)  # a noisy machine: both sides of a round share it
     T = np.column_stack([base * 2.0 * rng.lognormal(0, 0.02, 400), base])
-    a = stats.paired_ratio(T, 0, 1, stats.rng_for(0, "p"), 1000)
-    b = stats.paired_ratio(T, 0, 1, stats.rng_for(0, "p"), 1000)
+    a = stats.paired_ratio(T, 0, 1, rng_for(0, "p"), 1000)
+    b = stats.paired_ratio(T, 0, 1, rng_for(0, "p"), 1000)
     assert a == b  # the same seed and samples give the same interval
     assert a.lo < 2.0 < a.hi and a.half_width_rel < 0.01
-    unpaired = stats.median_ci(T[:, 0], stats.rng_for(0, "q")).half_width_rel
+    unpaired = stats.median_ci(T[:, 0], rng_for(0, "q")).half_width_rel
     assert unpaired > 5 * a.half_width_rel  # pairing is what makes the interval narrow
-    ok, worst = stats.converged(T, [(0, 1)], 0.03, stats.rng_for(0, "r"))
+    ok, worst = stats.converged(T, [(0, 1)], 0.03, rng_for(0, "r"))
     assert ok and worst < 0.03
-    one = stats.median_ci(np.array([3.0]), stats.rng_for(0))
+    one = stats.median_ci(np.array([3.0]), rng_for(0))
     assert one.median == 3.0 and one.half_width_rel == float("inf")
 
 
@@ -365,9 +366,9 @@ def test_api_calls_and_fusion(throwaway):
 
 
 def test_fusion_report(tmp_path):
-    """nbbn.harness.fusion: per fused cpu configuration, its time over the plain point's and the
+    """nbbn.bench.fusion: per fused cpu configuration, its time over the plain point's and the
     paired speed-ups over nbbn-unfused and torch-cpu from ratios.csv; every target has a line."""
-    from nbbn.harness import fusion
+    from nbbn.bench import fusion
 
     run(backends="cpu,numpy,nbbn-unfused", shapes="NCHW:3,2,3", batch_sizes="4",
         fusions="none,relu,add-relu", out=tmp_path, **FAST)
@@ -495,7 +496,7 @@ def test_load_results_accepts_our_formats_and_rejects_others(tmp_path):
         log.write(rows[0])
     for p in ("bench.csv", "rows.jsonl", "."):
         assert len(load_results(tmp_path / p)) == 1
-    from nbbn.harness.compare import NotOurs
+    from nbbn.bench.compare import NotOurs
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -550,7 +551,7 @@ def test_the_blocking_kernel_compiles_for_the_gpu():
     if importlib.util.find_spec("numba_cuda") is None:
         pytest.skip("numba-cuda is not installed (pip install 'nbbn[cuda]')")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    code = ("from numba import cuda; from nbbn.harness.spin import spin; "
+    code = ("from numba import cuda; from nbbn.bench.spin import spin; "
             "ptx, _ = cuda.compile_ptx(spin, '(int64,)', cc=(9, 0)); "
             "print('nanosleep' in ptx)")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

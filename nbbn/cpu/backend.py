@@ -62,6 +62,7 @@ _LOCAL = threading.local()
 #: Absent optional vectors: an empty array of x's dtype (so no extra kernel signature).
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
           np.dtype(np.float64): np.empty(0, np.float64)}
+_F64 = np.dtype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,16 +239,38 @@ def _alloc(geom, out):
     return out, view
 
 
+def _vector_dtype(dt, *vectors) -> np.dtype:
+    """The one dtype every per-channel input of a call reaches the kernels in: x's when every
+    given vector has it (the usual case: nothing converted), else float64, which holds a float32
+    value exactly. The kernels widen what they read to float64 either way, so results do not
+    depend on it; but each combination of argument types is a Numba specialization that costs
+    seconds to compile, and this keeps them at two per kernel and x dtype instead of one per mix
+    of vector dtypes."""
+    for v in vectors:
+        if v is not None and v.dtype != dt:
+            return _F64
+    return dt
+
+
 def _vec(v, name: str, dtype) -> np.ndarray:
-    """A per-channel input as a contiguous array in its own dtype (kernels read it and widen to
-    float64); an empty array of x's dtype when absent."""
+    """A per-channel input as a contiguous writeable array of the call's vector dtype (see
+    :func:`_vector_dtype`); an empty one when absent."""
     if v is None:
         return _EMPTY[dtype]
     if type(v) is not np.ndarray:
         _host(v, name)
-    if v.strides[0] != v.itemsize or not v.flags.writeable:
-        v = np.array(v)  # one dtype of kernel argument: contiguous and writeable
+    if v.dtype != dtype or v.strides[0] != v.itemsize or not v.flags.writeable:
+        v = np.array(v, dtype=dtype)  # one kernel argument type: contiguous, writeable
     return v
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view of an x-shaped input: the kernels get every input typed read-only,
+    whether or not the caller's array is, so a read-only x compiles no second specialization."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
 
 
 def _vectors(geom, out):
@@ -257,10 +280,12 @@ def _vectors(geom, out):
     return out[1], out[2]
 
 
-def _running(v, name):
-    """A running statistic updated in place: (the array the kernel writes, the caller's)."""
+def _running(v, name, dtype):
+    """A running statistic updated in place: (the array the kernel updates, the caller's); the
+    first is a contiguous copy in the call's vector dtype when the caller's is not that."""
     v = _host(v, name)
-    return (v if v.strides[0] == v.itemsize else np.ascontiguousarray(v)), v
+    ok = v.dtype == dtype and v.strides[0] == v.itemsize
+    return (v if ok else np.array(v, dtype=dtype)), v
 
 
 def _flags(args) -> int:
@@ -287,7 +312,8 @@ def _forward(args, variant: str, *, stats_only=False):
     are this thread's scratch: copy them to keep them."""
     geom = args.geom
     dt = geom.dtype
-    x = _kview(args.x, geom, "x")
+    vd = _vector_dtype(dt, args.gamma, args.beta, args.running_mean, args.running_var)
+    x = _readonly(_kview(args.x, geom, "x"))
     flags = _flags(args)
     if stats_only:  # y is never written: an untouched allocation keeps the kernel's types
         flags = (flags | K.STATS_ONLY) & ~(K.RELU | K.RESIDUAL)
@@ -296,18 +322,18 @@ def _forward(args, variant: str, *, stats_only=False):
     else:
         y_user, y = _alloc(geom, None if args.out is None else args.out[0])
         save_mean, save_invstd = _vectors(geom, args.out)
-    res = y if args.residual is None else _kview(args.residual, geom, "residual")
-    rm = rv = save_mean
+    res = _readonly(y if args.residual is None else _kview(args.residual, geom, "residual"))
+    rm = rv = _EMPTY[vd]
     if args.running_mean is not None:
-        rm, rm_user = _running(args.running_mean, "running_mean")
-        rv, rv_user = _running(args.running_var, "running_var")
+        rm, rm_user = _running(args.running_mean, "running_mean", vd)
+        rv, rv_user = _running(args.running_var, "running_var", vd)
         if not stats_only:
             flags |= K.HAS_RUNNING
     p = plan("forward", x.shape, x.itemsize, variant)
     mean64, var64, *scratch = _carve((geom.C,), (geom.C,), *p.scratch)
     if p.typed is not None:
         scratch.append(_typed(p.typed, dt))
-    p.kernel(x, y, res, _vec(args.gamma, "gamma", dt), _vec(args.beta, "beta", dt), rm, rv,
+    p.kernel(x, y, res, _vec(args.gamma, "gamma", vd), _vec(args.beta, "beta", vd), rm, rv,
              save_mean, save_invstd, mean64, var64, flags, args.eps, args.momentum, *p.params,
              *scratch)
     if flags & K.HAS_RUNNING:
@@ -328,10 +354,10 @@ def _apply(args, variant: str, coef_given=None):
     with ``coef_given`` (3, C) float64."""
     geom = args.geom
     dt = geom.dtype
-    x = _kview(args.x, geom, "x")
+    x = _readonly(_kview(args.x, geom, "x"))
     flags = _flags(args)
     y_user, y = _alloc(geom, args.out if not isinstance(args.out, tuple) else args.out[0])
-    res = y if args.residual is None else _kview(args.residual, geom, "residual")
+    res = _readonly(y if args.residual is None else _kview(args.residual, geom, "residual"))
     p = plan("apply", x.shape, x.itemsize, variant)
     (coef,) = _carve((3, geom.C))
     if coef_given is not None:
@@ -339,10 +365,11 @@ def _apply(args, variant: str, coef_given=None):
         coef[...] = coef_given
         rm = rv = gamma = beta = _EMPTY[dt]
     else:
-        rm = _vec(args.running_mean, "running_mean", dt)
-        rv = _vec(args.running_var, "running_var", dt)
-        gamma = _vec(args.gamma, "gamma", dt)
-        beta = _vec(args.beta, "beta", dt)
+        vd = _vector_dtype(dt, args.running_mean, args.running_var, args.gamma, args.beta)
+        rm = _vec(args.running_mean, "running_mean", vd)
+        rv = _vec(args.running_var, "running_var", vd)
+        gamma = _vec(args.gamma, "gamma", vd)
+        beta = _vec(args.beta, "beta", vd)
     p.kernel(x, y, res, rm, rv, gamma, beta, coef, _typed(p.typed, dt), flags, args.eps,
              *p.params)
     return y_user
@@ -356,11 +383,11 @@ def _backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, f
     """Run backward; returns (dx_user, dgamma, dbeta, dz_user or None, sums (3, C))."""
     geom = args.geom
     dt = geom.dtype
-    x = _kview(args.x, geom, "x")
-    dy = _kview(args.dy, geom, "dy")
+    x = _readonly(_kview(args.x, geom, "x"))
+    dy = _readonly(_kview(args.dy, geom, "dy"))
     flags = _flags(args)
     relu = args.relu
-    yv = _kview(args.y, geom, "y") if relu else x
+    yv = _readonly(_kview(args.y, geom, "y")) if relu else x
     out = args.out
     if sums_only:  # dx is never written (untouched allocation, see _forward)
         dx_user, dx = None, np.empty(x.shape, x.dtype)
@@ -373,7 +400,9 @@ def _backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, f
         dgamma, dbeta = np.empty(geom.C, dt), np.empty(geom.C, dt)
     else:
         dgamma, dbeta = out[1], out[2]
-    save_mean = _vec(args.save_mean, "save_mean", dt)
+    vd = _vector_dtype(dt, args.save_mean, args.save_invstd, args.gamma)
+    precision = _PRECISION.get(np.dtype(args.save_mean.dtype), 53)  # save_mean's own rounding
+    save_mean = _vec(args.save_mean, "save_mean", vd)
     if sums is None:
         sums = np.empty((3, geom.C))
     else:
@@ -387,9 +416,9 @@ def _backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, f
     scratch = _carve(*p.scratch) if p.scratch else ()
     if p.typed is not None:
         scratch = (*scratch, _typed(p.typed, dt))
-    p.kernel(dy, x, yv, dx, dz, save_mean, _vec(args.save_invstd, "save_invstd", dt),
-             _vec(args.gamma, "gamma", dt), dgamma, dbeta, sums, flags, m,
-             _PRECISION.get(save_mean.dtype, 53), *p.params, *scratch)
+    p.kernel(dy, x, yv, dx, dz, save_mean, _vec(args.save_invstd, "save_invstd", vd),
+             _vec(args.gamma, "gamma", vd), dgamma, dbeta, sums, flags, m, precision,
+             *p.params, *scratch)
     return dx_user, dgamma, dbeta, dz_user, sums
 
 
@@ -454,6 +483,47 @@ def part_grad_apply(args, sum_dy, sum_dy_xmu, m_total, sum_xmu=None):
     dx, dgamma, dbeta, _, _ = _backward(args, "auto", sums=sums, m_total=m_total,
                                         fold=sum_xmu is not None)
     return dx, dgamma, dbeta
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling ahead of the first call
+# ---------------------------------------------------------------------------------------------
+def precompile(dtypes=(np.float32, np.float64), *, layouts=(Layout.NC, Layout.NCHW),
+               ops=tuple(Op)) -> int:
+    """Compile every kernel specialization this backend calls for x of ``dtypes``, or load it
+    from Numba's on-disk cache: each op × layout family × parallel and serial twin, with the
+    per-channel vectors in x's dtype and in float64 (:func:`_vector_dtype`). Fusion, channel
+    axis, strides and read-only inputs need no other (they are flags, or canonicalized here).
+
+    A service calls it once at start-up so that no request pays seconds of compilation; the test
+    session runs it in two processes at once (``tests/conftest.py``). NHWC runs the NC kernels.
+    Returns the number of kernel calls made."""
+    calls = 0
+    for dt in map(np.dtype, dtypes):
+        for vd in dict.fromkeys((dt, _F64)):
+            for layout in layouts:
+                shape = (4, 3) if layout is Layout.NC else (2, 3, 4)
+                x = np.linspace(-1.0, 1.0, math.prod(shape)).reshape(shape).astype(dt)
+                g, b = np.ones(3, vd), np.zeros(3, vd)
+                for variant in _VARIANTS[layout]:
+                    if variant == "auto":
+                        continue
+                    for op in ops:
+                        _precompile_call(op, layout, variant, x, g, b)
+                        calls += 1
+    return calls
+
+
+def _precompile_call(op, layout, variant, x, g, b):
+    from .. import validate
+
+    fn = registry.select("cpu", op, layout, variant).fn
+    if op is Op.FORWARD_TRAIN:
+        fn(validate.train_args(x, g, b, 1e-5, g.copy(), g.copy(), 0.1, None, 1))
+    elif op is Op.INFERENCE:
+        fn(validate.infer_args(x, b, g, g, b, 1e-5, None, 1))
+    else:
+        fn(validate.backward_args(x, x, b, g, g, None, 1))
 
 
 # ---------------------------------------------------------------------------------------------

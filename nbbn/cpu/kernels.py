@@ -102,7 +102,8 @@ DIRECT = 512  # elementwise pass, set by the kernel: every channel takes the dir
 #: Re-take a channel's sums with K = μ when (μ − K)² > RESHIFT·σ² (see the module docstring).
 RESHIFT = 1024.0
 #: The rounded-mean fold applies when |δ| ≤ FOLD_ULPS·ulp(μ̃).
-FOLD_ULPS = 2.0
+from ..fold import FOLD_ULPS  # noqa: E402  (the rule is stated once, in nbbn.fold)
+
 #: The elementwise passes take the direct form x·α + (β − μ·α) for a channel with
 #: |μ| ≤ DIRECT_MAX·σ, the split form otherwise (see the module docstring).
 DIRECT_MAX = 8.0

@@ -19,7 +19,7 @@ Plan (every run is deterministic for its seed; seeds are 0 … K−1):
    Algorithm 2 (the cumulative average, ``momentum=None``); with the running statistics kept
    during training; with the statistics of the whole training set as one batch; and with
    training-mode statistics of test batches of B rows. For each hidden layer and B, the
-   train–inference gap of :mod:`nbbn.study.estimators`, ‖x̂_train − x̂_infer‖/‖x̂_infer‖ per channel
+   train–inference gap of :mod:`nbbn.accuracy.estimators`, ‖x̂_train − x̂_infer‖/‖x̂_infer‖ per channel
    and batch (x̂_infer with Algorithm 2's statistics), beside its first-order theory
    √((1 + (κ₄ − 1)/4)/B) (κ₄ = the channel's kurtosis; √(1.5/B) for normal data).
 """

@@ -1,4 +1,4 @@
-"""``nbbn paper``'s outputs: tidy tables (CSV, JSON) through :mod:`nbbn.report`, PNG figures
+"""``nbbn paper``'s outputs: tidy tables (CSV, JSON) through :mod:`nbbn.output`, PNG figures
 (when matplotlib is installed) and ``report.md``. Every summary in the Markdown is derived from
 the tidy tables written beside it."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..report import markdown_table, write_tables
+from ..output import markdown_table, write_tables
 from .experiment import PERCENTILES, Results
 
 #: The accuracy study's train–inference gap table (normal data), read when present.

@@ -1,0 +1,5 @@
+"""``python -m nbbn ...`` is ``nbbn ...``."""
+
+from .cli import main
+
+main(prog_name="nbbn")

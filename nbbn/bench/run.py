@@ -1,0 +1,362 @@
+"""The Python entry point of ``nbbn bench``: :func:`run` plans, checks, times and reports a sweep
+and returns its tidy rows as a DataFrame (usable from a notebook; the click command only parses
+options and calls it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from .. import output, registry
+from ..spec import Fusion, Layout, Op
+from . import baselines  # noqa: F401  (registers the baselines)
+from .devices import TimingConfig
+from .report import RATIOS_FILE, ROWS_FILE, RUN_FILE, tidy, tidy_ratios, write_report
+from .runner import SCHEMA, Runner
+from .sweep import (
+    CACHES,
+    CALLS,
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_SHAPES,
+    KEY_COLUMNS,
+    NAMED_SWEEPS,
+    QUICK_BATCH_SIZES,
+    QUICK_SHAPES,
+    Sweep,
+    SweepError,
+    backend_reason,
+    check_variants,
+    config_key,
+    make_plan,
+    parse_int_list,
+    parse_shapes,
+    points_from,
+)
+
+#: Timing of a full run and of --quick (explicit options win over both).
+FULL = TimingConfig()
+QUICK = TimingConfig(warmup=1, min_rounds=3, max_time=0.05, ci_rel=0.05, bootstrap=300)
+
+
+class HarnessError(ValueError):
+    """Bad input; the message is one line (the CLI prints it as such, exit status 2)."""
+
+
+class RunRefused(HarnessError):
+    """Good input, but the run cannot go ahead here: output folder not writable, a resume file
+    that is not ours, a host that is not quiet (exit status 1)."""
+
+
+def _names(value, what: str, allowed: Iterable[str] | None = None) -> tuple[str, ...] | None:
+    """None, "a,b", or a sequence of names -> a tuple (order kept, duplicates dropped)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    names = tuple(dict.fromkeys(s.strip() for s in items if str(s).strip()))
+    if not names:
+        raise HarnessError(f"empty {what} list")
+    if allowed is not None:
+        allowed = list(allowed)
+        for n in names:
+            if n not in allowed:
+                raise HarnessError(f"unknown {what} {n!r}; choose from {', '.join(allowed)}")
+    return names
+
+
+def _variants(value) -> str | tuple[str, ...]:
+    if value is None:
+        return "default"
+    if isinstance(value, str) and value.strip() in ("default", "all"):
+        return value.strip()
+    names = _names(value, "variant")
+    if len(names) == 1 and names[0] in ("default", "all"):
+        return names[0]
+    return names
+
+
+def _set_threads(n: int) -> Callable[[], None]:
+    """Numba's and torch's thread counts set to n; returns a function that restores them."""
+    import numba
+
+    torch = sys.modules.get("torch")
+    before = numba.get_num_threads(), torch.get_num_threads() if torch is not None else None
+    numba.set_num_threads(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+
+    def restore() -> None:
+        numba.set_num_threads(before[0])
+        if torch is not None:
+            torch.set_num_threads(before[1])
+
+    return restore
+
+
+def _check_out(out: Path) -> None:
+    """The output folder exists (created if needed) and is writable, or a one-line error."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".nbbn-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunRefused(
+            f"cannot write to output folder {str(out)!r}: {exc.strerror or exc}") from None
+
+
+def _row_key(row: dict):
+    try:
+        return config_key(*(row[c] for c in KEY_COLUMNS))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _previous(rows_path: Path) -> tuple[set, dict]:
+    done: set = set()
+    skips: dict = {}
+    try:
+        old = output.read_rows(rows_path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunRefused(f"cannot resume from {rows_path}: {exc}") from None
+    for r in old:
+        key = _row_key(r)
+        if key is None or r.get("schema") != SCHEMA:
+            raise RunRefused(f"cannot resume: {rows_path} holds rows that are not "
+                               f"{SCHEMA} bench rows")
+        if r.get("status") in ("ok", "failed"):
+            done.add(key)
+        elif r.get("status") == "skipped":
+            skips[key] = r.get("skip_reason")
+    return done, skips
+
+
+def _busy_warning(load: float | None) -> str | None:
+    """A warning when other work already loads the host: parallel kernels then wait for a core
+    at every fork-join, and their times say more about the machine than the kernel."""
+    if load is not None and load >= 0.5:
+        return (f"Warning: the host is not quiet (1-minute load {load:.2f}); the paired ratios "
+                "hold up better than the times, but see load_avg_1m (--require-quiet waits).")
+    return None
+
+
+def make_sweep(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None,
+               batch_sizes=None, sweep: str | None = None, variants=None, fusions=None,
+               calls=None, caches=None, quick: bool = False) -> Sweep:
+    """The :class:`~nbbn.bench.sweep.Sweep` that :func:`run` takes these arguments to (the
+    same defaults); HarnessError on bad input. The pytest-benchmark suite plans from it too."""
+    try:
+        layouts_t = tuple(Layout(x) for x in (_names(layouts, "layout", [x.value for x in Layout])
+                                              or [x.value for x in Layout]))
+        named = None
+        if sweep is not None:
+            if sweep not in NAMED_SWEEPS:
+                raise HarnessError(f"unknown sweep {sweep!r}; choose from "
+                                   f"{', '.join(NAMED_SWEEPS)}")
+            if shapes or batch_sizes:
+                raise HarnessError(f"--sweep {sweep} fixes its shapes and batch sizes: drop "
+                                   "--shapes and --batch-sizes")
+            named = NAMED_SWEEPS[sweep]
+        d = named.defaults if named else {}
+        backends_t = _names(backends, "backend", registry.backend_names()) \
+            or d.get("backends") or tuple(registry.backend_names())
+        ops_t = tuple(Op(o) for o in (_names(ops, "op", [o.value for o in Op])
+                                      or [o.value for o in Op]))
+        dtypes_t = _names(dtypes, "dtype", ["float32", "float64"]) or d.get("dtypes") \
+            or ("float32",)
+        fusions_t = tuple(Fusion(f) for f in (_names(fusions, "fusion", [f.value for f in Fusion])
+                                              or ("none",)))
+        calls_t = _names(calls, "call", CALLS) or d.get("calls") or ("kernel",)
+        caches_t = _names(caches, "cache", CACHES) or d.get("caches") or ("cold",)
+        variants_v = _variants(variants) if variants is not None else d.get("variants",
+                                                                            "default")
+        if named:
+            points = tuple(p for p in named.points if p.layout in layouts_t)
+            if not points:
+                raise HarnessError(f"--sweep {sweep} has no points in the layouts "
+                                   f"{', '.join(map(str, layouts_t))}")
+        else:
+            shape_items = shapes if shapes else (QUICK_SHAPES if quick else DEFAULT_SHAPES)
+            if isinstance(shape_items, str):
+                shape_items = (shape_items,)
+            bs = None
+            if batch_sizes is not None:
+                bs = parse_int_list(batch_sizes if isinstance(batch_sizes, str)
+                                    else ",".join(map(str, batch_sizes)))
+            points = points_from(parse_shapes(shape_items, layouts_t), bs,
+                                 QUICK_BATCH_SIZES if quick else DEFAULT_BATCH_SIZES)
+        the_sweep = Sweep(backends=backends_t, points=points, ops=ops_t, dtypes=dtypes_t,
+                          fusions=fusions_t, calls=calls_t, caches=caches_t,
+                          variants=variants_v)
+    except SweepError as exc:
+        raise HarnessError(str(exc)) from None
+    return the_sweep
+
+
+def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batch_sizes=None,
+        sweep: str | None = None, variants=None, fusions=None, calls=None, caches=None,
+        baseline: str | None = None, quick: bool = False, warmup: int | None = None,
+        min_rounds: int | None = None, max_rounds: int | None = None,
+        max_time: float | None = None, ci: float | None = None, bootstrap: int | None = None,
+        seed: int = 0, threads: int | None = None, out=None, resume: bool = False,
+        plots: bool = True, require_quiet: bool = False, quiet_timeout: float = 120.0,
+        quiet_load: float = 0.5, allow_simulator: bool = False, progress: bool | None = None,
+        echo: Callable[[str], None] | None = None, command: str | None = None) -> pd.DataFrame:
+    """Plan, check, time and report a sweep; return its tidy rows (one per configuration).
+
+    Lists may be given as sequences or comma-separated strings. ``sweep`` names a target sweep
+    (:data:`nbbn.bench.sweep.NAMED_SWEEPS`: ``cpu-targets``, ``cuda-targets``) whose points
+    and default axes are used (``shapes``/``batch_sizes`` may then not be given); otherwise
+    ``shapes`` (presets and LAYOUT:dims, :func:`~nbbn.bench.sweep.parse_shapes`) ×
+    ``batch_sizes``. ``variants``: "default", "all" or names. ``calls``: kernel and/or api;
+    ``caches``: cold and/or warm. Timing options override :data:`FULL` (or :data:`QUICK` with
+    ``quick``). With ``out`` the rows are logged and the reports written there; ``resume`` runs
+    only the points not already done in ``out``. ``require_quiet`` waits up to
+    ``quiet_timeout`` seconds for a 1-minute load below ``quiet_load``, else raises
+    :class:`HarnessError`. ``allow_simulator`` times CUDA backends under the simulator (tests).
+
+    The returned DataFrame carries ``attrs["ratios"]`` (every pair's paired speed-up, tidy),
+    ``attrs["meta"]`` (command, loads before and after, timing). Bad input raises
+    :class:`HarnessError` with a one-line message; KeyboardInterrupt is re-raised after the
+    finished rows and the reports are written.
+    """
+    echo = echo or (lambda s: print(s, file=sys.stderr))
+    the_sweep = make_sweep(backends=backends, ops=ops, layouts=layouts, dtypes=dtypes,
+                           shapes=shapes, batch_sizes=batch_sizes, sweep=sweep,
+                           variants=variants, fusions=fusions, calls=calls, caches=caches,
+                           quick=quick)
+    if baseline is not None and baseline.split(":")[0] not in registry.backend_names("baseline"):
+        raise HarnessError(f"unknown baseline {baseline!r}; choose from "
+                           f"{', '.join(registry.backend_names('baseline'))}")
+    base = QUICK if quick else FULL
+    timing = TimingConfig(
+        warmup=base.warmup if warmup is None else int(warmup),
+        min_rounds=base.min_rounds if min_rounds is None else int(min_rounds),
+        max_rounds=base.max_rounds if max_rounds is None else int(max_rounds),
+        max_time=base.max_time if max_time is None else float(max_time),
+        ci_rel=base.ci_rel if ci is None else float(ci),
+        bootstrap=base.bootstrap if bootstrap is None else int(bootstrap),
+        seed=int(seed))
+    if timing.min_rounds < 1 or timing.max_rounds < timing.min_rounds or timing.max_time < 0 \
+            or not 0 < timing.ci_rel < 1 or timing.warmup < 0:
+        raise HarnessError("bad timing: need min_rounds >= 1, max_rounds >= min_rounds, "
+                           "max_time >= 0, 0 < ci < 1, warmup >= 0")
+    if threads is not None:
+        import numba
+
+        if threads < 1 or threads > numba.config.NUMBA_NUM_THREADS:
+            raise HarnessError(
+                f"--threads {threads} is more than Numba's {numba.config.NUMBA_NUM_THREADS} "
+                "(set NUMBA_NUM_THREADS to raise the limit)" if threads >= 1
+                else f"--threads must be >= 1, got {threads}")
+    try:  # unknown variants are bad input: refused before anything is written
+        check_variants(the_sweep.variants, the_sweep.backends,
+                       {b: backend_reason(b, allow_simulator) for b in the_sweep.backends})
+    except SweepError as exc:
+        raise HarnessError(str(exc)) from None
+    out = Path(out) if out is not None else None
+    command = command or f"nbbn.bench.run(sweep={sweep!r}, quick={quick})"
+
+    if require_quiet:
+        quiet, load = output.wait_for_quiet(quiet_load, quiet_timeout, echo=echo)
+        if not quiet:
+            raise RunRefused(f"host not quiet: 1-minute load {load:.2f} >= {quiet_load:g} "
+                               f"after waiting {quiet_timeout:g} s (--quiet-timeout); stop other "
+                               "work or drop --require-quiet")
+    done, skips = set(), {}
+    if out is not None:
+        _check_out(out)
+        if resume and (out / ROWS_FILE).exists():
+            done, skips = _previous(out / ROWS_FILE)
+    try:
+        plan = make_plan(the_sweep, frozenset(done), skips, allow_simulator)
+    except SweepError as exc:
+        raise HarnessError(str(exc)) from None
+    if not plan.groups:
+        raise HarnessError("the sweep has no valid configuration (backward takes no residual; "
+                           "nbbn-unfused runs only fused configurations)")
+
+    restore = _set_threads(threads) if threads is not None else (lambda: None)
+    load_before = output.load_average()
+    env = output.environment()
+    run_id = uuid.uuid4().hex[:12]
+    n_points = len({g.point for g in plan.groups})
+    n_run = len({g.point for g in plan.groups if g.run})
+    echo(f"{plan.total} configurations in {n_points} points: {len(plan.run)} to run "
+         f"({n_run} points), {len(plan.skipped)} skipped"
+         + (f", {len(plan.done)} already done (--resume)" if resume else ""))
+    for reason, n in plan.skip_counts().items():
+        echo(f"  skipped {n:>4}: {reason}")
+    echo(f"Timing: {timing.warmup} warm-up round(s), >= {timing.min_rounds} rounds, until every "
+         f"ratio's 95% interval is within ±{100 * timing.ci_rel:g}% or {timing.max_time:g} s per "
+         f"point; cache {', '.join(the_sweep.caches)}; call {', '.join(the_sweep.calls)}"
+         + (f"; writing to {out}/" if out is not None else ""))
+    busy = _busy_warning(load_before)
+    if busy:
+        echo(busy)
+
+    rows: list[dict] = []
+    ratios: list[dict] = []
+    logs = []
+    if out is not None:
+        logs = [output.RowLog(out / ROWS_FILE, resume=resume),
+                output.RowLog(out / RATIOS_FILE, resume=resume)]
+
+    def emit(row):
+        rows.append(row)
+        if logs:
+            logs[0].write(row)
+
+    def emit_ratio(rec):
+        ratios.append(rec)
+        if logs:
+            logs[1].write(rec)
+
+    runner = Runner(timing, emit, emit_ratio, env, run_id, load_before, baseline)
+    show = sys.stderr.isatty() if progress is None else progress
+    interrupted = False
+    meta = {"command": command, "run_id": run_id, "schema": SCHEMA,
+            "load_before_1m": load_before, "timing": dataclasses.asdict(timing), "sweep": sweep,
+            "quiet_required": require_quiet}
+    try:
+        if show:
+            import click
+
+            with click.progressbar(length=len(plan.run), label="bench", show_eta=True,
+                                   show_pos=True, file=sys.stderr,
+                                   item_show_func=lambda _: None) as bar:
+                for group in plan.groups:
+                    runner.run_group(group)
+                    bar.update(len(group.run))
+        else:
+            for group in plan.groups:
+                runner.run_group(group)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        for log in logs:
+            log.close()
+        restore()
+        meta["load_after_1m"] = output.load_average()
+        meta["interrupted"] = interrupted
+        if out is not None:
+            files, message, df, rdf = write_report(out, command, meta, make_plots=plots)
+            meta["files"] = [str(f) for f in files]
+            output.write_text(out / RUN_FILE, json.dumps(
+                {k: output.plain(v) if not isinstance(v, dict | list) else v
+                 for k, v in meta.items()}, indent=1, default=str) + "\n")
+            if message:
+                echo(message)
+        else:
+            df, rdf = tidy(rows), tidy_ratios(ratios)
+    if interrupted:
+        raise KeyboardInterrupt
+    df.attrs["ratios"] = rdf
+    df.attrs["meta"] = meta
+    return df

@@ -1,0 +1,412 @@
+"""Check, then time every configuration of a point together, then one tidy row per
+configuration (and one ratio record per pair).
+
+For each point (:class:`~nbbn.bench.sweep.PointPlan`: the configurations of one point on one
+device):
+
+1. the point's inputs and float64 reference are built (:func:`~nbbn.bench.cases.point_data`,
+   once per point, shared by its call and cache modes) and put in K buffer sets (cold: enough to
+   exceed twice the last-level cache; warm: one);
+2. each configuration's first call runs alone: its wall time is ``compile_s`` (JIT compilation
+   or cache load, plus one run) and its outputs are compared with the reference; a kernel
+   outside tolerance is ``failed`` and not timed, one that raises is ``error``; a baseline
+   outside nbbn's tolerance but within :data:`BASELINE_SLACK` of it is timed with a note
+   (``passed`` False: its accuracy is its own);
+3. the passing configurations and a copy of x's bytes are timed **round-robin in one loop**:
+   round r calls every one of them once, starting at callable ``r mod M`` (A B C, B C A, C A B,
+   ...), each call on the next buffer set; ``warmup`` untimed rounds first;
+4. rounds are added in growing batches until every paired ratio (each configuration over the
+   copy; each kernel over each baseline) has a 95% interval of half-width <= ``ci_rel`` of
+   itself, or ``max_time`` has passed, after at least ``min_rounds`` (:mod:`.stats`);
+5. rows: the configuration's own times, its ratio to the copy and its speed-up over the point's
+   reference baseline, each with its interval; every other pair goes to the ratio records.
+
+Row ``status``: ``ok`` (checked and timed), ``failed`` (outside tolerance, not timed),
+``error`` (raised; the message is in ``error``), ``skipped`` (``skip_reason``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+import traceback
+from collections.abc import Callable
+
+import numpy as np
+
+from .. import output, registry
+from ..seeds import rng_for
+from . import devices, roofline, stats
+from .cases import BufferSets, buffer_sets, copy_case, make_case, point_data
+from .sweep import Config, PointPlan
+
+SCHEMA = "nbbn-bench/2"
+#: A baseline (PyTorch, NumPy) within this factor of nbbn's tolerance is timed anyway, with a
+#: note: its accuracy is its own (PyTorch's channels-last float32 statistics, for one, drift past
+#: 1e-5 at m ~ 1e5). Beyond it the baseline is set up wrong, and fails like a kernel.
+BASELINE_SLACK = 100.0
+
+#: Every column of a bench row, in order. Units are in the names; see the README's harness
+#: section (and :data:`COLUMN_DOCS`) for each one's meaning.
+COLUMNS = (
+    "schema", "run_id", "timestamp",
+    "backend", "variant", "kind", "device", "op", "layout", "fusion", "call", "cache", "dtype",
+    "N", "C", "H", "W", "shape", "x_shape", "m", "tag",
+    "status", "skip_reason", "error", "passed", "rel_err", "worst_output", "tolerance", "errors",
+    "notes",
+    "compile_s", "timer", "rounds", "converged", "ci_halfwidth_pct_max",
+    "time_ms_p50", "time_ms_ci_lo", "time_ms_ci_hi", "time_ms_p20", "time_ms_p80", "time_ms_min",
+    "noise_pct",
+    "copy_ms_p50", "time_over_copy", "time_over_copy_ci_lo", "time_over_copy_ci_hi",
+    "baseline", "speedup", "speedup_ci_lo", "speedup_ci_hi",
+    "bytes", "bytes_2pass", "x_bytes", "gbps", "gbps_2pass", "copy_gbps", "pct_of_copy",
+    "buffer_sets", "working_set_bytes", "llc_bytes",
+    "load_before_1m", "load_avg_1m",
+    "nbbn_version", "numba_version", "numpy_version", "torch_version", "python_version",
+    "threads", "torch_threads", "cpu", "cpu_count", "platform", "cache_l1d_bytes",
+    "cache_l2_bytes", "cache_l3_bytes", "cudasim", "device_name",
+)
+
+COLUMN_DOCS = {
+    "schema": "row format: nbbn-bench/2",
+    "run_id": "one id per nbbn bench run",
+    "timestamp": "UTC time the row was written",
+    "backend": "registry backend (kernel or baseline)",
+    "variant": "registered variant of the backend's kernel (its default unless --variant)",
+    "kind": "kernel (nbbn) or baseline",
+    "device": "cpu or cuda: where the arrays live and which timer ran",
+    "op": "forward-train, backward or inference",
+    "layout": "memory layout: NC, NCHW or NHWC (x is (N,H,W,C), channel_axis=-1)",
+    "fusion": "none, relu, add or add-relu (what follows the normalization in the same call)",
+    "call": "kernel: registered kernel, preallocated outputs, arguments validated once; "
+            "api: the whole allocating public call",
+    "cache": "cold: calls rotate through buffer sets >= 2x the last-level cache; warm: the "
+             "same buffers every call",
+    "dtype": "dtype of x",
+    "N": "batch size", "C": "channels", "H": "height (1 for NC)", "W": "width (1 for NC)",
+    "shape": "C or CxHxW", "x_shape": "the array passed (NHWC: NxHxWxC)",
+    "m": "values per channel: N·H·W",
+    "tag": "point marked for reports (tiny: a per-call cost, >= 2000 rounds)",
+    "status": "ok, failed (outside tolerance, not timed), error (raised), skipped",
+    "skip_reason": "why a configuration was skipped",
+    "error": "the exception of an error row",
+    "passed": "all outputs within tolerance of the float64 reference (a baseline a little "
+              "outside is timed anyway, with a note)",
+    "rel_err": "worst output's ‖out − ref‖/‖ref‖", "worst_output": "that output's name",
+    "tolerance": "that output's bound", "errors": "rel_err of every output",
+    "notes": "remarks (outputs not returned in place, blocking kernel expired, working set "
+             "below 2x LLC)",
+    "compile_s": "wall time of the first call alone: JIT compile or cache load plus one run",
+    "timer": "perf_counter_ns (host), cuda-events-blocking (GPU time, launch gaps excluded), "
+             "cuda-events (--call api: gaps included), wall-simulator",
+    "rounds": "round-robin rounds timed (one call of each configuration and the copy per round)",
+    "converged": "every ratio of the point reached the --ci target before --max-time",
+    "ci_halfwidth_pct_max": "widest half-width of this row's ratio intervals, % of the ratio",
+    "time_ms_p50": "median time of one call (ms)",
+    "time_ms_ci_lo": "95% bootstrap interval of that median (ms)", "time_ms_ci_hi": "",
+    "time_ms_p20": "20th percentile (ms)", "time_ms_p80": "80th percentile (ms)",
+    "time_ms_min": "fastest call (ms)",
+    "noise_pct": "100·(p80 − p20)/p50",
+    "copy_ms_p50": "median time of the copy of x timed in the same loop (ms)",
+    "time_over_copy": "median over rounds of time/copy time (paired)",
+    "time_over_copy_ci_lo": "its 95% bootstrap interval", "time_over_copy_ci_hi": "",
+    "baseline": "the point's reference baseline (backend:variant)",
+    "speedup": "median over rounds of baseline time/this time (paired; > 1: this is faster)",
+    "speedup_ci_lo": "its 95% bootstrap interval", "speedup_ci_hi": "",
+    "bytes": "minimal bytes model (roofline.py)", "bytes_2pass": "two-pass bytes model",
+    "x_bytes": "bytes of x",
+    "gbps": "bytes / time_ms_p50, GB/s", "gbps_2pass": "bytes_2pass / time_ms_p50, GB/s",
+    "copy_gbps": "2·x_bytes / copy_ms_p50, GB/s",
+    "pct_of_copy": "100·(bytes / (2·x_bytes)) / time_over_copy: GB/s as % of the copy's",
+    "buffer_sets": "buffer sets rotated through (1 when warm)",
+    "working_set_bytes": "buffer_sets × bytes one call touches",
+    "llc_bytes": "last-level cache of the device (host L3, GPU L2)",
+    "load_before_1m": "1-minute load average when the run started",
+    "load_avg_1m": "1-minute load average when the point was measured",
+    "device_name": "CPU model or GPU name",
+    **dict.fromkeys(("nbbn_version", "numba_version", "numpy_version", "torch_version",
+                     "python_version"), "versions (torch: installed distribution, else empty)"),
+    "threads": "Numba threads", "torch_threads": "PyTorch CPU threads (if torch was loaded)",
+    "cpu": "CPU model", "cpu_count": "logical CPUs", "platform": "OS and machine",
+    "cache_l1d_bytes": "L1 data cache per core", "cache_l2_bytes": "L2 cache per core",
+    "cache_l3_bytes": "shared L3 cache", "cudasim": "Numba's CUDA simulator was on",
+}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Runner:
+    """Runs the points of a plan, handing each finished row to ``emit`` and each ratio record
+    to ``emit_ratio``."""
+
+    def __init__(self, timing: devices.TimingConfig, emit: Callable[[dict], None],
+                 emit_ratio: Callable[[dict], None] | None = None, env: dict | None = None,
+                 run_id: str = "", load_before: float | None = None,
+                 baseline: str | None = None):
+        self.timing = timing
+        self.emit = emit
+        self.emit_ratio = emit_ratio or (lambda r: None)
+        self.env = env if env is not None else output.environment()
+        self.run_id = run_id
+        self.load_before = load_before
+        self.baseline = baseline
+        self._data = None
+
+    # ----------------------------------------------------------------------------- rows
+
+    def _row(self, cfg: Config) -> dict:
+        info = registry.backend_info(cfg.backend)
+        row = dict.fromkeys(COLUMNS)
+        row.update(schema=SCHEMA, run_id=self.run_id, timestamp=_now(), kind=info.kind,
+                   device=info.device, **cfg.columns(), **self.env,
+                   load_before_1m=self.load_before, load_avg_1m=output.load_average())
+        return row
+
+    def skipped(self, cfg: Config, reason: str) -> dict:
+        row = self._row(cfg)
+        row.update(status="skipped", skip_reason=reason)
+        self.emit(row)
+        return row
+
+    @staticmethod
+    def _error(row: dict, exc: BaseException) -> None:
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" ({tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+        row.update(status="error", passed=None, error=f"{type(exc).__name__}: {exc}{where}")
+
+    # ----------------------------------------------------------------------------- a point
+
+    def run_group(self, group: PointPlan) -> list[dict]:
+        """Check and time the configurations of one point; emit and return their rows."""
+        for cfg, reason in group.skipped:
+            self.skipped(cfg, reason)
+        if not group.run:
+            return []
+        p = group.point
+        rows = {cfg: self._row(cfg) for cfg in group.run}
+        try:
+            dev = devices.device(group.device)
+            if self._data is None or self._data.key != p.data_key:
+                self._data = None  # free the previous point's arrays first
+                self._data = point_data(p)
+            data = self._data
+            K = buffer_sets(p, data.x_bytes, dev.llc_bytes())
+            sets = BufferSets(data, dev, K)
+        except Exception as exc:  # the point itself could not be set up
+            for row in rows.values():
+                self._error(row, exc)
+                self.emit(row)
+            return list(rows.values())
+        if hasattr(dev, "blocking"):
+            dev.blocking = p.call == "kernel"
+        timer = dev.timer if p.call == "kernel" or dev.timer != "cuda-events-blocking" \
+            else "cuda-events"
+        name = dev.name()
+        cases, order = [], []
+        for cfg in group.run:
+            row = rows[cfg]
+            row.update(device_name=name, timer=timer, buffer_sets=K, llc_bytes=dev.llc_bytes(),
+                       x_bytes=data.x_bytes)
+            try:
+                case = make_case(cfg, data, sets, dev)
+                dev.sync()
+                t0 = time.perf_counter()
+                result = case.calls[0]()
+                dev.sync()
+                row["compile_s"] = time.perf_counter() - t0
+                errors, tols, notes = case.check(result)
+                del result
+            except Exception as exc:  # a kernel that raises must not end the sweep
+                self._error(row, exc)
+                continue
+            ratio = {n: errors[n] / tols[n] for n in errors}
+            worst = max(ratio, key=lambda n: ratio[n] if np.isfinite(ratio[n]) else np.inf)
+            passed = bool(all(r <= 1.0 for r in ratio.values()))
+            if not passed and row["kind"] != "kernel" and ratio[worst] <= BASELINE_SLACK:
+                notes.append(f"baseline outside nbbn's tolerance ({worst} {errors[worst]:.2e} > "
+                             f"{tols[worst]:.0e}): its accuracy is its own, timed anyway")
+            elif not passed:
+                row["status"] = "failed"
+            row.update(passed=passed, rel_err=errors[worst], worst_output=worst,
+                       tolerance=tols[worst], notes="; ".join(notes) or None,
+                       errors="; ".join(f"{n}={e:.2e}" for n, e in errors.items()))
+            row["working_set_bytes"] = K * case.set_bytes
+            if row["status"] == "failed":
+                continue
+            cases.append(case)
+            order.append(cfg)
+        if cases:
+            self._time(group, dev, data, sets, cases, order, rows)
+        for cfg in group.run:
+            self.emit(rows[cfg])
+        return [rows[c] for c in group.run]
+
+    def _pairs(self, order: list[Config]) -> list[tuple[int, int]]:
+        """Ratios the stopping rule watches: each configuration over the copy (last index),
+        each kernel over each baseline."""
+        M = len(order)
+        kinds = [registry.backend_info(c.backend).kind for c in order]
+        pairs = [(i, M) for i in range(M)]
+        pairs += [(b, k) for k in range(M) for b in range(M)
+                  if kinds[k] == "kernel" and kinds[b] != "kernel"]
+        return pairs
+
+    def _reference_baseline(self, order: list[Config]) -> int | None:
+        """Index of the point's reference baseline: --baseline if it ran, else the first
+        baseline in registry order (torch-cpu / torch-cuda first)."""
+        names = registry.backend_names()
+        cands = [i for i, c in enumerate(order)
+                 if registry.backend_info(c.backend).kind != "kernel"]
+        if self.baseline is not None:
+            cands = [i for i in cands if order[i].backend == self.baseline
+                     or f"{order[i].backend}:{order[i].variant}" == self.baseline]
+        if not cands:
+            return None
+        return min(cands, key=lambda i: (names.index(order[i].backend)
+                                         if order[i].backend in names else len(names), i))
+
+    def _sample(self, dev, calls: list[list], K: int, min_rounds: int, pairs, rng):
+        """Round-robin samples: T[r, i] seconds; (T, converged, notes)."""
+        t = self.timing
+        M = len(calls)
+        g = 0
+
+        def schedule(n_rounds: int):
+            nonlocal g
+            fns, idx = [], []
+            for r in range(n_rounds):
+                start = (r + schedule.rounds) % M
+                for j in range(M):
+                    m = (start + j) % M
+                    fns.append(calls[m][g % K])
+                    idx.append(m)
+                    g += 1
+            schedule.rounds += n_rounds
+            return fns, np.asarray(idx)
+
+        def timed(fns, idx):
+            try:
+                return dev.time_sequence(fns)
+            except devices.CallFailed as exc:
+                exc.callable_index = int(idx[exc.index])
+                raise
+
+        schedule.rounds = 0
+        notes: list[str] = []
+        for _ in range(t.warmup):
+            timed(*schedule(1))
+        schedule.rounds = 0
+        blocks = []
+        R = 0
+        batch = max(1, min_rounds)
+        start = time.monotonic()
+        done = False
+        while True:
+            fns, idx = schedule(batch)
+            secs, n = timed(fns, idx)
+            notes += [x for x in n if x not in notes]
+            block = np.empty((batch, M))
+            block[np.repeat(np.arange(batch), M), idx] = secs
+            blocks.append(block)
+            R += batch
+            elapsed = time.monotonic() - start
+            if R >= min_rounds:
+                T = np.vstack(blocks)
+                blocks = [T]
+                done, _ = stats.converged(T, pairs, t.ci_rel, rng)
+                if done or elapsed >= t.max_time or R >= t.max_rounds:
+                    break
+            per_round = elapsed / R
+            left = max(t.max_time - elapsed, 0.0)
+            batch = int(max(1, min(R * 0.5, left / max(per_round, 1e-9) + 1, t.max_rounds - R)))
+        return np.vstack(blocks), done, notes
+
+    def _time(self, group, dev, data, sets, cases, order, rows) -> None:
+        p = group.point
+        copy = copy_case(p, sets, dev)
+        calls = [c.calls for c in cases] + [copy.calls]
+        pairs = self._pairs(order)
+        point_key = (*p.columns().items(), group.device)
+        rng = rng_for(self.timing.seed, *point_key, "stopping-rule")
+
+        def seeded(*idx):
+            """Each final interval from its own generator, keyed by the point and the callables
+            it is about: the same samples always give the same interval."""
+            names = ["copy" if k in ("copy", len(order)) else
+                     f"{order[k].backend}:{order[k].variant}" for k in idx]
+            return rng_for(self.timing.seed, *point_key, *names)
+
+        min_rounds = max(self.timing.min_rounds, p.min_rounds or 0)
+        while True:
+            try:
+                T, done, notes = self._sample(dev, calls, sets.K, min_rounds, pairs, rng)
+                break
+            except devices.CallFailed as exc:  # drop the callable that raised, start again
+                bad = exc.callable_index
+                if bad == len(calls) - 1:  # the copy itself failed
+                    for cfg in order:
+                        self._error(rows[cfg], exc.exc)
+                    return
+                self._error(rows[order[bad]], exc.exc)
+                del calls[bad], cases[bad], order[bad]
+                if not order:
+                    return
+                pairs = self._pairs(order)
+        M = len(order)
+        ref = self._reference_baseline(order)
+        boot = self.timing.bootstrap
+        copy_iv = stats.median_ci(T[:, M], seeded("copy"), boot)
+        itemsize = np.dtype(p.dtype).itemsize
+        nbytes = roofline.bytes_moved(p.op, p.numel, p.C, itemsize, fusion=p.fusion)
+        nbytes2 = roofline.bytes_moved(p.op, p.numel, p.C, itemsize, two_pass=True,
+                                       fusion=p.fusion)
+        cbytes = roofline.copy_bytes(data.x_bytes)
+        llc = dev.llc_bytes()
+        for i, cfg in enumerate(order):
+            row = rows[cfg]
+            s = T[:, i]
+            t_iv = stats.median_ci(s, seeded(i), boot)
+            oc = stats.paired_ratio(T, i, M, seeded(i, "copy"), boot)
+            widths = [oc.half_width_rel]
+            p20, p80 = np.percentile(s, [20, 80])
+            row.update(status="ok", rounds=int(T.shape[0]), converged=bool(done),
+                       time_ms_p50=t_iv.median * 1e3, time_ms_ci_lo=t_iv.lo * 1e3,
+                       time_ms_ci_hi=t_iv.hi * 1e3, time_ms_p20=p20 * 1e3,
+                       time_ms_p80=p80 * 1e3, time_ms_min=float(s.min()) * 1e3,
+                       noise_pct=100.0 * (p80 - p20) / t_iv.median if t_iv.median > 0 else None,
+                       copy_ms_p50=copy_iv.median * 1e3, time_over_copy=oc.median,
+                       time_over_copy_ci_lo=oc.lo, time_over_copy_ci_hi=oc.hi,
+                       bytes=nbytes, bytes_2pass=nbytes2,
+                       gbps=roofline.gbps(nbytes, t_iv.median),
+                       gbps_2pass=roofline.gbps(nbytes2, t_iv.median),
+                       copy_gbps=roofline.gbps(cbytes, copy_iv.median),
+                       pct_of_copy=100.0 * nbytes / cbytes / oc.median if oc.median > 0
+                       else None)
+            extra = list(notes)
+            if p.cache == "cold" and row["working_set_bytes"] < 2 * llc:
+                extra.append(f"cold working set {row['working_set_bytes']} B < 2x LLC "
+                             f"({2 * llc} B): capped at {sets.K} buffer sets")
+            if extra:
+                row["notes"] = "; ".join(filter(None, [row["notes"], *extra]))
+            if ref is not None and ref != i:
+                sp = stats.paired_ratio(T, ref, i, seeded(ref, i), boot)
+                b = order[ref]
+                row.update(baseline=f"{b.backend}:{b.variant}", speedup=sp.median,
+                           speedup_ci_lo=sp.lo, speedup_ci_hi=sp.hi)
+                widths.append(sp.half_width_rel)
+            row["ci_halfwidth_pct_max"] = 100.0 * max(widths)
+            row["load_avg_1m"] = output.load_average()
+        labels = [(c.backend, c.variant) for c in order] + [("copy", "")]
+        for i in range(M):
+            for j in range(M + 1):
+                if i == j:
+                    continue
+                iv = stats.paired_ratio(T, j, i, seeded(j, i), boot)
+                self.emit_ratio({
+                    "schema": SCHEMA, "run_id": self.run_id, "backend": labels[i][0],
+                    "variant": labels[i][1], **p.columns(), "device": group.device,
+                    "vs_backend": labels[j][0], "vs_variant": labels[j][1],
+                    "speedup": iv.median, "speedup_ci_lo": iv.lo, "speedup_ci_hi": iv.hi,
+                    "rounds": int(T.shape[0])})

@@ -61,16 +61,18 @@ def channel_dtype(dtype) -> np.dtype:
 
 
 class _Meta:
-    """Shape, dtype, strides (bytes) and flags of a host or device array."""
+    """Shape, dtype, strides (bytes) and flags of a host or device array. ``readonly_why``
+    says why a device array may be read but not written (a tensor that requires grad)."""
 
-    __slots__ = ("shape", "dtype", "strides", "writeable", "on_device")
+    __slots__ = ("shape", "dtype", "strides", "writeable", "on_device", "readonly_why")
 
-    def __init__(self, shape, dtype, strides, writeable, on_device):
+    def __init__(self, shape, dtype, strides, writeable, on_device, readonly_why=None):
         self.shape = shape
         self.dtype = dtype
         self.strides = strides
         self.writeable = writeable
         self.on_device = on_device
+        self.readonly_why = readonly_why
 
 
 def _c_strides(shape, itemsize):
@@ -88,16 +90,52 @@ def array_meta(a, name: str) -> _Meta:
     return _device_meta(a, name)
 
 
+#: What a tensor that requires grad may be used for (see :func:`cuda_interface`).
+REQUIRES_GRAD_READONLY = (
+    "it requires grad: nbbn reads such a tensor through .detach() (no copy; nbbn's ops are not "
+    "recorded by autograd) but never writes into it")
+
+
+def cuda_interface(a):
+    """``(interface, detached)`` of a CUDA array: its ``__cuda_array_interface__`` dict, or None
+    when it has none. A PyTorch tensor that requires grad raises RuntimeError from the
+    interface; it is read through ``a.detach()`` -- the same memory, which is what an
+    ``autograd.Function`` hands its ``forward`` -- and ``detached`` is True (outputs and
+    running statistics must not be such tensors: :func:`_outputs` says so). Anything else that
+    raises is a TypeError that names the original error."""
+    try:
+        return getattr(a, "__cuda_array_interface__", None), False
+    except RuntimeError as exc:
+        detach = getattr(a, "detach", None)
+        if "requires grad" in str(exc) and callable(detach):
+            return detach().__cuda_array_interface__, True
+        raise TypeError(f"{type(a).__name__}.__cuda_array_interface__ raised: {exc}") from exc
+
+
+def _interface_dtype(a, typestr) -> np.dtype:
+    """The dtype of an interface's ``typestr``. bfloat16 has no typestr: PyTorch (and
+    ml_dtypes) export it as a 2-byte void ``<V2``, taken as bfloat16 only when the producer
+    says so (``a.dtype`` is torch.bfloat16 or ml_dtypes' bfloat16)."""
+    dtype = np.dtype(typestr)
+    if dtype.kind == "V" and dtype.itemsize == 2:
+        bf16 = _bfloat16()
+        own = getattr(a, "dtype", None)
+        if bf16 is not None and (str(own) == "torch.bfloat16" or own == bf16):
+            return bf16
+    return dtype
+
+
 def _device_meta(a, name: str) -> _Meta:
-    cai = getattr(a, "__cuda_array_interface__", None)
+    cai, detached = cuda_interface(a)
     if cai is None:
         cai = _simulator_interface(a)
     if cai is not None:
         shape = tuple(int(s) for s in cai["shape"])
-        dtype = np.dtype(cai["typestr"])
+        dtype = _interface_dtype(a, cai["typestr"])
         strides = cai.get("strides")
         strides = _c_strides(shape, dtype.itemsize) if strides is None else tuple(strides)
-        return _Meta(shape, dtype, strides, not bool(cai["data"][1]), True)
+        why = REQUIRES_GRAD_READONLY if detached else None
+        return _Meta(shape, dtype, strides, not (bool(cai["data"][1]) or detached), True, why)
     raise TypeError(
         f"{name} must be a NumPy array or a CUDA array (__cuda_array_interface__), "
         f"got {type(a).__name__}"
@@ -282,7 +320,8 @@ def _outputs(out, names: tuple[str, ...], g: Geometry, on_device: bool):
         if meta.dtype != want:
             raise TypeError(f"{label} must have dtype {want}, got {meta.dtype}")
         if not meta.writeable:
-            raise ValueError(f"{label} must be writeable")
+            why = f": {meta.readonly_why}" if meta.readonly_why else ""
+            raise ValueError(f"{label} must be writeable{why}")
         if meta.on_device != on_device:
             raise TypeError(f"{label} must be a {'device' if on_device else 'host'} array like x")
         if full and not contiguous_in(meta, g.perm):
@@ -338,8 +377,10 @@ def train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
             raise ValueError("running_mean and running_var must be given together")
         for v, name in ((running_mean, "running_mean"), (running_var, "running_var")):
             channel_vector(v, name, C)
-            if not array_meta(v, name).writeable:
-                raise ValueError(f"{name} is updated in place and must be writeable")
+            meta = array_meta(v, name)
+            if not meta.writeable:
+                why = f" ({meta.readonly_why})" if meta.readonly_why else ""
+                raise ValueError(f"{name} is updated in place and must be writeable{why}")
     relu = _relu_value(relu)
     if residual is not None:
         _like_x(residual, "residual", g, on_dev)

@@ -1,84 +1,130 @@
 #!/usr/bin/env bash
-# One command for a machine with an NVIDIA GPU: everything the CUDA backend could not check
-# without one. Writes logs and reports under $OUT (default ./gpu_verify_out):
+# One command for the first GPU window (≤ 8 minutes wall on an H200): what the CUDA backend
+# could not check without a GPU. Every step runs under its own `timeout`; the whole log and every
+# report go under $OUT (default ./gpu-out):
 #
-#   summary.txt          one line per step with its exit status and duration
-#   env.log              nvidia-smi, numba's device detection, versions
-#   gpu_present.log      fails the run if numba sees no GPU (every GPU test would be skipped)
-#   pytest_gpu.log/.xml  NBBN_TEST_GPU=1 pytest -m "gpu or not gpu": the whole suite, CUDA tests
-#                        on the real GPU
-#   ptxcheck.json        every kernel compiled to PTX (cc 8.0 and 9.0; float32, float64, float16,
-#                        bfloat16)
-#   sanitizer_memcheck.log, sanitizer_racecheck.log, sanitizer_synccheck.log
-#                        compute-sanitizer over the CUDA tests (small shapes; skipped, with the
-#                        reason, when compute-sanitizer is not installed)
-#   bench/, bench.log    the harness on issue #11's shape set: every cuda kernel version vs
-#                        torch-cuda vs a device-to-device copy, timed round-robin in one loop
-#                        (CUDA events behind a blocking kernel), float32 and float64:
-#                        bench/summary.md, bench.csv, ratios.csv, run.json, plots
+#   verify.log            everything below, as it ran
+#   summary.txt           one line per step: PASS / FAIL (exit status) / SKIP (reason), seconds
+#   env.log               nvidia-smi, versions, numba's device detection
+#   pytest_gpu.log/.xml   (a) NBBN_TEST_GPU=1 pytest -m 'not slow' tests/test_cuda*.py (PTX
+#                         check excluded: CI runs it)
+#   sanitize_<tool>.log   (b) compute-sanitizer memcheck, racecheck, synccheck over
+#                         scripts/gpu_sanitize.py (multi-block shapes reaching every reduction
+#                         path); SKIP with the reason when compute-sanitizer is absent
+#   bench/gpu_bench.csv   (c) scripts/gpu_bench.py: ResNet-50 and NC shapes, float32, float16,
+#                         bfloat16, nbbn v1 and v2 vs PyTorch CUDA and a device copy (CUDA
+#                         events, each point checked before it is timed)
 #
-# Every step runs even if an earlier one failed; the script exits 1 if any step failed.
-# Usage:  OUT=/some/dir scripts/gpu_verify.sh      (PYTHON=... to choose the interpreter;
-#         BENCH_DTYPES=float32 BENCH_ARGS="--max-time 0.5" to shorten the benchmark step)
+# Runs with the system python3 (numba, numba-cuda, torch, cupy, pandas, click, pytest,
+# pytest-benchmark); the tree is not installed: PYTHONPATH is the repo root. Compiled kernels
+# are shared between the steps through Numba's disk cache under $OUT (NBBN_CUDA_CACHE=1).
+#
+# Usage: scripts/gpu_verify.sh [--dry-run] [--steps env,tests,sanitize,bench]
+#        OUT=dir PYTHON=python3 BENCH_BUDGET=0.25 (seconds of timing per bench point)
 set -u
 cd "$(dirname "$0")/.." || exit 2
-OUT="${OUT:-$PWD/gpu_verify_out}"
+REPO="$PWD"
+OUT="${OUT:-$REPO/gpu-out}"
 PY="${PYTHON:-python3}"
+DRY=0
+STEPS="env,tests,sanitize,bench"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --steps) STEPS="$2"; shift ;;
+        --steps=*) STEPS="${1#--steps=}" ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# Time budget of each step in seconds (the `timeout` it runs under, plus KILL_AFTER if it
+# ignores SIGTERM). Sum of budgets and kill-afters ≤ 480.
+B_ENV=20 B_TESTS=160 B_DRIVER=20 B_SAN=40 B_BENCH=110 KILL_AFTER=5
+declare -a PLAN=()
+want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+want env && PLAN+=("env $B_ENV")
+want tests && PLAN+=("pytest_gpu $B_TESTS")
+if want sanitize; then
+    PLAN+=("sanitize_driver $B_DRIVER")
+    for tool in memcheck racecheck synccheck; do PLAN+=("sanitize_$tool $B_SAN"); done
+fi
+want bench && PLAN+=("bench $B_BENCH")
+TOTAL=0
+for p in "${PLAN[@]}"; do TOTAL=$((TOTAL + ${p##* } + KILL_AFTER)); done
+
+if [ "$DRY" -eq 1 ]; then
+    echo "plan (OUT=$OUT, python=$PY):"
+    for p in "${PLAN[@]}"; do printf '  %-20s timeout %4d s\n' "${p% *}" "${p##* }"; done
+    echo "total budget: $TOTAL s with ${KILL_AFTER} s kill-after per step" \
+        "($((TOTAL / 60)) min $((TOTAL % 60)) s; limit 480 s)"
+    [ "$TOTAL" -le 480 ] || { echo "over budget" >&2; exit 1; }
+    exit 0
+fi
+
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/verify.log") 2>&1
+# NBBN_VERIFY_SIMULATOR=1 keeps the simulator: the test suite rehearses the script's logic.
+[ "${NBBN_VERIFY_SIMULATOR:-0}" = 1 ] || unset NUMBA_ENABLE_CUDASIM
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export NBBN_CUDA_CACHE=1 NUMBA_CACHE_DIR="$OUT/numba-cache"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 FAILED=0
 
-# step NAME CMD...: run CMD with stdout+stderr to $OUT/NAME.log, record its status, never abort.
+# step NAME BUDGET CMD...: CMD under `timeout BUDGET`, output to $OUT/NAME.log.
 step() {
-    local name=$1
-    shift
-    local t0=$SECONDS rc
-    echo "== $name: $*" | tee -a "$SUMMARY"
-    "$@" > "$OUT/$name.log" 2>&1
+    local name=$1 budget=$2 t0=$SECONDS rc
+    shift 2
+    echo "== $name (timeout ${budget}s): $*"
+    timeout --kill-after="$KILL_AFTER" "$budget" "$@" > "$OUT/$name.log" 2>&1
     rc=$?
-    [ "$rc" -eq 0 ] || FAILED=1
-    echo "   $name: exit $rc after $((SECONDS - t0)) s (log: $OUT/$name.log)" | tee -a "$SUMMARY"
-    tail -n 3 "$OUT/$name.log" | sed 's/^/   | /' | tee -a "$SUMMARY"
+    local dt=$((SECONDS - t0)) verdict=PASS
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="FAIL (timed out)"; FAILED=1
+    elif [ "$rc" -ne 0 ]; then verdict="FAIL (exit $rc)"; FAILED=1; fi
+    printf '%-20s %-18s %4ss  %s\n' "$name" "$verdict" "$dt" "$OUT/$name.log" | tee -a "$SUMMARY"
+    tail -n 4 "$OUT/$name.log" | sed 's/^/   | /'
 }
+skip() { printf '%-20s %-18s %4ss  %s\n' "$1" "SKIP" 0 "$2" | tee -a "$SUMMARY"; }
 
-step env bash -c "nvidia-smi; $PY -c 'import platform, numba, numba_cuda; \
-print(platform.platform(), numba.__version__, numba_cuda.__version__); \
-from numba import cuda; cuda.detect()'; $PY -c 'import torch; print(torch.__version__, \
-torch.cuda.is_available())'"
+if want env; then
+    step env "$B_ENV" bash -c "nvidia-smi; '$PY' -c 'import platform, numba, numba_cuda, torch; \
+print(platform.platform(), \"numba\", numba.__version__, \"numba-cuda\", numba_cuda.__version__, \
+\"torch\", torch.__version__, torch.cuda.is_available()); from numba import cuda; \
+import sys; sys.exit(0 if cuda.detect() else 1)'"
+fi
 
-# Fails (and flags the run) when numba sees no GPU: the GPU tests would then all be skipped.
-step gpu_present env -u NUMBA_ENABLE_CUDASIM "$PY" -c "import sys; from numba import cuda; \
-ok = cuda.is_available(); print('numba.cuda.is_available():', ok); sys.exit(0 if ok else 1)"
+if want tests; then
+    step pytest_gpu "$B_TESTS" env NBBN_TEST_GPU=1 "$PY" -m pytest -m "not slow" -q -rs \
+        -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
+        $(ls tests/test_cuda*.py | grep -v test_cuda_ptx.py)
+fi
 
-step pytest_gpu env NBBN_TEST_GPU=1 "$PY" -m pytest -m "gpu or not gpu" \
-    -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml"
+if want sanitize; then
+    # The driver alone first: if its results are off, the sanitizer's verdicts are moot.
+    step sanitize_driver "$B_DRIVER" "$PY" scripts/gpu_sanitize.py ${SANITIZE_ARGS:-}
+    SANITIZER="$(command -v compute-sanitizer || true)"
+    for c in /usr/local/cuda/bin/compute-sanitizer /opt/cuda/bin/compute-sanitizer; do
+        [ -n "$SANITIZER" ] || { [ -x "$c" ] && SANITIZER="$c"; }
+    done
+    for tool in memcheck racecheck synccheck; do
+        if [ -n "$SANITIZER" ]; then
+            step "sanitize_$tool" "$B_SAN" "$SANITIZER" --tool "$tool" --error-exitcode 99 \
+                --print-limit 50 "$PY" scripts/gpu_sanitize.py ${SANITIZE_ARGS:-}
+        else
+            skip "sanitize_$tool" "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
+        fi
+    done
+fi
 
-step ptxcheck bash -c "env -u NUMBA_ENABLE_CUDASIM '$PY' -m nbbn.cuda.ptxcheck > '$OUT/ptxcheck.json'"
+if want bench; then
+    step bench "$B_BENCH" "$PY" scripts/gpu_bench.py --out "$OUT/bench" \
+        --budget "${BENCH_BUDGET:-0.25}"
+fi
 
-SANITIZER="$(command -v compute-sanitizer || true)"
-for candidate in /usr/local/cuda/bin/compute-sanitizer /opt/cuda/bin/compute-sanitizer; do
-    [ -n "$SANITIZER" ] || { [ -x "$candidate" ] && SANITIZER="$candidate"; }
-done
-# Small shapes only: the sanitizer slows kernels 10-100x. The selection covers every kernel,
-# both variants (v1 merge kernel, v2 ticket), every layout and dtype, block sizes 32 and 256.
-SAN_TESTS=(tests/test_cuda.py -q -p no:cacheprovider -m "gpu or not gpu"
-           -k "not medium and not torch and not plans and not availab")
-for tool in memcheck racecheck synccheck; do
-    if [ -n "$SANITIZER" ]; then
-        step "sanitizer_$tool" env NBBN_TEST_GPU=1 "$SANITIZER" --tool "$tool" \
-            --error-exitcode 99 --print-limit 50 "$PY" -m pytest "${SAN_TESTS[@]}"
-    else
-        echo "== sanitizer_$tool: skipped: compute-sanitizer not found (PATH, /usr/local/cuda/bin)" \
-            | tee -a "$SUMMARY"
-    fi
-done
-
-# BENCH_DTYPES (default float32,float64) and BENCH_ARGS (more options, e.g. "--max-time 0.5",
-# or "--resume" to finish an interrupted sweep in the same OUT) shape the run.
-step bench "$PY" -m nbbn.cli bench --sweep cuda-targets --backend cuda,torch-cuda --variant all \
-    --dtype "${BENCH_DTYPES:-float32,float64}" --out "$OUT/bench" ${BENCH_ARGS:-}
-
-echo "== done: $([ "$FAILED" -eq 0 ] && echo 'all steps passed' || echo 'some steps FAILED')" \
-    | tee -a "$SUMMARY"
+echo "== summary ($OUT/summary.txt):"
+cat "$SUMMARY"
+echo "$(grep -c ' PASS ' "$SUMMARY") passed, $(grep -c ' FAIL' "$SUMMARY") failed, \
+$(grep -c ' SKIP ' "$SUMMARY") skipped"
 exit "$FAILED"

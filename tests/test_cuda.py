@@ -546,12 +546,16 @@ def test_long_runs(shape, ax, L, B):
 
 
 def test_threads_with_several_slots(B, monkeypatch):
-    """With the grid capped at one block per channel, threads walk several row-strided slots."""
+    """With the grid capped at one block per channel, threads walk several row-strided slots.
+    The knobs are the simulator's defaults, set here so the plan is the same on a GPU (whose
+    defaults give L = 0 for this shape)."""
     from nbbn.cuda import launch
 
+    cfg = launch.LaunchConfig(block=32, target_blocks=8, min_per_thread=1)
+    monkeypatch.setattr(B, "DEFAULT_LAUNCH", cfg)
     monkeypatch.setattr(launch, "_MAX_GRID_Y", 1)
     x = make_x((3, 1, 70), np.float64, OFFSET)
-    plan = launch.plan(validate.geometry(x))
+    plan = launch.plan(validate.geometry(x), cfg)
     C, S, L = plan.dims
     assert plan.nparts == 1 and L * S > 2 * plan.block[0]  # each thread takes ≥ 2 slots
     for variant in VARIANTS:
@@ -623,7 +627,8 @@ def test_results_are_deterministic(variant, B):
 def test_launch_config_limits(B):
     from nbbn.cuda import launch
 
-    for bad in ({"block": 48}, {"block": 1024}, {"nc_width": 3}, {"min_per_thread": 0},
+    for bad in ({"block": 48}, {"block": 1024}, {"block": 512}, {"nc_width": 3},
+                {"min_per_thread": 0},
                 {"target_blocks": -1}):
         with pytest.raises(ValueError):
             launch.LaunchConfig(**bad)
@@ -650,6 +655,27 @@ def test_plans_for_a_132_sm_gpu(shape, ax, B, monkeypatch):
     if g.m * g.C >= 1 << 20:  # big enough to fill the GPU and give every thread long runs
         assert plan.grid[0] * plan.grid[1] >= 132, plan
         assert _shortest_run(g, plan) >= 4, plan
+
+
+def test_planner_caps_blocks_per_channel_and_sizes_by_occupancy(B, monkeypatch):
+    """8x3x2048x2048 on 132 SMs: one wave is 132 SMs x 4 resident blocks of 256 (64-register
+    launch bounds), so at most ceil(528/3) blocks per channel -- not 16,384 (L = 1, width =
+    S); the threads take several slots each. NC grids stay under MAX_PARTS row chunks."""
+    from nbbn.cuda import kernels, launch
+
+    monkeypatch.setattr(launch, "_sm_count", lambda: 132)
+    assert kernels.MAX_REGISTERS == 64 and launch.resident_blocks(256) == 4
+    assert launch.occupancy(64, 256, launch.SCRATCH_BYTES) == 4
+    assert launch.occupancy(48, 256) == 5 and launch.occupancy(32, 256) == 8
+    assert launch.occupancy(255, 512) == 0  # cannot launch
+    cfg = launch.LaunchConfig()
+    g = validate.geometry(np.empty((2, 2, 2, 2), np.float32))
+    g = g._replace(shape=(8, 3, 2048, 2048), N=8, C=3, S=2048 * 2048)
+    plan = launch.plan(g, cfg)
+    assert plan.dims[2] == 1 and plan.grid[0] * plan.nparts <= 132 * 4 + 3, plan
+    gnc = validate.geometry(np.empty((2, 2), np.float32))._replace(shape=(1 << 26, 3),
+                                                                   N=1 << 26, C=3)
+    assert launch.plan(gnc, cfg).nparts <= launch.MAX_PARTS
 
 
 def test_unavailable_backend_says_why(monkeypatch):

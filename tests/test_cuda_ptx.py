@@ -17,6 +17,9 @@ import sys
 
 import pytest
 
+#: Compiling every kernel for every dtype and capability takes minutes: the full tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def report():
@@ -69,3 +72,32 @@ def test_ptx_has_the_intended_instructions(report):
                 if dtype != "float64":
                     assert facts["fp64_ops"] == facts["fp64_compares"] == 0, (name, dtype)
             assert not facts["local_memory"] and not facts["calls"], (name, dtype)
+
+
+@pytest.fixture(scope="module")
+def ptxas_report():
+    """Registers and spills from ptxas for sm_90 (float32, float64, bfloat16)."""
+    if importlib.util.find_spec("numba_cuda") is None:
+        pytest.skip("numba-cuda is not installed (pip install 'nbbn[cuda]')")
+    from nbbn.cuda.ptxcheck import find_ptxas
+
+    if find_ptxas() is None:
+        pytest.skip("ptxas not found (PATH, CUDA_HOME, /usr/local/cuda/bin)")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, "-m", "nbbn.cuda.ptxcheck", "--ptxas", "--cc", "9.0",
+                           "--dtype", "float32", "--dtype", "float64", "--dtype", "bfloat16"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    return json.loads(proc.stdout)
+
+
+def test_registers_within_launch_bounds_and_no_spills(ptxas_report):
+    """Every kernel fits the 64-register bound its launch bounds promise (four blocks of 256 per
+    SM, what the planner sizes one wave by) with no spills to local memory."""
+    from nbbn.cuda import kernels, launch
+
+    rows = ptxas_report["results"]
+    assert rows and all(r["ok"] for r in rows), [r.get("ptxas_error") for r in rows]
+    for r in rows:
+        assert r["registers"] <= kernels.MAX_REGISTERS, r
+        assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0, r
+        assert r["blocks_per_sm_256"] >= launch.resident_blocks(256), r

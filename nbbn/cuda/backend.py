@@ -28,12 +28,16 @@ Arrays
     bfloat16 (ml_dtypes' dtype): the kernels read and write its raw bits through a uint16 view
     (:func:`nbbn.cuda.kernels.ld`), so any GPU runs it. Host bfloat16 arrays work through the
     copy path. A bfloat16 CUDA array describes its dtype as ``<V2`` in
-    ``__cuda_array_interface__`` (there is no bfloat16 typestr; PyTorch's bfloat16 tensors do not
-    export the interface at all), so :mod:`nbbn.validate` cannot tell it from other 2-byte voids
-    and refuses it with a TypeError.
+    ``__cuda_array_interface__`` (there is no bfloat16 typestr); :mod:`nbbn.validate` takes it as
+    bfloat16 when the producer says so (a ``torch.bfloat16`` tensor).
 
-Internal scratch (partials, coefficients, tickets) is cached per (thread, CUDA context) and
-reused, so steady-state calls allocate only their outputs (none with ``out=``).
+Device, stream, allocation (:mod:`nbbn.cuda.interop`): every call runs on its arrays' device, on
+the caller's stream (a v3 interface's stream, PyTorch's current stream), without host
+synchronisation; outputs of PyTorch inputs are allocated by PyTorch's caching allocator and
+returned as tensors. A tensor that requires grad is read through ``.detach()``.
+
+Internal scratch (partials, coefficients, tickets) is cached per (thread, CUDA context, stream)
+and reused, so steady-state calls allocate only their outputs (none with ``out=``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from ..spec import (
     TrainArgs,
     inverse_perm,
 )
+from . import interop
 from . import kernels as K
 from .launch import DEFAULT_LAUNCH, LAYOUTS, LaunchConfig, LayoutKernels, Plan
 from .reduce import SIMULATOR
@@ -82,12 +87,14 @@ _SCRATCH_LIMIT = 64
 def _scratch(name: str, shape: tuple[int, ...], dtype) -> object:
     """A zero-initialised device array reused by later calls with the same (name, shape, dtype).
 
-    Safe because every kernel of a call runs on the default stream in launch order, and each
-    host thread has its own buffers. Ticket counters start at 0 and the kernels leave them at 0.
+    Safe because every kernel of a call runs on one stream in launch order, buffers are kept
+    per (thread, context, stream), and each host thread has its own. Ticket counters start at
+    0 and the kernels leave them at 0.
     """
-    ctx = cuda.current_context()
+    call = interop.current()
+    ctx = (cuda.current_context(), call.key if call is not None else None)
     store = getattr(_TLS, "store", None)
-    if store is None or store[0] is not ctx:
+    if store is None or store[0] != ctx:
         store = _TLS.store = (ctx, {})
     bufs = store[1]
     key = (name, shape, np.dtype(dtype))
@@ -126,13 +133,27 @@ def _on_device(a) -> bool:
 
 
 def _device_view(a, name: str):
-    """A numba device array over a CUDA array's memory (no copy)."""
-    if devicearray.is_cuda_ndarray(a):
-        return a
-    if SIMULATOR:
-        raise TypeError(f"{name}: the CUDA simulator takes numba device arrays (cuda.to_device), "
-                        f"not {type(a).__name__}")
-    return cuda.as_cuda_array(a)
+    """A numba device array over a CUDA array's memory (no copy, no host synchronisation; see
+    :func:`nbbn.cuda.interop.device_view`)."""
+    return interop.device_view(a, name)
+
+
+def _copy_to_host(d):
+    """``d`` on the host, after the call's stream has finished writing it."""
+    stream = _stream()
+    host = d.copy_to_host(stream=stream)
+    if stream:
+        stream.synchronize()
+    return host
+
+
+def _stream():
+    call = interop.current()
+    return call.stream if call is not None else 0
+
+
+def _to_device(host):
+    return cuda.to_device(host, stream=_stream())
 
 
 def _c_strides(shape, itemsize: int) -> tuple[int, ...]:
@@ -189,7 +210,7 @@ def _x_like(a, name: str, g: Geometry):
     if not _on_device(a):
         if not g.identity_perm:
             a = a.transpose(g.perm)
-        return cuda.to_device(np.ascontiguousarray(a).reshape(-1).view(K.storage_dtype(g.dtype)))
+        return _to_device(np.ascontiguousarray(a).reshape(-1).view(K.storage_dtype(g.dtype)))
     meta = validate.array_meta(a, name)
     if not validate.contiguous_in(meta, g.perm):
         if name == "x":
@@ -212,7 +233,7 @@ def _vector(v, name: str):
     if v is None:
         return None
     if not _on_device(v):
-        return cuda.to_device(np.ascontiguousarray(v, dtype=np.float64))
+        return _to_device(np.ascontiguousarray(v, dtype=np.float64))
     return _device_view(v, name)
 
 
@@ -221,7 +242,7 @@ def _host_vector(v, default: float, C: int) -> np.ndarray:
     if v is None:
         return np.full(C, default)
     if _on_device(v):
-        v = _device_view(v, "vector").copy_to_host()
+        v = _copy_to_host(_device_view(v, "vector"))
     return np.asarray(v, dtype=np.float64)
 
 
@@ -239,7 +260,10 @@ class _RunningStat:
 
     def write_back(self) -> None:
         if self.host is not None:
-            self.host[...] = self.dev.copy_to_host()
+            stream = _stream()
+            self.host[...] = self.dev.copy_to_host(stream=stream)
+            if stream:
+                stream.synchronize()
 
 
 class _XOut:
@@ -247,11 +271,13 @@ class _XOut:
     caller gets back (laid out like x)."""
 
     def __init__(self, user, g: Geometry, on_device: bool):
+        if user is None and on_device:  # the producer's allocator, if it has one (interop)
+            user = _producer_empty(g.memory_shape, g.dtype, inverse_perm(g.perm))
         self.user, self.g, self.on_device = user, g, on_device
-        if user is not None and on_device:  # validated: dense in perm order
+        if user is not None and on_device:  # validated (or made): dense in perm order
             self.dev = _as_storage(_flat_view(_device_view(user, "out"), g.perm), g.dtype)
         else:
-            self.dev = cuda.device_array(g.numel, K.storage_dtype(g.dtype))
+            self.dev = cuda.device_array(g.numel, K.storage_dtype(g.dtype), stream=_stream())
 
     def result(self):
         g = self.g
@@ -277,11 +303,13 @@ class _VecOut:
     """A per-channel output (C,) of a given dtype, on the device or copied back."""
 
     def __init__(self, user, C: int, dtype, on_device: bool):
+        if user is None and on_device:
+            user = _producer_empty((C,), dtype, None)
         self.user, self.on_device = user, on_device
         if user is not None and on_device:
             self.dev = _device_view(user, "out")
         else:
-            self.dev = cuda.device_array(C, dtype)
+            self.dev = cuda.device_array(C, dtype, stream=_stream())
         self.C, self.dtype = C, np.dtype(dtype)
 
     def result(self):
@@ -290,6 +318,16 @@ class _VecOut:
         host = self.user if self.user is not None else np.empty(self.C, self.dtype)
         self.dev.copy_to_host(host)
         return host
+
+
+def _producer_empty(shape, dtype, axes):
+    """A new array from the call's producer allocator (PyTorch's caching allocator for tensor
+    inputs), seen with the user's axes (``axes``: the permutation, None for none), or None."""
+    call = interop.current()
+    new = call.empty(shape, dtype) if call is not None else None
+    if new is None or axes is None or tuple(axes) == tuple(range(len(axes))):
+        return new
+    return new.permute(*axes) if hasattr(new, "permute") else new.transpose(axes)
 
 
 def _flags(gamma=None, beta=None, running=None, residual=None, relu=False) -> int:
@@ -311,22 +349,45 @@ def _setup(g: Geometry, cfg: LaunchConfig | None) -> tuple[LayoutKernels, Plan]:
 # Ops: launch sequences
 # ---------------------------------------------------------------------------------------------
 
+#: The array fields of the argument bundles, x first (it names the device and stream).
+_ARRAY_FIELDS = ("x", "dy", "residual", "y", "gamma", "beta", "running_mean", "running_var",
+                 "save_mean", "save_invstd")
+
+
+def _in_call(fn):
+    """Run ``fn(args, ...)`` inside the call context of its arrays (:mod:`.interop`): their
+    device, the caller's stream, the producer's allocator."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(args, *a, **kw):
+        arrays = [(f, getattr(args, f, None)) for f in _ARRAY_FIELDS]
+        out = getattr(args, "out", None)
+        if out is not None:
+            arrays += [("out", o) for o in (out if isinstance(out, tuple | list) else (out,))]
+        with interop.call(arrays):
+            return fn(args, *a, **kw)
+
+    return wrapper
+
+
 
 def _statistics(xd, g: Geometry, lk: LayoutKernels, plan: Plan, variant: str, eps, momentum,
                 gamma, beta, rm, rv, save_mean, save_invstd):
     """Statistics stage of forward-train (v1: partials + merge; v2: ticket). Returns the
     (2, C) float64 scratch (μ, σ²_biased) and the (4, C) coefficients for the normalize pass."""
+    st = _stream()
     part = _scratch("part", (3, plan.nparts, g.C), _F64)
     stats = _scratch("stats", (2, g.C), _F64)
     coef = _scratch("coef", (4, g.C), K.compute_dtype(g.dtype))
     tail = (eps, momentum, _or_dummy(gamma), _or_dummy(beta), _or_dummy(rm), _or_dummy(rv),
             _flags(gamma, beta, rm), save_mean, save_invstd, stats, coef)
     if variant == "v1":
-        lk.stats_partial[plan.grid, plan.block](xd, *plan.dims, part)
-        K.train_merge[plan.merge_grid, plan.merge_block](xd, plan.shift, part, *tail)
+        lk.stats_partial[plan.grid, plan.block, st](xd, *plan.dims, part)
+        K.train_merge[plan.merge_grid, plan.merge_block, st](xd, plan.shift, part, *tail)
     else:
         tickets = _scratch("tickets", (plan.slots,), np.uint32)
-        lk.stats_ticket[plan.grid, plan.block](xd, *plan.dims, part, tickets, *tail)
+        lk.stats_ticket[plan.grid, plan.block, st](xd, *plan.dims, part, tickets, *tail)
     return stats, coef
 
 
@@ -336,11 +397,13 @@ def _residual(args, g: Geometry):
     return _x_like(args.residual, "residual", g)
 
 
+@_in_call
 def train(args: TrainArgs, variant: str = "v1", cfg: LaunchConfig | None = None):
     """Forward-train: statistics stage, then y = max(((x − μ_hi) − μ_lo)·α + β + residual, 0)
     (residual and max with the fusion asked for) in one pass."""
     g = args.geom
     lk, plan = _setup(g, cfg)
+    st = _stream()
     on_dev = _on_device(args.x)
     xd = _x_like(args.x, "x", g)
     res = _residual(args, g)
@@ -354,7 +417,7 @@ def train(args: TrainArgs, variant: str = "v1", cfg: LaunchConfig | None = None)
     _, coef = _statistics(xd, g, lk, plan, variant, args.eps, args.momentum,
                           _vector(args.gamma, "gamma"), _vector(args.beta, "beta"), rm.dev, rv.dev,
                           save_mean.dev, save_invstd.dev)
-    lk.normalize[plan.grid, plan.block](xd, *plan.dims, coef, res,
+    lk.normalize[plan.grid, plan.block, st](xd, *plan.dims, coef, res,
                                         _flags(residual=args.residual, relu=args.relu), y.dev)
     rm.write_back()
     rv.write_back()
@@ -367,6 +430,7 @@ def _fold_tol(save_mean, g: Geometry) -> float:
     return float(FOLD_ULPS * eps)
 
 
+@_in_call
 def backward(args: BackwardArgs, variant: str = "v1", cfg: LaunchConfig | None = None,
              fold: bool = True):
     """Backward: Σg, Σg·(x − save_mean), Σ(x − save_mean) per channel (v1 or v2; g = dy, or dz
@@ -375,6 +439,7 @@ def backward(args: BackwardArgs, variant: str = "v1", cfg: LaunchConfig | None =
     before/after)."""
     g = args.geom
     lk, plan = _setup(g, cfg)
+    st = _stream()
     on_dev = _on_device(args.x)
     xd = _x_like(args.x, "x", g)
     dyd = _x_like(args.dy, "dy", g)
@@ -400,21 +465,23 @@ def backward(args: BackwardArgs, variant: str = "v1", cfg: LaunchConfig | None =
     sums = _scratch("sums", (3, g.C), _F64)
     tail = (sm, si, _or_dummy(gamma), flags, fold_tol, dgamma.dev, dbeta.dev, coef, sums)
     if variant == "v1":
-        lk.bwd_partial[plan.grid, plan.block](dyd, yd, dzd, xd, *plan.dims, sm, flags, part)
-        K.bwd_merge[plan.merge_grid, plan.merge_block](g.m, part, *tail)
+        lk.bwd_partial[plan.grid, plan.block, st](dyd, yd, dzd, xd, *plan.dims, sm, flags, part)
+        K.bwd_merge[plan.merge_grid, plan.merge_block, st](g.m, part, *tail)
     else:
         tickets = _scratch("tickets", (plan.slots,), np.uint32)
-        lk.bwd_ticket[plan.grid, plan.block](dyd, yd, dzd, xd, *plan.dims, part, tickets, *tail)
-    lk.bwd_dx[plan.grid, plan.block](dzd if relu else dyd, xd, *plan.dims, coef, dx.dev)
+        lk.bwd_ticket[plan.grid, plan.block, st](dyd, yd, dzd, xd, *plan.dims, part, tickets, *tail)
+    lk.bwd_dx[plan.grid, plan.block, st](dzd if relu else dyd, xd, *plan.dims, coef, dx.dev)
     outs = (dx.result(), dgamma.result(), dbeta.result())
     return outs + (dz.result(),) if relu else outs
 
 
+@_in_call
 def infer(args: InferArgs, variant: str = "v1", cfg: LaunchConfig | None = None):
     """Inference: fold (μ_hi, μ_lo, α, β) per channel, then one read of x (and of the residual)
     and one write of y per element. ``variant`` is accepted for uniformity: both run this."""
     g = args.geom
     lk, plan = _setup(g, cfg)
+    st = _stream()
     xd = _x_like(args.x, "x", g)
     res = _residual(args, g)
     y = _XOut(args.out, g, _on_device(args.x))
@@ -423,10 +490,10 @@ def infer(args: InferArgs, variant: str = "v1", cfg: LaunchConfig | None = None)
     coef = _scratch("coef", (4, g.C), K.compute_dtype(g.dtype))
     block = (cfg or DEFAULT_LAUNCH).block
     fold_block = min(block, 32 * -(-g.C // 32))
-    K.infer_fold[-(-g.C // fold_block), fold_block](
+    K.infer_fold[-(-g.C // fold_block), fold_block, st](
         _vector(args.running_mean, "running_mean"), _vector(args.running_var, "running_var"),
         _or_dummy(gamma), _or_dummy(beta), _flags(gamma, beta), args.eps, coef)
-    lk.normalize[plan.grid, plan.block](xd, *plan.dims, coef, res,
+    lk.normalize[plan.grid, plan.block, st](xd, *plan.dims, coef, res,
                                         _flags(residual=args.residual, relu=args.relu), y.dev)
     return (y.result(),)
 
@@ -435,11 +502,12 @@ def batch_stats(x, channel_axis=1, variant: str = "v1") -> tuple[np.ndarray, np.
     """(μ, σ²_biased) per channel, float64 NumPy, by the forward-train statistics stage."""
     g = validate.geometry(x, channel_axis)
     lk, plan = _setup(g, None)
-    xd = _x_like(x, "x", g)
-    save = cuda.device_array(g.C, validate.channel_dtype(g.dtype))
-    stats, _ = _statistics(xd, g, lk, plan, variant, 1e-5, 0.0, None, None, None, None, save,
-                           save)
-    s = stats.copy_to_host()
+    with interop.call([("x", x)]):
+        xd = _x_like(x, "x", g)
+        save = cuda.device_array(g.C, validate.channel_dtype(g.dtype), stream=_stream())
+        stats, _ = _statistics(xd, g, lk, plan, variant, 1e-5, 0.0, None, None, None, None,
+                               save, save)
+        s = _copy_to_host(stats)
     return s[0].copy(), s[1].copy()
 
 
@@ -461,13 +529,20 @@ def _split(v: np.ndarray, ct: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     return hi, (v - hi.astype(np.float64)).astype(ct)
 
 
+def _upload_new(host: np.ndarray):
+    new = _producer_empty(host.shape, host.dtype, None)
+    _device_view(new, "out").copy_to_device(host, stream=_stream())
+    return new
+
+
 def _upload_out(host: np.ndarray, user, dtype, on_device: bool):
     """A per-channel result computed on the host, delivered where the caller wants it."""
     host = host.astype(dtype)
     if on_device:
         if user is None:
-            return cuda.to_device(host)
-        _device_view(user, "out").copy_to_device(host)
+            return _to_device(host) if interop.current() is None or \
+                interop.current().producer is None else _upload_new(host)
+        _device_view(user, "out").copy_to_device(host, stream=_stream())
         return user
     if user is None:
         return host
@@ -475,11 +550,13 @@ def _upload_out(host: np.ndarray, user, dtype, on_device: bool):
     return user
 
 
+@_in_call
 def part_normalize(args: TrainArgs, mean, var, m_total: int):
     """y = max(((x − μ_hi) − μ_lo)·α + β + residual, 0) with α = γ/√(var + ε) from given
     statistics (fusion as asked); running update with the unbiased var·m_total/(m_total − 1)."""
     g = args.geom
     lk, plan = _setup(g, None)
+    st = _stream()
     on_dev = _on_device(args.x)
     mean = np.asarray(mean, dtype=np.float64)
     var = np.asarray(var, dtype=np.float64)
@@ -488,12 +565,12 @@ def part_normalize(args: TrainArgs, mean, var, m_total: int):
     hi, lo = _split(mean, ct)
     alpha = _host_vector(args.gamma, 1.0, g.C) * invstd
     beta = _host_vector(args.beta, 0.0, g.C)
-    coef = cuda.to_device(np.ascontiguousarray(np.stack([hi, lo, alpha.astype(ct),
+    coef = _to_device(np.ascontiguousarray(np.stack([hi, lo, alpha.astype(ct),
                                                          beta.astype(ct)])))
     xd = _x_like(args.x, "x", g)
     out = args.out if args.out is not None else (None, None, None)
     y = _XOut(out[0], g, on_dev)
-    lk.normalize[plan.grid, plan.block](xd, *plan.dims, coef, _residual(args, g),
+    lk.normalize[plan.grid, plan.block, st](xd, *plan.dims, coef, _residual(args, g),
                                         _flags(residual=args.residual, relu=args.relu), y.dev)
     cdt = validate.channel_dtype(g.dtype)
     save_mean = _upload_out(mean, out[1], cdt, on_dev)
@@ -517,12 +594,14 @@ def _no_relu(args: BackwardArgs) -> None:
                                   "not take relu; apply dz = dy·[y > 0] first and pass dz as dy")
 
 
+@_in_call
 def part_grad_sums(args: BackwardArgs):
     """(Σdy, Σdy·(x − save_mean)) of this x in float64 (v1 sums pass; save_mean as given: the
     fold is for a save_mean that is this x's own rounded mean, not a global one)."""
     _no_relu(args)
     g = args.geom
     lk, plan = _setup(g, None)
+    st = _stream()
     xd = _x_like(args.x, "x", g)
     dyd = _x_like(args.dy, "dy", g)
     sm = _vector(args.save_mean, "save_mean")
@@ -533,13 +612,15 @@ def part_grad_sums(args: BackwardArgs):
     sums = _scratch("sums", (3, g.C), _F64)
     scratch_out = _scratch("part_out", (2, g.C), cdt)
     dummy = _dummy_x(g.dtype)
-    lk.bwd_partial[plan.grid, plan.block](dyd, dummy, dummy, xd, *plan.dims, sm, 0, part)
-    K.bwd_merge[plan.merge_grid, plan.merge_block](g.m, part, sm, si, _dummy_vec(), 0, -1.0,
-                                                   scratch_out[0], scratch_out[1], coef, sums)
-    s = sums.copy_to_host()
+    lk.bwd_partial[plan.grid, plan.block, st](dyd, dummy, dummy, xd, *plan.dims, sm, 0, part)
+    K.bwd_merge[plan.merge_grid, plan.merge_block, st](g.m, part, sm, si, _dummy_vec(), 0,
+                                                       -1.0, scratch_out[0], scratch_out[1],
+                                                       coef, sums)
+    s = _copy_to_host(sums)
     return s[0].copy(), s[1].copy(), s[2].copy()
 
 
+@_in_call
 def part_grad_apply(args: BackwardArgs, sum_dy, sum_dy_xmu, m_total: int, sum_xmu=None):
     """dx = k1·dy + k2·(x − save_mean) + k3 from given (global) sums: dβ = sum_dy,
     dγ = invstd·sum_dy_xmu, k1 = γ·invstd, k2 = −k1·invstd·dγ/m_total, k3 = −k1·dβ/m_total;
@@ -547,6 +628,7 @@ def part_grad_apply(args: BackwardArgs, sum_dy, sum_dy_xmu, m_total: int, sum_xm
     _no_relu(args)
     g = args.geom
     lk, plan = _setup(g, None)
+    st = _stream()
     on_dev = _on_device(args.x)
     ct = K.compute_dtype(g.dtype)
     invstd = _host_vector(args.save_invstd, 1.0, g.C)
@@ -560,13 +642,13 @@ def part_grad_apply(args: BackwardArgs, sum_dy, sum_dy_xmu, m_total: int, sum_xm
     k1 = _host_vector(args.gamma, 1.0, g.C) * invstd
     k2 = -k1 * invstd * dg / m_total
     hi, lo = _split(mean, ct)
-    coef = cuda.to_device(np.ascontiguousarray(np.stack(
+    coef = _to_device(np.ascontiguousarray(np.stack(
         [hi, lo, k1.astype(ct), k2.astype(ct), (-k1 * sdy / m_total - k2 * delta).astype(ct)])))
     xd = _x_like(args.x, "x", g)
     dyd = _x_like(args.dy, "dy", g)
     out = args.out if args.out is not None else (None, None, None)
     dx = _XOut(out[0], g, on_dev)
-    lk.bwd_dx[plan.grid, plan.block](dyd, xd, *plan.dims, coef, dx.dev)
+    lk.bwd_dx[plan.grid, plan.block, st](dyd, xd, *plan.dims, coef, dx.dev)
     cdt = validate.channel_dtype(g.dtype)
     return (dx.result(), _upload_out(dg, out[1], cdt, on_dev),
             _upload_out(sdy, out[2], cdt, on_dev))

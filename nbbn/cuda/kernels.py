@@ -80,6 +80,7 @@ Bytes moved per element of S bytes (the benchmark's model): inference 2S (read x
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -128,6 +129,9 @@ if SIMULATOR:
             return np.uint32(int(v) << 16).view(np.float32)
         return v
 
+    def cvt(a, v):
+        return np.float64(v) if a.dtype == np.float64 else np.float32(v)
+
     def st(a, i, v):
         if a.dtype == np.uint16:
             u = int(np.float32(v).view(np.uint32))
@@ -147,6 +151,15 @@ else:
 
     def st(a, i, v):  # typed and lowered by the overload below
         raise NotImplementedError
+
+    def cvt(a, v):  # typed and lowered by the overload below
+        raise NotImplementedError
+
+    @overload(cvt, target="cuda", inline="always")
+    def _cvt(a, v):
+        if a.dtype == float64:
+            return lambda a, v: float64(v)
+        return lambda a, v: float32(v)
 
     @overload(ld, target="cuda", inline="always")
     def _ld(a, i):
@@ -182,17 +195,39 @@ class KernelEntry:
     dispatcher: object
     #: t -> tuple of numba types, for the type namespace of :func:`signature_types`.
     signature: Callable[[SimpleNamespace], tuple]
+    #: (max threads per block, min resident blocks per SM), as compiled.
+    launch_bounds: tuple[int, int] | None = None
 
 
 KERNELS: dict[str, KernelEntry] = {}
 
+#: Launch bounds of every kernel: blocks of up to LAUNCH_THREADS (256) threads, at least
+#: MIN_BLOCKS of them resident per SM, so ptxas keeps each kernel within
+#: MAX_REGISTERS = 65536 / (MIN_BLOCKS·256) = 64 registers, and the planner sizes "one wave" by
+#: the four blocks of 256 per SM this guarantees (:func:`nbbn.cuda.launch.resident_blocks`),
+#: not by the 8 that 2048 threads per SM would suggest. Tighter caps were measured with
+#: ``ptxcheck --ptxas`` (sm_90) and rejected: at 48 registers (5 blocks) the NCHW reduction
+#: kernels spill 32-164 bytes per thread, at 40 (6 blocks) 60-290 bytes; local-memory traffic
+#: in the streaming loop costs more than the occupancy buys. The PTX check asserts no spills.
+LAUNCH_THREADS = 256
+MIN_BLOCKS = 4
+MAX_REGISTERS = (65536 // (MIN_BLOCKS * LAUNCH_THREADS)) // 8 * 8
+LAUNCH_BOUNDS = (LAUNCH_THREADS, MIN_BLOCKS)
+
+
+#: NBBN_CUDA_CACHE=1 keeps compiled kernels in Numba's on-disk cache (NUMBA_CACHE_DIR), so the
+#: processes of one verification run (tests, sanitizer passes, bench) compile each once. Off by
+#: default: Numba keys the cache on kernels.py alone, and would not see an edit of reduce.py.
+_DISK_CACHE = os.environ.get("NBBN_CUDA_CACHE") == "1"
+
 
 def _kernel(signature):
-    """``@cuda.jit`` plus an entry in :data:`KERNELS`."""
+    """``@cuda.jit`` with :data:`LAUNCH_BOUNDS`, plus an entry in :data:`KERNELS`."""
 
     def deco(pyfunc):
-        disp = cuda.jit(pyfunc)
-        KERNELS[pyfunc.__name__] = KernelEntry(pyfunc.__name__, disp, signature)
+        disp = cuda.jit(pyfunc) if SIMULATOR else cuda.jit(
+            pyfunc, launch_bounds=LAUNCH_BOUNDS, cache=_DISK_CACHE)
+        KERNELS[pyfunc.__name__] = KernelEntry(pyfunc.__name__, disp, signature, LAUNCH_BOUNDS)
         return disp
 
     return deco
@@ -251,9 +286,18 @@ def signature_types(dtype) -> SimpleNamespace:
 
 @cuda.jit(device=True)
 def _run_sums_x(x, off, step, cnt, K):
-    """Σ(x − K) and Σ(x − K)² over the run, in float64."""
+    """Σ(x − K) and Σ(x − K)² over the run, accumulated in float64.
+
+    Each group of four values is summed in the compute dtype (:func:`cvt`: float32 for every
+    x but float64) and widened once: two conversions per four values instead of four. K is a
+    value of x, so K's compute-dtype copy is exact and d = x − K is exact when x is within a
+    factor 2 of K (Sterbenz) and within half an ulp of d otherwise; d² and the four-term sums
+    add ~3 float32 roundings of σ-sized terms (≤ 2e-7 relative), far below the float32 1e-5
+    variance bound even at |μ|/σ = 1e4 (d stays σ-sized: K is a value of the channel).
+    """
     o = uint64(off)
     stp = uint64(step)
+    Kc = cvt(x, K)
     a = 0.0
     b = 0.0
     i = 0
@@ -261,12 +305,12 @@ def _run_sums_x(x, off, step, cnt, K):
         o1 = o + stp
         o2 = o1 + stp
         o3 = o2 + stp
-        d0 = float64(ld(x, o)) - K
-        d1 = float64(ld(x, o1)) - K
-        d2 = float64(ld(x, o2)) - K
-        d3 = float64(ld(x, o3)) - K
-        a += (d0 + d1) + (d2 + d3)
-        b += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        d0 = ld(x, o) - Kc
+        d1 = ld(x, o1) - Kc
+        d2 = ld(x, o2) - Kc
+        d3 = ld(x, o3) - Kc
+        a += float64((d0 + d1) + (d2 + d3))
+        b += float64((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
         o = o3 + stp
         i += 4
     while i < cnt:
@@ -280,22 +324,31 @@ def _run_sums_x(x, off, step, cnt, K):
 
 @cuda.jit(device=True)
 def _grad(dy, y, dz, o, relu):
-    """g = dy[o] in float64; with ``relu`` g = dy·[y > 0], also stored to dz[o] (exact: g is
-    dy's own value or 0). ``+ ZERO`` widens a float16 to float32 before g may become ZERO (one
-    type for the variable)."""
+    """g = dy[o] in the compute dtype; with ``relu`` g = dy·[y > 0], also stored to dz[o]
+    (exact: g is dy's own value or 0). ``+ ZERO`` widens a float16 to float32 before g may
+    become ZERO (one type for the variable)."""
     g = ld(dy, o) + ZERO
     if relu:
         if not ld(y, o) > ZERO:
             g = ZERO
         st(dz, o, g)
-    return float64(g)
+    return g
 
 
 @cuda.jit(device=True)
 def _run_sums_dy(dy, y, dz, x, off, step, cnt, mu, relu):
-    """Σg, Σg·(x − μ) and Σ(x − μ) over the run, in float64 (g: see :func:`_grad`)."""
+    """Σg, Σg·(x − μ) and Σ(x − μ) over the run, accumulated in float64 (g: see :func:`_grad`).
+
+    As in :func:`_run_sums_x`, each group of four is formed in the compute dtype and widened
+    once (three conversions per four values instead of eight): x − μ is
+    (x − μ_hi) − μ_lo with μ = μ_hi + μ_lo split in the compute dtype, as the elementwise
+    passes form it, so Σ(x − μ) keeps the accuracy the save_mean fold needs (its error is a few
+    float32 roundings of σ-sized terms; the fold corrects μ by ~half an ulp of μ).
+    """
     o = uint64(off)
     stp = uint64(step)
+    mh = cvt(x, mu)
+    ml = cvt(x, mu - float64(mh))
     a = 0.0
     b = 0.0
     r = 0.0
@@ -308,17 +361,17 @@ def _run_sums_dy(dy, y, dz, x, off, step, cnt, mu, relu):
         g1 = _grad(dy, y, dz, o1, relu)
         g2 = _grad(dy, y, dz, o2, relu)
         g3 = _grad(dy, y, dz, o3, relu)
-        d0 = float64(ld(x, o)) - mu
-        d1 = float64(ld(x, o1)) - mu
-        d2 = float64(ld(x, o2)) - mu
-        d3 = float64(ld(x, o3)) - mu
-        a += (g0 + g1) + (g2 + g3)
-        b += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3)
-        r += (d0 + d1) + (d2 + d3)
+        d0 = (ld(x, o) - mh) - ml
+        d1 = (ld(x, o1) - mh) - ml
+        d2 = (ld(x, o2) - mh) - ml
+        d3 = (ld(x, o3) - mh) - ml
+        a += float64((g0 + g1) + (g2 + g3))
+        b += float64((g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3))
+        r += float64((d0 + d1) + (d2 + d3))
         o = o3 + stp
         i += 4
     while i < cnt:
-        g = _grad(dy, y, dz, o, relu)
+        g = float64(_grad(dy, y, dz, o, relu))
         d = float64(ld(x, o)) - mu
         a += g
         b += g * d

@@ -12,9 +12,13 @@ from numba import cuda
 
 from ..spec import Geometry, Layout
 from . import kernels as K
-from .reduce import MAX_THREADS, SIMULATOR
+from .reduce import MAX_THREADS, SCRATCH_SHAPE, SIMULATOR
 
 _MAX_GRID_Y = 65535
+#: Blocks (partials) per channel or column group, at most: bounds the merge's reads, the
+#: ticket increments per counter and the partials' memory whatever the shape (the grid-stride
+#: loops give the extra work to the threads; one full wave needs far fewer).
+MAX_PARTS = 1024
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,9 @@ class LaunchConfig:
     min_per_thread: int = 8
 
     def __post_init__(self):
-        if not (self.block % 32 == 0 and 32 <= self.block <= MAX_THREADS):
-            raise ValueError(f"block must be a multiple of 32 in [32, {MAX_THREADS}], "
-                             f"got {self.block}")
+        top = min(MAX_THREADS, K.LAUNCH_THREADS)  # the kernels' launch bounds
+        if not (self.block % 32 == 0 and 32 <= self.block <= top):
+            raise ValueError(f"block must be a multiple of 32 in [32, {top}], got {self.block}")
         if self.nc_width < 1 or self.nc_width & (self.nc_width - 1) or self.nc_width > self.block:
             raise ValueError(f"nc_width must be a power of two ≤ block, got {self.nc_width}")
         if self.min_per_thread < 1 or self.target_blocks < 0:
@@ -45,6 +49,41 @@ class LaunchConfig:
 #: merges and tickets are exercised.
 DEFAULT_LAUNCH = (LaunchConfig(block=32, target_blocks=8, min_per_thread=1) if SIMULATOR
                   else LaunchConfig())
+
+
+@dataclass(frozen=True)
+class SMLimits:
+    """Per-SM resources that bound how many blocks are resident at once (CUDA C Programming
+    Guide, "Compute capabilities" table; the same for cc 8.0 and 9.0 but for shared memory)."""
+
+    regs: int = 65536
+    threads: int = 2048
+    blocks: int = 32
+    #: Shared memory per SM usable by blocks, and the 1 KiB the driver reserves per block.
+    smem: int = 228 * 1024
+    smem_per_block_reserved: int = 1024
+    #: Registers are allocated per warp in units of this many.
+    reg_unit: int = 256
+
+
+#: sm_90 (H100/H200); sm_80 differs only in shared memory (164 KiB), which never binds here.
+SM90 = SMLimits()
+
+
+def occupancy(regs: int, threads: int, smem: int = 0, sm: SMLimits = SM90) -> int:
+    """Resident blocks per SM of a kernel using ``regs`` registers per thread, blocks of
+    ``threads`` threads and ``smem`` bytes of static shared memory:
+
+        min(⌊regs_SM / (warps·⌈32·regs/unit⌉·unit)⌋, ⌊threads_SM / threads⌋, blocks_SM,
+            ⌊smem_SM / (smem + reserved)⌋)
+
+    (register allocation is per warp, rounded up to the allocation unit). 0 if the block
+    cannot launch at all (regs·threads beyond the SM)."""
+    warps = _cdiv(threads, 32)
+    per_warp = _cdiv(max(regs, 1) * 32, sm.reg_unit) * sm.reg_unit
+    by_regs = (sm.regs // per_warp) // warps
+    by_smem = sm.smem // (smem + sm.smem_per_block_reserved)
+    return max(0, min(by_regs, sm.threads // threads, sm.blocks, by_smem))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -98,8 +137,22 @@ def _merge_shape(C: int, nparts: int, cfg: LaunchConfig):
     return (_cdiv(C, bx),), (bx, by)
 
 
+#: Bytes of static shared memory of the reduction kernels (their float64 scratch).
+SCRATCH_BYTES = 8 * SCRATCH_SHAPE[0] * SCRATCH_SHAPE[1]
+
+
+def resident_blocks(block: int) -> int:
+    """Blocks of ``block`` threads one SM holds of every streaming kernel: the occupancy at
+    the register bound the kernels are compiled under (:data:`nbbn.cuda.kernels.MAX_REGISTERS`,
+    from their launch bounds; ptxas never exceeds it, ``ptxcheck --ptxas`` reports the actual
+    counts) with the reduction kernels' shared scratch."""
+    return max(1, occupancy(K.MAX_REGISTERS, block, SCRATCH_BYTES))
+
+
 def _target_blocks(cfg: LaunchConfig) -> int:
-    return cfg.target_blocks or _sm_count() * max(1, 2048 // cfg.block)
+    """One full wave: SMs × resident blocks per SM (not SMs × 2048/threads: at the registers
+    the kernels use, fewer blocks fit, and a grid sized for 8 per SM runs in 1.3-2 waves)."""
+    return cfg.target_blocks or _sm_count() * resident_blocks(cfg.block)
 
 
 def plan_nchw(g: Geometry, cfg: LaunchConfig) -> Plan:
@@ -120,7 +173,9 @@ def plan_nchw(g: Geometry, cfg: LaunchConfig) -> Plan:
         L = 0
         width = threads
     T = min(cfg.block, 32 * _cdiv(width, 32))
-    B = max(1, min(_cdiv(width, T), _MAX_GRID_Y))  # at the cap, threads take several slots
+    # No more blocks than the target asks for (L = 1 with S far above the budget would give
+    # S/T blocks per channel: 16,384 for 8x3x2048x2048): threads then take several slots.
+    B = max(1, min(_cdiv(width, T), _cdiv(threads, T), MAX_PARTS, _MAX_GRID_Y))
     return Plan((C, B), (T,), (C, S, L), *_merge_shape(C, B, cfg), shift=S)
 
 
@@ -133,7 +188,7 @@ def plan_nc(g: Geometry, cfg: LaunchConfig) -> Plan:
     by = cfg.block // bx
     gx = _cdiv(C, bx)
     G = max(1, min(_cdiv(_target_blocks(cfg), gx), _cdiv(rows, by * cfg.min_per_thread),
-                   _MAX_GRID_Y))
+                   MAX_PARTS, _MAX_GRID_Y))
     return Plan((gx, G), (bx, by), (C,), *_merge_shape(C, G, cfg), shift=1)
 
 

@@ -1,6 +1,7 @@
 """Compile every CUDA kernel to PTX with the real compiler (NVVM), no GPU needed; report as JSON.
 
-    python -m nbbn.cuda.ptxcheck [--cc 8.0 --cc 9.0]
+    python -m nbbn.cuda.ptxcheck [--cc 8.0 --cc 9.0] [--dtype float32 ...] [--kernel NAME ...]
+                                 [--ptxas] [--table]
 
 Every kernel of :data:`nbbn.cuda.kernels.KERNELS` is compiled for x = float32, float64, float16 and
 bfloat16 at each compute capability, with the signature declared next to the kernel (bfloat16 by
@@ -10,6 +11,12 @@ when everything compiled.
 
 It must run without ``NUMBA_ENABLE_CUDASIM`` (the simulator compiles nothing), hence a separate
 process for the tests, which run under the simulator.
+
+``--ptxas`` also assembles each PTX with ``ptxas -v`` (PATH, $CUDA_HOME/bin or /usr/local/cuda/bin;
+its PTX ISA ``.version`` is lowered to the one ptxas accepts when NVVM is newer -- the kernels use
+no newer instruction) and reports registers per thread, spill bytes, stack and shared memory,
+and the resident blocks per SM (:func:`nbbn.cuda.launch.occupancy`) at blocks of 256 and 512
+threads. ``--table`` prints those rows as a fixed-width table instead of JSON.
 
 Device functions: numba-cuda compiles a ``@cuda.jit(device=True)`` callee for the compute
 capability of the *current device*, which needs a driver. During the check that lookup is pointed
@@ -57,6 +64,77 @@ def _ptx_facts(ptx: str) -> dict:
     }
 
 
+def find_ptxas() -> str | None:
+    """The ptxas executable, or None."""
+    import shutil
+
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.path.exists(os.path.join(root, "bin", "ptxas")):
+            return os.path.join(root, "bin", "ptxas")
+    return None
+
+
+_PTXAS_VERSION: dict[str, str] = {}
+
+
+def _ptxas_isa(ptxas: str) -> str | None:
+    """The highest PTX ISA version ``ptxas`` accepts (read from its error on a too-new one)."""
+    if ptxas not in _PTXAS_VERSION:
+        import subprocess
+        import tempfile
+
+        probe = ".version 99.9\n.target sm_90\n.address_size 64\n"
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(probe)
+        try:
+            err = subprocess.run([ptxas, "-arch=sm_90", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60).stderr
+        finally:
+            os.unlink(f.name)
+        m = re.search(r"current version is '([0-9.]+)'", err)
+        _PTXAS_VERSION[ptxas] = m.group(1) if m else ""
+    return _PTXAS_VERSION[ptxas] or None
+
+
+def ptxas_facts(ptx: str, cc, ptxas: str) -> dict:
+    """Registers, spills, stack and shared memory of ``ptx`` assembled for ``cc`` by ptxas -v,
+    and the resident blocks per SM they allow at 256 and 512 threads per block."""
+    import subprocess
+    import tempfile
+
+    from .launch import occupancy
+
+    isa = _ptxas_isa(ptxas)
+    m = re.search(r"^\.version (\d+)\.(\d+)", ptx, re.M)
+    if isa and m and tuple(map(int, isa.split("."))) < (int(m.group(1)), int(m.group(2))):
+        ptx = ptx.replace(m.group(0), f".version {isa}", 1)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        proc = subprocess.run([ptxas, f"-arch=sm_{cc[0]}{cc[1]}", "-v", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        os.unlink(f.name)
+    if proc.returncode:
+        return {"ptxas_error": proc.stderr[-1000:]}
+    err = proc.stderr
+
+    def num(pattern):
+        hit = re.search(pattern, err)
+        return int(hit.group(1)) if hit else 0
+
+    regs = num(r"Used (\d+) registers")
+    smem = num(r"(\d+) bytes smem")
+    return {"registers": regs, "spill_stores": num(r"(\d+) bytes spill stores"),
+            "spill_loads": num(r"(\d+) bytes spill loads"),
+            "stack": num(r"(\d+) bytes stack frame"), "smem": smem,
+            "blocks_per_sm_256": occupancy(regs, 256, smem),
+            "blocks_per_sm_512": occupancy(regs, 512, smem)}
+
+
 def unlisted_kernels(module) -> list[str]:
     """Module-level ``@cuda.jit`` kernels (not device functions) missing from KERNELS."""
     from numba.cuda.dispatcher import CUDADispatcher
@@ -67,14 +145,18 @@ def unlisted_kernels(module) -> list[str]:
                   and id(obj) not in listed)
 
 
-def run(ccs=DEFAULT_CCS) -> dict:
+def run(ccs=DEFAULT_CCS, dtypes=DTYPES, names=None, ptxas: str | None = None) -> dict:
+    """Compile the kernels (all, or those in ``names``) for ``dtypes`` at ``ccs``; with
+    ``ptxas`` (a path) also assemble them and report registers and occupancy."""
     from numba import cuda
 
     from nbbn.cuda import kernels
 
     rows = []
     for entry in kernels.KERNELS.values():
-        for dtype in DTYPES:
+        if names and entry.name not in names:
+            continue
+        for dtype in dtypes:
             sig = entry.signature(kernels.signature_types(dtype))
             for cc in ccs:
                 row = {"kernel": entry.name, "dtype": dtype,
@@ -82,8 +164,12 @@ def run(ccs=DEFAULT_CCS) -> dict:
                 t0 = time.perf_counter()
                 try:
                     with _device_functions_target(cc):
-                        ptx, _ = cuda.compile_ptx(entry.dispatcher.py_func, sig, cc=cc)
+                        ptx, _ = cuda.compile_ptx(entry.dispatcher.py_func, sig, cc=cc,
+                                                  launch_bounds=entry.launch_bounds)
                     row.update(ok=True, **_ptx_facts(ptx))
+                    if ptxas:
+                        row.update(ptxas_facts(ptx, cc, ptxas))
+                        row["ok"] = "ptxas_error" not in row
                 except Exception as exc:  # report every failure, not only the first
                     row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
                 row["compile_s"] = round(time.perf_counter() - t0, 3)
@@ -91,6 +177,19 @@ def run(ccs=DEFAULT_CCS) -> dict:
     unlisted = unlisted_kernels(kernels)
     return {"ok": all(r["ok"] for r in rows) and not unlisted, "kernels": len(kernels.KERNELS),
             "unlisted": unlisted, "results": rows}
+
+
+def table(report: dict) -> str:
+    """The rows of a ``--ptxas`` report as a fixed-width text table."""
+    head = ("kernel", "dtype", "cc", "regs", "spill_st", "spill_ld", "smem", "blk/SM@256",
+            "blk/SM@512")
+    keys = ("kernel", "dtype", "cc", "registers", "spill_stores", "spill_loads", "smem",
+            "blocks_per_sm_256", "blocks_per_sm_512")
+    lines = [head] + [tuple(str(r.get(k, r.get("error", "")[:30])) for k in keys)
+                      for r in report["results"]]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
+                     for line in lines)
 
 
 def _cc(text: str) -> tuple[int, int]:
@@ -103,13 +202,28 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cc", action="append", type=_cc,
                         help="compute capability, e.g. 9.0 (repeatable; default 8.0 and 9.0)")
+    parser.add_argument("--dtype", action="append", choices=DTYPES,
+                        help="x dtype (repeatable; default all four)")
+    parser.add_argument("--kernel", action="append", help="kernel name (repeatable; default all)")
+    parser.add_argument("--ptxas", action="store_true",
+                        help="also assemble with ptxas -v: registers, spills, blocks per SM")
+    parser.add_argument("--table", action="store_true",
+                        help="print a table of the ptxas facts instead of JSON")
     ns = parser.parse_args(argv)
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         print(json.dumps({"ok": False, "error": "NUMBA_ENABLE_CUDASIM=1: the simulator compiles "
                                                 "nothing; unset it for the PTX check"}))
         return 2
-    report = run(tuple(ns.cc) if ns.cc else DEFAULT_CCS)
-    print(json.dumps(report, indent=1))
+    ptxas = None
+    if ns.ptxas or ns.table:
+        ptxas = find_ptxas()
+        if ptxas is None:
+            print(json.dumps({"ok": False, "error": "--ptxas: ptxas not found (PATH, CUDA_HOME, "
+                                                    "/usr/local/cuda/bin)"}))
+            return 2
+    report = run(tuple(ns.cc) if ns.cc else DEFAULT_CCS, tuple(ns.dtype or DTYPES),
+                 set(ns.kernel or ()), ptxas)
+    print(table(report) if ns.table else json.dumps(report, indent=1))
     return 0 if report["ok"] else 1
 
 

@@ -32,9 +32,16 @@ def main() -> None:
 @main.command("ptxcheck", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--cc", "ccs", multiple=True, metavar="MAJOR.MINOR",
               help="Compute capability, e.g. 9.0 (repeatable). [default: 8.0 and 9.0]")
-def ptxcheck(ccs) -> None:
-    """Compile every CUDA kernel for real (no GPU needed) and print a JSON report: registers,
-    local memory and compile time per kernel. Needs NUMBA_ENABLE_CUDASIM unset."""
+@click.option("--dtype", "dtypes", multiple=True, metavar="DTYPE",
+              help="x dtype (repeatable). [default: float32, float64, float16, bfloat16]")
+@click.option("--kernel", "kernels", multiple=True, metavar="NAME",
+              help="Kernel name (repeatable). [default: every kernel]")
+@click.option("--ptxas", is_flag=True,
+              help="Also assemble with ptxas -v: registers, spills, resident blocks per SM.")
+@click.option("--table", is_flag=True, help="Print a table of the ptxas facts, not JSON.")
+def ptxcheck(ccs, dtypes, kernels, ptxas, table) -> None:
+    """Compile every CUDA kernel for real (no GPU needed) and report per kernel: PTX, compile
+    time and, with --ptxas, registers, spills and occupancy. Needs NUMBA_ENABLE_CUDASIM unset."""
     import json
     import os
 
@@ -45,11 +52,22 @@ def ptxcheck(ccs) -> None:
     except ValueError:
         raise click.BadParameter(f"{ccs!r}: write MAJOR.MINOR, e.g. 9.0",
                                  param_hint="--cc") from None
+    bad = [d for d in dtypes if d not in _ptx.DTYPES]
+    if bad:
+        raise click.BadParameter(f"{bad}: choose from {', '.join(_ptx.DTYPES)}",
+                                 param_hint="--dtype")
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         raise click.ClickException("NUMBA_ENABLE_CUDASIM=1: the simulator compiles nothing; "
                                    "unset it for the PTX check")
-    report = _ptx.run(parsed or _ptx.DEFAULT_CCS)
-    click.echo(json.dumps(report, indent=1))
+    assembler = None
+    if ptxas or table:
+        assembler = _ptx.find_ptxas()
+        if assembler is None:
+            raise click.ClickException("--ptxas: ptxas not found (PATH, CUDA_HOME, "
+                                       "/usr/local/cuda/bin)")
+    report = _ptx.run(parsed or _ptx.DEFAULT_CCS, tuple(dtypes or _ptx.DTYPES), set(kernels),
+                      assembler)
+    click.echo(_ptx.table(report) if table else json.dumps(report, indent=1))
     if not report["ok"]:
         sys.exit(1)
 

@@ -2,7 +2,7 @@
 float64, float16 and bfloat16 -- no GPU needed.
 
 The tests run under the CUDA simulator, which compiles nothing, so the check runs in a
-subprocess without NUMBA_ENABLE_CUDASIM: ``python -m nbbn.cuda.ptxcheck``. The kernel list and
+subprocess without NUMBA_ENABLE_CUDASIM: ``nbbn ptxcheck``. The kernel list and
 signatures come from ``nbbn.cuda.kernels.KERNELS`` (declared with each kernel), and kernels left
 out of it are reported as unlisted.
 """
@@ -26,7 +26,7 @@ def report():
     if importlib.util.find_spec("numba_cuda") is None:
         pytest.skip("numba-cuda is not installed (pip install 'nbbn[cuda]')")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    proc = subprocess.run([sys.executable, "-m", "nbbn.cuda.ptxcheck"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "nbbn", "ptxcheck"], env=env,
                           capture_output=True, text=True, timeout=900)
     try:
         rep = json.loads(proc.stdout)
@@ -84,7 +84,7 @@ def ptxas_report():
     if find_ptxas() is None:
         pytest.skip("ptxas not found (PATH, CUDA_HOME, /usr/local/cuda/bin)")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    proc = subprocess.run([sys.executable, "-m", "nbbn.cuda.ptxcheck", "--ptxas", "--cc", "9.0",
+    proc = subprocess.run([sys.executable, "-m", "nbbn", "ptxcheck", "--ptxas", "--cc", "9.0",
                            "--dtype", "float32", "--dtype", "float64", "--dtype", "bfloat16"],
                           env=env, capture_output=True, text=True, timeout=900)
     return json.loads(proc.stdout)

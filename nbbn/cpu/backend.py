@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import registry
+from ..fold import fold_precision
 from ..spec import Fusion, Layout, Op, inverse_perm
 from . import kernels as K
 
@@ -301,9 +302,6 @@ def _flags(args) -> int:
     return f
 
 
-_PRECISION = {np.dtype(np.float32): 24, np.dtype(np.float64): 53}
-
-
 # ---------------------------------------------------------------------------------------------
 # The three ops
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +399,7 @@ def _backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, f
     else:
         dgamma, dbeta = out[1], out[2]
     vd = _vector_dtype(dt, args.save_mean, args.save_invstd, args.gamma)
-    precision = _PRECISION.get(np.dtype(args.save_mean.dtype), 53)  # save_mean's own rounding
+    precision = fold_precision(args.save_mean.dtype, dt)
     save_mean = _vec(args.save_mean, "save_mean", vd)
     if sums is None:
         sums = np.empty((3, geom.C))

@@ -49,7 +49,7 @@ from numba import cuda
 from numba.cuda.cudadrv import devicearray
 
 from .. import registry, validate
-from ..fold import fold_delta
+from ..fold import fold_delta, fold_precision
 from ..spec import (
     BackwardArgs,
     Fusion,
@@ -69,10 +69,6 @@ from .reduce import SIMULATOR
 VARIANTS = ("v1", "v2")
 #: Storage dtypes of x the kernels run (bfloat16 when ml_dtypes is installed).
 DTYPES = validate.STORAGE_DTYPES
-#: Backward's save_mean fold applies when |Σ(x − save_mean)/m| ≤ FOLD_ULPS·eps·|save_mean|,
-#: eps the relative spacing of save_mean's precision (the larger of its dtype's and of the
-#: per-channel output dtype of x): FOLD_ULPS ulps at least, 4× the half-ulp a rounded mean is off.
-FOLD_ULPS = 2.0
 
 _F64 = np.dtype(np.float64)
 
@@ -424,10 +420,10 @@ def train(args: TrainArgs, variant: str = "v1", cfg: LaunchConfig | None = None)
     return y.result(), save_mean.result(), save_invstd.result()
 
 
-def _fold_tol(save_mean, g: Geometry) -> float:
-    """FOLD_ULPS·eps of save_mean's precision (see :data:`FOLD_ULPS`)."""
-    eps = max(np.finfo(_dtype_of(save_mean)).eps, np.finfo(validate.channel_dtype(g.dtype)).eps)
-    return float(FOLD_ULPS * eps)
+def _fold_bits(save_mean, g: Geometry) -> float:
+    """The kernels' fold argument: save_mean's precision in significand bits
+    (:func:`nbbn.fold.fold_precision`, the one rule), as a float; −1 turns the fold off."""
+    return float(fold_precision(_dtype_of(save_mean), g.dtype))
 
 
 @_in_call
@@ -458,7 +454,7 @@ def backward(args: BackwardArgs, variant: str = "v1", cfg: LaunchConfig | None =
     sm = _vector(args.save_mean, "save_mean")
     si = _vector(args.save_invstd, "save_invstd")
     gamma = _vector(args.gamma, "gamma")
-    fold_tol = _fold_tol(args.save_mean, g) if fold else -1.0
+    fold_tol = _fold_bits(args.save_mean, g) if fold else -1.0
     flags = _flags(gamma, relu=relu)
     part = _scratch("part", (3, plan.nparts, g.C), _F64)
     coef = _scratch("coef", (5, g.C), K.compute_dtype(g.dtype))
@@ -637,7 +633,7 @@ def part_grad_apply(args: BackwardArgs, sum_dy, sum_dy_xmu, m_total: int, sum_xm
     delta = np.zeros(g.C)
     if sum_xmu is not None:
         delta = fold_delta(sum_xmu, m_total, _host_vector(args.save_mean, 0.0, g.C).astype(
-            validate.channel_dtype(g.dtype)))
+            _dtype_of(args.save_mean)), g.dtype)
     dg = (np.asarray(sum_dy_xmu, dtype=np.float64) - delta * sdy) * invstd
     k1 = _host_vector(args.gamma, 1.0, g.C) * invstd
     k2 = -k1 * invstd * dg / m_total

@@ -63,9 +63,10 @@ Arithmetic
     g = dy, or with ``RELU`` g = dz = dy·[y > 0] (the sums pass writes dz, the dx pass reads it
     in place of dy).
     Backward's save_mean residual fold: the sums pass also accumulates r = Σ(x − save_mean). If
-    |r/m| ≤ fold_tol·|save_mean| (a few ulps of save_mean's precision: save_mean is the rounded
-    batch mean of this x), backward uses μ = save_mean + r/m, the batch mean to float64
-    accuracy, in dγ (Σg·(x − μ) = Σg·(x − save_mean) − (r/m)·Σg) and in dx. Otherwise
+    |r/m| ≤ FOLD_ULPS ulps of save_mean in its precision (:mod:`nbbn.fold` states the rule for
+    every backend; the kernels get the precision's significand bits in ``fold_tol``), backward
+    uses μ = save_mean + r/m, the batch mean to float64 accuracy, in dγ
+    (Σg·(x − μ) = Σg·(x − save_mean) − (r/m)·Σg) and in dx. Otherwise
     (an intentionally different mean, e.g. a global mean in synchronized BN) save_mean is used
     as given. Without the fold, a float32 save_mean at |μ|/σ = 1e3 is off by ~3e-5·σ and dx
     inherits that relative to ‖γ·invstd·dy‖ (1.9e-4 at N = 2).
@@ -88,6 +89,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda, float32, float64, int32, int64, types, uint16, uint32, uint64
 
+from ..fold import FOLD_ULPS
 from .reduce import (
     SCRATCH_SHAPE,
     SIMULATOR,
@@ -589,7 +591,9 @@ def _finalize_backward(c, sg, sgd, sd, m, save_mean, save_invstd, gamma, flags, 
                        dgamma, dbeta, coef, sums):
     """From Σg, Σg·(x − save_mean) and Σ(x − save_mean) of channel c:
 
-        fold: δ = Σ(x − save_mean)/m; if |δ| ≤ fold_tol·|save_mean|, μ = save_mean + δ and
+        fold: δ = Σ(x − save_mean)/m; if |δ| ≤ FOLD_ULPS·ulp(save_mean) in a precision of
+              ``fold_tol`` significand bits (nbbn.fold; fold_tol < 0: no fold),
+              μ = save_mean + δ and
               Σg·(x − μ) = Σg·(x − save_mean) − δ·Σg; else μ = save_mean (see the module doc);
         dβ = Σg, dγ = invstd·Σg·(x − μ), and coef[:, c] = (μ_hi, μ_lo, k1, k2, k3) of
         dx = k1·g + k2·(x − μ) + k3:  k1 = γ·invstd, k2 = −k1·invstd·dγ/m, k3 = −k1·dβ/m.
@@ -602,7 +606,8 @@ def _finalize_backward(c, sg, sgd, sd, m, save_mean, save_invstd, gamma, flags, 
     invstd = float64(save_invstd[c])
     mu = float64(save_mean[c])
     delta = sd / m
-    if abs(delta) <= fold_tol * abs(mu):
+    _, e = math.frexp(mu)
+    if fold_tol > 0 and abs(delta) <= FOLD_ULPS * math.ldexp(1.0, e - int32(fold_tol)):
         mu += delta
         sgd -= delta * sg
     dg = sgd * invstd

@@ -1,7 +1,7 @@
 """Compile every CUDA kernel to PTX with the real compiler (NVVM), no GPU needed; report as JSON.
 
-    python -m nbbn.cuda.ptxcheck [--cc 8.0 --cc 9.0] [--dtype float32 ...] [--kernel NAME ...]
-                                 [--ptxas] [--table]
+    nbbn ptxcheck [--cc 8.0 --cc 9.0] [--dtype float32 ...] [--kernel NAME ...]
+                  [--ptxas] [--table]
 
 Every kernel of :data:`nbbn.cuda.kernels.KERNELS` is compiled for x = float32, float64, float16 and
 bfloat16 at each compute capability, with the signature declared next to the kernel (bfloat16 by
@@ -25,12 +25,9 @@ at the capability being compiled for, so no GPU or driver is needed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import re
-import sys
 import time
 from types import SimpleNamespace
 
@@ -197,35 +194,7 @@ def _cc(text: str) -> tuple[int, int]:
     return int(major), int(minor or 0)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nbbn.cuda.ptxcheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cc", action="append", type=_cc,
-                        help="compute capability, e.g. 9.0 (repeatable; default 8.0 and 9.0)")
-    parser.add_argument("--dtype", action="append", choices=DTYPES,
-                        help="x dtype (repeatable; default all four)")
-    parser.add_argument("--kernel", action="append", help="kernel name (repeatable; default all)")
-    parser.add_argument("--ptxas", action="store_true",
-                        help="also assemble with ptxas -v: registers, spills, blocks per SM")
-    parser.add_argument("--table", action="store_true",
-                        help="print a table of the ptxas facts instead of JSON")
-    ns = parser.parse_args(argv)
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        print(json.dumps({"ok": False, "error": "NUMBA_ENABLE_CUDASIM=1: the simulator compiles "
-                                                "nothing; unset it for the PTX check"}))
-        return 2
-    ptxas = None
-    if ns.ptxas or ns.table:
-        ptxas = find_ptxas()
-        if ptxas is None:
-            print(json.dumps({"ok": False, "error": "--ptxas: ptxas not found (PATH, CUDA_HOME, "
-                                                    "/usr/local/cuda/bin)"}))
-            return 2
-    report = run(tuple(ns.cc) if ns.cc else DEFAULT_CCS, tuple(ns.dtype or DTYPES),
-                 set(ns.kernel or ()), ptxas)
-    print(table(report) if ns.table else json.dumps(report, indent=1))
-    return 0 if report["ok"] else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..cli import deprecated_alias
+
+    deprecated_alias("python -m nbbn.cuda.ptxcheck", ["ptxcheck"])

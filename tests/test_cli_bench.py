@@ -4,6 +4,7 @@ report generators (results/cpu-kernels.md, README's headline block)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pandas as pd
@@ -17,6 +18,9 @@ from nbbn.output import RowLog, read_rows
 
 from .test_harness import NUMPY_FNS, register_throwaway, result_rows
 
+#: Under the CUDA simulator (tests/conftest.py) the cuda backend is checked but not timed and
+#: torch-cuda is unavailable; on a GPU (NBBN_TEST_GPU=1) both run, so those asserts do not hold.
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 FAST = ["--warmup", "0", "--min-rounds", "3", "--max-time", "0.01", "--no-plots"]
 TINY = ["--batch-sizes", "1,4", "--shapes", "NC:5;NCHW:3,2,3"]
 
@@ -60,7 +64,8 @@ def test_list_shows_backends_variants_and_sweeps():
     assert result.exit_code == 0
     assert re.search(r"numpy\s+baseline\s+cpu\s+ready; variants default\*", result.output)
     assert re.search(r"cpu\s+kernel\s+cpu\s+ready; variants .*auto\*", result.output)
-    assert re.search(r"torch-cuda\s+baseline\s+cuda\s+backend unavailable: ", result.output)
+    if SIMULATOR:
+        assert re.search(r"torch-cuda\s+baseline\s+cuda\s+backend unavailable: ", result.output)
     assert "cpu-targets" in result.output and "cuda-targets" in result.output
 
 
@@ -72,9 +77,10 @@ def test_tiny_sweep_writes_every_report(tmp_path):
     total, to_run, skipped = counts(result.output)
     # NC 5, NCHW 3x2x3 at N = 1, 4; 3 ops; 4 backends: every configuration valid
     assert total == 2 * 2 * 3 * 4
-    for name in ("rows.jsonl", "ratios.jsonl", "bench.csv", "bench.json", "ratios.csv",
-                 "ratios.json", "summary.md", "run.json"):
+    for name in ("rows.jsonl", "ratios.jsonl", "bench.csv", "ratios.csv", "summary.md",
+                 "run.json"):
         assert (out / name).is_file(), name
+    assert not list(out.glob("*.json")) or [p.name for p in out.glob("*.json")] == ["run.json"]
     df = pd.read_csv(out / "bench.csv")
     assert len(df) == total == len(read_rows(out / "rows.jsonl"))
     assert (df["status"] == "ok").sum() == to_run and (df["status"] == "skipped").sum() == skipped
@@ -83,8 +89,9 @@ def test_tiny_sweep_writes_every_report(tmp_path):
     assert (ok["speedup"].notna() == (ok["backend"] == "cpu")).all()  # over numpy
     reasons = set(df["skip_reason"].dropna())
     assert any(r.startswith("m = 1 in training") for r in reasons)  # NC at N = 1
-    assert "CUDA simulator: not timed" in reasons
-    assert any(r.startswith("backend unavailable: torch.cuda") for r in reasons)
+    if SIMULATOR:
+        assert "CUDA simulator: not timed" in reasons
+        assert any(r.startswith("backend unavailable: torch.cuda") for r in reasons)
     assert not any("mismatch" in r for r in reasons)
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["command"].startswith("nbbn bench --backend cpu,numpy,cuda,torch-cuda")

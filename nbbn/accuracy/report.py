@@ -18,8 +18,7 @@ _plain = _output.plain
 
 
 def write_table(df: pd.DataFrame, out: Path, stem: str) -> list[Path]:
-    """``stem.csv`` and ``stem.json`` in ``out`` (:func:`nbbn.output.write_tables`: one record
-    per line; NaN → null, ±inf → "inf"/"-inf")."""
+    """``stem.csv`` in ``out`` (:func:`nbbn.output.write_tables`)."""
     return _output.write_tables(df, Path(out) / stem)
 
 

@@ -369,20 +369,59 @@ def _label(name: str, outputs: tuple) -> str:
     return f"out[{name}]" if name in outputs else name
 
 
+def _owner(a):
+    """The ndarray that owns ``a``'s memory -- NumPy allocated it, so two different owners never
+    overlap -- or None where the object alone cannot tell (device arrays; arrays over a foreign
+    buffer: bytes, mmap, a tensor's memory)."""
+    if not isinstance(a, np.ndarray):
+        return None
+    b = a.base
+    while b is not None:
+        if not isinstance(b, np.ndarray):
+            return None
+        a, b = b, b.base
+    return a if a.flags.owndata else None
+
+
 def check_overlap(written, read, outputs=()) -> None:
     """ValueError unless every array in ``written`` shares no memory with any other array of
     the call (``written`` before it, and ``read``), or is one of its :data:`SAFE_ALIASES`.
     ``written`` and ``read`` are (name, array or None) pairs; names in ``outputs`` are reported
-    as ``out[name]``. Cost: one bounds test per pair (np.may_share_memory); only pairs whose
-    bounds meet are decided exactly (np.shares_memory, at most OVERLAP_MAX_WORK steps)."""
-    arrays = [(n, a) for n, a in read if a is not None]
-    for i, (wname, w) in enumerate(written):
-        if w is None:
-            continue
-        wv = None
-        for rname, r in (*written[:i], *arrays):
-            if r is None:
+    as ``out[name]``.
+
+    Cost (this runs on every call with ``out=`` or running statistics): arrays of different
+    NumPy owners are disjoint without a test -- the common case, a few attribute reads per
+    array; the other pairs get a bounds test (np.may_share_memory), and only those whose bounds
+    meet are decided exactly (np.shares_memory, at most OVERLAP_MAX_WORK steps)."""
+    seen = set()
+    count = 0
+    for group in (written, read):
+        for _, a in group:
+            if a is None:
                 continue
+            count += 1
+            if type(a) is np.ndarray and a.base is None and a.flags.owndata:
+                seen.add(id(a))  # the common case: an array that owns its memory
+            else:
+                o = _owner(a)
+                seen.add(id(a) if o is None else id(o))
+                if o is None:
+                    count = -1  # unknown owner: test every pair
+    if len(seen) == count:
+        return
+    entries = [(n, a) for n, a in written if a is not None]
+    nw = len(entries)
+    entries += [(n, a) for n, a in read if a is not None]
+    owners = [_owner(a) for _, a in entries]
+    for i in range(nw):
+        wname, w = entries[i]
+        wo = owners[i]
+        wv = None
+        for j in (*range(i), *range(nw, len(entries))):
+            ro = owners[j]
+            if wo is not None and ro is not None and wo is not ro:
+                continue
+            rname, r = entries[j]
             if wv is None:
                 wv = _addresses(w)
             rv = _addresses(r)

@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 import nbbn
 from nbbn import reference as ref
 from nbbn import registry, validate
+from nbbn.cpu.kernels import DIRECT_MAX
 from nbbn.spec import Layout, inverse_perm
 from nbbn.tolerances import rel_err, tolerance
 
@@ -162,6 +163,8 @@ def _overlapping(a: np.ndarray, geom, shift: int, device: bool):
     """(buffer, input with a's values, out) sharing one buffer, ``shift`` elements apart, both
     in the kernels' memory order (C order for device arrays)."""
     n = a.size
+    assume(n > 1)  # one element cannot overlap another partly
+    shift = min(shift, n - 1)
     buf = np.zeros(n + shift, a.dtype)
     if device:
         from numba import cuda
@@ -224,6 +227,25 @@ def _usable(backend):
         pytest.skip(f"backend {backend!r} is unavailable here: {why}")
 
 
+#: Known fault, found by these tests and left to the CPU kernels' owner (nbbn/cpu/kernels.py,
+#: ``_split``): the CPU kernels take the direct form y = x·α + (β − μ·α) when |μ|·invstd ≤
+#: DIRECT_MAX, with invstd = 1/√(σ² + eps) -- where eps ≫ σ² that admits channels with |μ|/σ in
+#: the thousands, and float32 y loses log2(|μ|/σ) bits (rel_err 4e-5 > 1e-5 at σ = 1e-5,
+#: μ = 0.02 and the default eps; the cuda backend: 5e-8). The kernels' own error analysis needs
+#: |μ|/σ ≤ DIRECT_MAX. The CPU property tests skip that regime (``assume``) so that they keep
+#: checking everything else; :func:`test_known_fault_direct_form_with_eps_above_the_variance`
+#: fails strictly on it (xfail strict): when the kernels are fixed it passes, and this filter goes.
+def _cpu_direct_form_fault(mean, var, eps, dtype, backend) -> bool:
+    if backend != "cpu" or np.dtype(dtype) != F32:
+        return False
+    mean = np.abs(np.asarray(mean, np.float64))
+    var = np.asarray(var, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        direct = mean / np.sqrt(var + eps) <= DIRECT_MAX
+        far = mean > DIRECT_MAX * np.sqrt(var)
+    return bool(np.any(direct & far))
+
+
 # ---------------------------------------------------------------------------------------------
 # The three ops
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +274,8 @@ def check_train(case, backend="cpu", device=False):
         if rm is not None:
             np.testing.assert_array_equal(rm, rm0)
         return
+    bmean, bvar = ref.batch_stats(x0, axis)
+    assume(not _cpu_direct_form_fault(bmean, bvar, case["eps"], dt, backend))
     if case["out"] == "overlap":
         buf, x, y_out = _overlapping(x0, geom, case["overlap_shift"], device)
         outs = _upload({"sm": np.empty(C, dt), "si": np.empty(C, dt)}, device)
@@ -319,6 +343,7 @@ def check_infer(case, backend="cpu", device=False):
     else:
         rm = rng.standard_normal(C).astype(vd)
         rv = (0.5 + rng.random(C)).astype(vd)
+    assume(not _cpu_direct_form_fault(rm, rv, case["eps"], dt, backend))
     geom = validate.geometry(x0, axis)
     kw = dict(eps=case["eps"], channel_axis=axis, relu=case["relu"], backend=backend)
     if case["out"] == "overlap":
@@ -465,3 +490,20 @@ def test_layouts_are_reached():
         a = _lay_out(np.zeros(shape, np.float32), view, perm)
         seen.add(validate.geometry(a, axis).layout)
     assert seen == set(Layout)
+
+
+@pytest.mark.xfail(strict=True, reason="known CPU kernel fault: direct form chosen by "
+                   "|μ|/√(σ² + eps), see _cpu_direct_form_fault")
+@pytest.mark.parametrize("op", ["train", "infer"])
+def test_known_fault_direct_form_with_eps_above_the_variance(op):
+    """A float32 channel with σ = 1e-5 around μ = 0.02 (|μ|/σ = 2000) and the default eps:
+    y must be within float32's tolerance of the reference (the cpu backend: 4e-5)."""
+    rng = np.random.default_rng(0)
+    x = (0.02 + 1e-5 * rng.standard_normal((64, 8))).astype(np.float32)
+    mean, var = ref.batch_stats(x)
+    assert _cpu_direct_form_fault(mean, var, 1e-5, np.float32, "cpu")
+    if op == "train":
+        y, ey = nbbn.batch_norm_train(x)[0], ref.forward_train(x)[0]
+    else:
+        y, ey = nbbn.batch_norm_infer(x, mean, var), ref.inference(x, mean, var)
+    assert rel_err(y, ey) <= tolerance("y", np.float32)

@@ -73,7 +73,13 @@ def batch_norm_train(x, gamma=None, beta=None, *, eps=1e-5, running_mean=None, r
     applies max(·, 0) last: y = max(γ·x̂ + β + residual, 0) in one pass.
 
     ``out=(y, save_mean, save_invstd)`` writes into preallocated arrays of the returned shapes,
-    dtype and memory layout instead of allocating; the same arrays are returned.
+    dtype and memory layout instead of allocating; the same arrays are returned. An output may
+    be the very same array as x or as the residual (``out=(x, ...)``: in place); any other
+    memory shared between an output (or a running statistic) and another argument -- a partial
+    overlap such as ``x = buf[:-1]``, ``y = buf[1:]`` -- raises ValueError naming both, rather
+    than being computed through a hidden temporary (see :mod:`nbbn.validate`, "Overlap rule").
+
+    ``eps`` and ``momentum`` are real numbers (not bool, not str): TypeError otherwise.
     """
     b = _kernel_backend(backend)
     args = validate.train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
@@ -92,7 +98,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, channel_ax
     required: dz = dy·[y > 0] is the gradient of the pre-activation (and of the forward's
     residual), and the call returns ``(dx, dgamma, dbeta, dz)``.
 
-    ``out=(dx, dgamma, dbeta[, dz])`` as in :func:`batch_norm_train`.
+    ``out=(dx, dgamma, dbeta[, dz])`` as in :func:`batch_norm_train`; dx (or, with relu, dz)
+    may be the very same array as dy (in place); other shared memory raises ValueError.
     """
     b = _kernel_backend(backend)
     args = validate.backward_args(dy, x, save_mean, save_invstd, gamma, out, channel_axis, relu, y)
@@ -104,7 +111,8 @@ def batch_norm_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps
     """Inference-mode batch norm with population statistics, folded into y = α·x + β'
     (then ``+ residual`` and ``max(·, 0)`` with ``relu``, in the same pass).
 
-    ``out=y`` writes into a preallocated array of x's shape, dtype and memory layout.
+    ``out=y`` writes into a preallocated array of x's shape, dtype and memory layout; it may be
+    the very same array as x or the residual (in place); other shared memory raises ValueError.
     """
     b = _kernel_backend(backend)
     args = validate.infer_args(x, running_mean, running_var, gamma, beta, eps, out, channel_axis,

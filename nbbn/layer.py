@@ -23,12 +23,11 @@ residual's gradient as ``dresidual`` (dz = dy·[y > 0], or dy itself without a R
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np
 
-from . import registry
+from . import registry, validate
 from .api import batch_norm_backward, batch_norm_infer, batch_norm_train
 
 _LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -64,14 +63,9 @@ class BatchNorm:
         if isinstance(num_features, bool) or not isinstance(num_features, int | np.integer) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if isinstance(eps, bool) or not isinstance(eps, int | float | np.floating) \
-                or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-        if momentum is not None and (isinstance(momentum, bool)
-                                     or not isinstance(momentum, int | float | np.floating)
-                                     or not 0.0 <= momentum <= 1.0):
-            raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), "
-                             f"got {momentum!r}")
+        eps = validate.eps_value(eps)  # the functions' rule: TypeError unless a real number
+        if momentum is not None:  # None: the cumulative average
+            momentum = validate.momentum_value(momentum)
         if isinstance(channel_axis, bool) or channel_axis not in (1, -1):
             raise ValueError(f"channel_axis must be 1 or -1, got {channel_axis!r}")
         try:

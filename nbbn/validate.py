@@ -18,11 +18,25 @@ Dtype rules
   (per-channel outputs of a half x are float32: :func:`channel_dtype`);
   x-shaped outputs must have the memory layout the kernels use for x (see :mod:`nbbn.spec`),
   per-channel ones must be contiguous.
+
+Overlap rule
+------------
+No array the call writes (its outputs; the running statistics, updated in place) may share
+memory with another array of the call, except the exact aliases in :data:`SAFE_ALIASES` --
+the very same elements, same start and same strides (``out=x``, ``dx`` over ``dy``), which the
+kernels support because each element is read, by the thread that writes it, before it is
+written, and is not read again. Anything else -- a partial overlap (``x = buf[:-1]``,
+``out = buf[1:]``), an output over an input that is not a safe alias, two outputs in one
+buffer -- raises ValueError naming both arguments (:func:`check_overlap`). It is refused rather
+than computed into a temporary and copied: an overlap is almost always a bug (the caller's input
+would be overwritten, which the API promises never to do), and a hidden temporary would double
+the traffic and allocate on every call of a loop that passed ``out=`` to allocate nothing.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -250,21 +264,27 @@ def channel_vector(v, name: str, C: int, required: bool = False):
     return meta
 
 
+def real_number(value, name: str) -> float:
+    """The rule for the scalar arguments ``eps`` and ``momentum``, of the three functions and of
+    :class:`nbbn.BatchNorm` alike: a real number (``numbers.Real``: int, float, NumPy integers
+    and floats), never a bool (``eps=True`` is a slip, not 1.0) nor a string (``float("0.1")``
+    would parse one): TypeError naming the argument."""
+    if type(value) is float:  # the common case, first
+        return value
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
 def eps_value(eps) -> float:
-    try:
-        e = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a real number, got {eps!r}") from None
+    e = real_number(eps, "eps")
     if not (math.isfinite(e) and e > 0):
         raise ValueError(f"eps must be finite and > 0, got {eps!r}")
     return e
 
 
 def momentum_value(momentum) -> float:
-    try:
-        mo = float(momentum)
-    except (TypeError, ValueError):
-        raise TypeError(f"momentum must be a real number, got {momentum!r}") from None
+    mo = real_number(momentum, "momentum")
     if not 0.0 <= mo <= 1.0:  # also rejects NaN
         raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
     return mo
@@ -306,7 +326,14 @@ def _outputs(out, names: tuple[str, ...], g: Geometry, on_device: bool):
     if out is None:
         return None
     single = len(names) == 1
-    outs = (out,) if single and not isinstance(out, tuple | list) else tuple(out)
+    if isinstance(out, tuple | list):
+        outs = tuple(out)
+    elif single:
+        outs = (out,)
+    else:  # tuple() of one array would count its first axis
+        got = "one array" if hasattr(out, "shape") else f"a {type(out).__name__}"
+        raise ValueError(f"out must hold {len(names)} arrays {names} (a tuple or list), "
+                         f"got {got}")
     if len(outs) != len(names):
         raise ValueError(f"out must hold {len(names)} arrays {names}, got {len(outs)}")
     for o, name in zip(outs, names, strict=True):
@@ -336,7 +363,131 @@ def _outputs(out, names: tuple[str, ...], g: Geometry, on_device: bool):
     return outs[0] if single else outs
 
 
+#: (written, read) pairs that may be the very same memory (see "Overlap rule" above): y over x
+#: or over the residual (forward-train and inference), dx over dy, and with a ReLU dz over dy
+#: (backward). In every kernel, CPU and CUDA, the thread that writes element i of the first reads
+#: element i of the second just before, and no pass reads it after.
+SAFE_ALIASES = frozenset({("y", "x"), ("y", "residual"), ("dx", "dy"), ("dz", "dy")})
+#: np.shares_memory's bound on the work of deciding an overlap that the arrays' bounds leave
+#: open (an interleaved pair of 4-D views is decided in far fewer steps); undecided = refused.
+OVERLAP_MAX_WORK = 1 << 16
+
+
+class _Iface:
+    """A NumPy view of a device array's addresses (never read): what np.shares_memory needs."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, cai):
+        self.__array_interface__ = {"shape": tuple(cai["shape"]), "typestr": cai["typestr"],
+                                    "strides": cai.get("strides"),
+                                    "data": (int(cai["data"][0]), False), "version": 3}
+
+
+def _addresses(a):
+    """``a`` as a NumPy array over the same addresses: itself, the CUDA simulator's host
+    array, or a never-read view of a device pointer (under CUDA's unified addressing a device
+    pointer is unique in the process, so host and device arrays compare correctly)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if type(a).__name__ == "FakeCUDAArray":
+        return a._ary
+    return np.asarray(_Iface(a.__cuda_array_interface__))
+
+
+def _same_elements(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same start, shape and strides (those of length-1 axes do not matter)."""
+    if a.shape != b.shape or a.dtype.itemsize != b.dtype.itemsize or \
+            a.__array_interface__["data"][0] != b.__array_interface__["data"][0]:
+        return False
+    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.strides, b.strides,
+                                                        strict=True))
+
+
+def _label(name: str, outputs: tuple) -> str:
+    return f"out[{name}]" if name in outputs else name
+
+
+def _owner(a):
+    """The ndarray that owns ``a``'s memory -- NumPy allocated it, so two different owners never
+    overlap -- or None where the object alone cannot tell (device arrays; arrays over a foreign
+    buffer: bytes, mmap, a tensor's memory)."""
+    if not isinstance(a, np.ndarray):
+        return None
+    b = a.base
+    while b is not None:
+        if not isinstance(b, np.ndarray):
+            return None
+        a, b = b, b.base
+    return a if a.flags.owndata else None
+
+
+def check_overlap(written, read, outputs=()) -> None:
+    """ValueError unless every array in ``written`` shares no memory with any other array of
+    the call (``written`` before it, and ``read``), or is one of its :data:`SAFE_ALIASES`.
+    ``written`` and ``read`` are (name, array or None) pairs; names in ``outputs`` are reported
+    as ``out[name]``.
+
+    Cost (this runs on every call with ``out=`` or running statistics): arrays of different
+    NumPy owners are disjoint without a test -- the common case, a few attribute reads per
+    array; the other pairs get a bounds test (np.may_share_memory), and only those whose bounds
+    meet are decided exactly (np.shares_memory, at most OVERLAP_MAX_WORK steps)."""
+    seen = set()
+    count = 0
+    for group in (written, read):
+        for _, a in group:
+            if a is None:
+                continue
+            count += 1
+            if type(a) is np.ndarray and a.base is None and a.flags.owndata:
+                seen.add(id(a))  # the common case: an array that owns its memory
+            else:
+                o = _owner(a)
+                seen.add(id(a) if o is None else id(o))
+                if o is None:
+                    count = -1  # unknown owner: test every pair
+    if len(seen) == count:
+        return
+    entries = [(n, a) for n, a in written if a is not None]
+    nw = len(entries)
+    entries += [(n, a) for n, a in read if a is not None]
+    owners = [_owner(a) for _, a in entries]
+    for i in range(nw):
+        wname, w = entries[i]
+        wo = owners[i]
+        wv = None
+        for j in (*range(i), *range(nw, len(entries))):
+            ro = owners[j]
+            if wo is not None and ro is not None and wo is not ro:
+                continue
+            rname, r = entries[j]
+            if wv is None:
+                wv = _addresses(w)
+            rv = _addresses(r)
+            if not np.may_share_memory(wv, rv):
+                continue
+            if _same_elements(wv, rv):
+                if (wname, rname) in SAFE_ALIASES and rname not in outputs:
+                    continue
+                how = "is the same memory as"
+            else:
+                try:
+                    if not np.shares_memory(wv, rv, max_work=OVERLAP_MAX_WORK):
+                        continue
+                    how = "overlaps"
+                except np.exceptions.TooHardError:
+                    how = "may overlap (undecided in bounded time)"
+            safe = ", ".join(f"out[{o}] over {s}" for o, s in sorted(SAFE_ALIASES)
+                             if o == wname)
+            raise ValueError(
+                f"{_label(wname, outputs)} {how} {_label(rname, outputs)}: an array the call "
+                f"writes must not share memory with another argument"
+                + (f" (allowed: {safe}, as the very same elements)" if safe else "")
+                + "; pass a separate array")
+
+
 _NC_PERM = (0, 1)
+_TRAIN_OUT = ("y", "save_mean", "save_invstd")
 _CF4 = (0, 1, 2, 3)
 
 
@@ -385,6 +536,12 @@ def train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
     if residual is not None:
         _like_x(residual, "residual", g, on_dev)
     outs = _outputs(out, ("y", "save_mean", "save_invstd"), g, on_dev)
+    if outs is not None or running_mean is not None:
+        o = (None, None, None) if outs is None else outs
+        check_overlap((("y", o[0]), ("save_mean", o[1]), ("save_invstd", o[2]),
+                       ("running_mean", running_mean), ("running_var", running_var)),
+                      (("x", x), ("residual", residual), ("gamma", gamma), ("beta", beta)),
+                      _TRAIN_OUT)
     return TrainArgs(g, x, gamma, beta, eps_value(eps), running_mean, running_var,
                      momentum_value(momentum), outs, relu, residual)
 
@@ -403,8 +560,13 @@ def backward_args(dy, x, save_mean, save_invstd, gamma, out, channel_axis=1, rel
             raise ValueError("y (the forward's output) is required with relu=True: its sign is "
                              "the ReLU mask")
         _like_x(y, "y", g, on_dev)
-    outs = None if out is None else _outputs(
-        out, op_outputs(_Op.BACKWARD, "relu" if relu else "none"), g, on_dev)
+    outs = None
+    if out is not None:
+        names = op_outputs(_Op.BACKWARD, "relu" if relu else "none")
+        outs = _outputs(out, names, g, on_dev)
+        check_overlap(tuple(zip(names, outs, strict=True)),
+                      (("dy", dy), ("x", x), ("y", y if relu else None), ("save_mean", save_mean),
+                       ("save_invstd", save_invstd), ("gamma", gamma)), names)
     return BackwardArgs(g, dy, x, save_mean, save_invstd, gamma, outs, relu,
                         y if relu else None)
 
@@ -421,5 +583,9 @@ def infer_args(x, running_mean, running_var, gamma, beta, eps, out, channel_axis
     if residual is not None:
         _like_x(residual, "residual", g, on_dev)
     outs = _outputs(out, ("y",), g, on_dev)
+    if outs is not None:
+        check_overlap((("y", outs),),
+                      (("x", x), ("residual", residual), ("running_mean", running_mean),
+                       ("running_var", running_var), ("gamma", gamma), ("beta", beta)), ("y",))
     return InferArgs(g, x, running_mean, running_var, gamma, beta, eps_value(eps), outs, relu,
                      residual)

@@ -21,6 +21,20 @@ from pathlib import Path
 if os.environ.get("NBBN_TEST_GPU") != "1":
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+# Hypothesis (tests/test_properties.py): derandomized -- a fixed seed per test -- and bounded.
+# ``fast`` (the default) keeps the file inside the fast tier; NBBN_HYPOTHESIS_PROFILE=full runs
+# ten times the examples (CI's full tier). The CUDA-simulator tests run a tenth of the count.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is in the `test` extra; test_properties.py then fails to import
+    pass
+else:
+    _COMMON = dict(derandomize=True, database=None, deadline=None, print_blob=False,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    settings.register_profile("fast", max_examples=100, **_COMMON)
+    settings.register_profile("full", max_examples=1000, **_COMMON)
+    settings.load_profile(os.environ.get("NBBN_HYPOTHESIS_PROFILE", "fast"))
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Test modules that never call a kernel: a session of only these skips the warm-up.
 NO_KERNELS = {"test_architecture", "test_reference"}

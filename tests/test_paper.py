@@ -222,3 +222,53 @@ def test_paper_on_idx_files(tmp_path):
                                     "--no-plots"])
     assert res.exit_code == 0, res.output
     assert "IDX files in" in (out / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------ bad data (issue 20)
+
+
+def _bad_data(folder, n_train=130, nan=False, label=None):
+    _write_mnist_like(folder, n_train=n_train, n_test=40, gz=False)
+    if nan:
+        images = data.read_idx(folder / "train-images-idx3-ubyte").astype(np.float32) / 255
+        images[7, 2, 3] = np.nan
+        data.write_idx(folder / "train-images-idx3-ubyte", images)
+    if label is not None:
+        labels = data.read_idx(folder / "train-labels-idx1-ubyte").astype(np.int16)
+        labels[5] = label
+        data.write_idx(folder / "train-labels-idx1-ubyte", labels)
+    return folder
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(n_train=40), r"37 training rows .* fewer than one mini-batch of 60"),
+    (dict(nan=True), r"train-images-idx3-ubyte: .*not finite .*image 7"),
+    (dict(label=200), r"train-labels-idx1-ubyte: labels must be digits 0.9, .*200 .*entry 5"),
+    (dict(label=-1), r"train-labels-idx1-ubyte: labels must be digits 0.9, .*-1 .*entry 5"),
+], ids=["small", "nan", "label200", "label-1"])
+def test_paper_refuses_bad_data_in_one_line(tmp_path, case, match):
+    """Refused before any training: one line, exit 1, no traceback, no --out folder made."""
+    folder = _bad_data(tmp_path / "bad", **case)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["paper", "--quick", "--data", str(folder), "--steps", "20",
+                                    "--seeds", "1", "--out", str(out), "--no-plots"])
+    assert res.exit_code == 1, res.output
+    assert not isinstance(res.exception, Exception) or isinstance(res.exception, SystemExit), \
+        repr(res.exception)
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
+    import re
+    assert re.search(match, lines[0]), lines[0]
+    assert not out.exists()
+
+
+def test_paper_run_all_refuses_too_few_rows():
+    """The same check for a caller of the experiment (not the CLI)."""
+    from nbbn.paper.experiment import run_all
+
+    ds = data.load_digits()
+    small = data.Dataset("tiny", "test", ds.x_train[:59], ds.y_train[:59], ds.x_val, ds.y_val,
+                         ds.x_test, ds.y_test)
+    with pytest.raises(data.DataError, match="59 training rows"):
+        run_all(small, Config.quick_config(steps=20, seeds=1))

@@ -607,7 +607,7 @@ def _finalize_backward(c, sg, sgd, sd, m, save_mean, save_invstd, gamma, flags, 
     mu = float64(save_mean[c])
     delta = sd / m
     _, e = math.frexp(mu)
-    if fold_tol > 0 and abs(delta) <= FOLD_ULPS * math.ldexp(1.0, e - int32(fold_tol)):
+    if fold_tol > 0 and abs(delta) <= FOLD_ULPS * math.ldexp(1.0, e - int(fold_tol)):
         mu += delta
         sgd -= delta * sg
     dg = sgd * invstd

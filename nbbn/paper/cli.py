@@ -52,7 +52,7 @@ def paper(ctx, quick, data_dir, steps, seeds, backend, out, no_plots):
     """
     from .. import registry
     from ..output import short_environment
-    from .data import DataError, load
+    from .data import DataError, check, load
     from .experiment import Config, run_all, single_threaded, total_units
     from .report import TABLES, write, write_plots
     from .report import markdown as report_markdown
@@ -75,6 +75,10 @@ def paper(ctx, quick, data_dir, steps, seeds, backend, out, no_plots):
         raise click.ClickException(str(exc)) from None
     cfg = Config.quick_config() if quick else Config()
     cfg = replace(cfg, backend=backend, steps=steps or cfg.steps, seeds=seeds or cfg.seeds)
+    try:
+        check(ds, cfg.batch)
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from None
     name = ds.name
     out_dir = Path(out) if out else Path("results") / "paper" / name
     try:

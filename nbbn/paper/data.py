@@ -140,7 +140,9 @@ def _images(path: Path) -> np.ndarray:
     if a.ndim < 2:
         raise DataError(f"{path}: images must have at least 2 dimensions, got shape {a.shape}")
     scale = 255.0 if a.dtype == np.uint8 else 1.0
-    return a.reshape(len(a), -1).astype(np.float64) / scale
+    rows = a.reshape(len(a), -1).astype(np.float64) / scale
+    _check_finite(rows, str(path))
+    return rows
 
 
 def _labels(path: Path, n: int) -> np.ndarray:
@@ -148,7 +150,51 @@ def _labels(path: Path, n: int) -> np.ndarray:
     if a.ndim != 1 or len(a) != n:
         raise DataError(f"{path}: labels must be 1-D with {n} entries (one per image), got "
                         f"shape {a.shape}")
+    return _check_labels(a, str(path))
+
+
+#: The experiment's classes: the digits 0–9 (MNIST, Fashion-MNIST, scikit-learn's digits).
+CLASSES = 10
+
+
+def _check_finite(rows: np.ndarray, where: str) -> None:
+    """DataError naming the first image with a NaN or infinite pixel (a NaN would make every
+    table NaN, with no word)."""
+    bad = ~np.isfinite(rows)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise DataError(f"{where}: {int(bad.sum())} pixel values are not finite (the first, "
+                        f"{rows[i, j]}, in image {i} at pixel {j}); pixels must be numbers")
+
+
+def _check_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """The labels as int64, or DataError naming the first one that is not a digit 0–9 (a label
+    of 200 would silently build a 201-class network)."""
+    a = np.asarray(labels)
+    ok = np.isfinite(a) if a.dtype.kind == "f" else np.ones(a.shape, bool)
+    ok &= (a >= 0) & (a < CLASSES)
+    if a.dtype.kind == "f":
+        ok &= a == np.floor(np.where(ok, a, 0))
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise DataError(f"{where}: labels must be digits 0–{CLASSES - 1}, got {a[i].item()} at "
+                        f"entry {i} ({int((~ok).sum())} of {a.size} entries outside)")
     return a.astype(np.int64)
+
+
+def check(ds: Dataset, batch: int) -> None:
+    """DataError unless the experiment can run on ``ds`` with mini-batches of ``batch`` rows:
+    at least one mini-batch of training rows, finite pixels, labels 0–9 (checked before any
+    training starts: by ``nbbn paper`` and by :func:`nbbn.paper.experiment.run_all`)."""
+    n = len(ds.y_train)
+    if n < batch:
+        raise DataError(f"{ds.name}: {n} training rows (after {len(ds.y_val)} validation rows "
+                        f"are set aside) are fewer than one mini-batch of {batch}; the data "
+                        f"set needs at least {batch + len(ds.y_val)} training images")
+    for split in ("train", "val", "test"):
+        x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+        _check_finite(np.asarray(x).reshape(len(x), -1), f"{ds.name} {split} rows")
+        _check_labels(y, f"{ds.name} {split} labels")
 
 
 def _split_val(x: np.ndarray, y: np.ndarray, n_val: int):

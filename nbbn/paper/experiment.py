@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from .. import batch_norm_infer, batch_norm_train
-from .data import Dataset
+from .data import Dataset, check
 from .network import MLP
 
 PERCENTILES = (15, 50, 85)
@@ -337,6 +337,7 @@ class Results:
 
 def run_all(ds: Dataset, cfg: Config, progress: Callable[[int], None] = lambda n: None,
             status: Callable[[str], None] = lambda s: None) -> Results:
+    check(ds, cfg.batch)  # DataError before any training
     seeds = list(range(cfg.seeds))
     ds = ds.astype(cfg.dtype)
     notes = []

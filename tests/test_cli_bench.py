@@ -12,8 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from nbbn import registry
-from nbbn.bench import readme, targets
-from nbbn.bench.cli import bench, compare
+from nbbn.bench.cli import bench, compare, report
 from nbbn.output import RowLog, read_rows
 
 from .test_harness import NUMPY_FNS, register_throwaway, result_rows
@@ -306,11 +305,18 @@ def target_run(tmp_path_factory):
     return out
 
 
+def report_cmd(argv) -> int:
+    """``nbbn report ARGV``'s exit code (one-line errors, no traceback)."""
+    result = CliRunner().invoke(report, argv)
+    assert "Traceback" not in result.output
+    return result.exit_code
+
+
 def test_targets_report(target_run, tmp_path):
     notes = tmp_path / "notes.md"
     notes.write_text("Backward NC misses because ...")
-    assert targets.main([str(target_run), "--out", str(tmp_path / "t.md"), "--notes",
-                         str(notes)]) == 0
+    assert report_cmd(["targets", str(target_run), "--out", str(tmp_path / "t.md"), "--notes",
+                       str(notes)]) == 0
     md = (tmp_path / "t.md").read_text()
     assert "Command: `nbbn bench --backend cpu,torch-cpu --call api" in md
     assert "Load (1-minute average): before" in md
@@ -319,7 +325,7 @@ def test_targets_report(target_run, tmp_path):
         assert line in md
     assert "## forward-train" in md and "## Per-call cost (tiny calls)" in md
     assert "Backward NC misses because" in md
-    assert targets.main([str(tmp_path / "missing")]) == 1
+    assert report_cmd(["targets", str(tmp_path / "missing")]) == 1
 
 
 def test_readme_headline_is_generated(target_run, tmp_path):
@@ -328,14 +334,14 @@ def test_readme_headline_is_generated(target_run, tmp_path):
             "<!-- nbbn:headline:end -->\nafter\n")
     path = target_run.parent / "README.md"
     path.write_text(text)
-    assert readme.main(["--readme", str(path), "--check"]) == 1
-    assert readme.main(["--readme", str(path)]) == 0
+    assert report_cmd(["readme", "--readme", str(path), "--check"]) == 1
+    assert report_cmd(["readme", "--readme", str(path)]) == 0
     new = path.read_text()
     assert "stale" not in new and new.startswith("# x\n\nbefore\n") and new.endswith("after\n")
-    assert "| kernel | op | layout |" in new and "python -m nbbn.bench.readme" in new
-    assert readme.main(["--readme", str(path), "--check"]) == 0
+    assert "| kernel | op | layout |" in new and "nbbn report readme" in new
+    assert report_cmd(["readme", "--readme", str(path), "--check"]) == 0
     (tmp_path / "R.md").write_text("no markers")
-    assert readme.main(["--readme", str(tmp_path / "R.md")]) == 1
+    assert report_cmd(["readme", "--readme", str(tmp_path / "R.md")]) == 1
 
 
 def test_per_call_from_a_warm_run(target_run, tmp_path):
@@ -345,8 +351,8 @@ def test_per_call_from_a_warm_run(target_run, tmp_path):
     result = invoke(bench, ["--backend", "cpu,torch-cpu", "--call", "api", "--cache", "warm",
                             "--shapes", "NC:16", "--batch-sizes", "8", *FAST, "--out", warm])
     assert result.exit_code == 0, result.output
-    assert targets.main([str(target_run), "--out", str(tmp_path / "t.md"), "--per-call",
-                         str(warm)]) == 0
+    assert report_cmd(["targets", str(target_run), "--out", str(tmp_path / "t.md"),
+                       "--per-call", str(warm)]) == 0
     md = (tmp_path / "t.md").read_text()
     assert "## Per-call cost, warm" in md and "cache warm): " in md
     assert "cache cold): " not in md  # the cold tiny rows no longer judge the target
@@ -354,7 +360,7 @@ def test_per_call_from_a_warm_run(target_run, tmp_path):
     path = target_run.parent / "README2.md"
     path.write_text(f"<!-- nbbn:headline:begin source={src} per_call={pc} -->\n"
                     "<!-- nbbn:headline:end -->\n")
-    assert readme.main(["--readme", str(path)]) == 0
+    assert report_cmd(["readme", "--readme", str(path)]) == 0
     new = path.read_text()
     assert "8×16 call µs (warm)" in new and f"per_call={pc}" in new
     row = next(line for line in new.splitlines() if line.startswith("| cpu | forward-train | NC"))

@@ -120,11 +120,12 @@ def test_split_and_direct_forms():
     t = np.ones((5, 1), np.float32)
     assert K.DIRECT_MAX == 8.0
     assert K._split(t, 0, 7.9, 1.0) == 7.9 and t[0, 0] == 0 and t[1, 0] == 0
-    assert K._split(t, 0, -16.0, 0.5) == -16.0  # |μ|·invstd = 8: direct
+    assert K._split(t, 0, -16.0, 2.0) == -16.0  # |μ| = 8σ: direct
     assert K._split(t, 0, 8.1, 1.0) == 0.0 and t[0, 0] == np.float32(8.1)
     assert t[1, 0] == np.float32(8.1 - float(np.float32(8.1)))
     assert K._split(t, 0, np.nan, 1.0) == 0.0
-    assert K._split(t, 0, 1.0, np.inf) == 0.0  # σ unknown (given coefficients): split
+    assert K._split(t, 0, 1.0, 0.0) == 0.0  # σ unknown (given coefficients): split
+    assert K._split(t, 0, 1.0, np.nan) == 0.0
 
 
 @pytest.mark.parametrize("shape, axis", [((3000, 6), 1), ((700, 130), 1), ((4, 6, 20, 20), 1),

@@ -112,7 +112,7 @@ def test_device_staging_helpers_under_the_simulator():
     pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
     from numba import cuda
 
-    from nbbn.distributed import _empty_like, _like, _to_host, _write
+    from nbbn.distributed.sync import _empty_like, _like, _to_host, _write
 
     d = cuda.to_device(np.arange(4, dtype=np.float32))
     assert np.array_equal(_to_host(d), np.arange(4))

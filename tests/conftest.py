@@ -43,7 +43,8 @@ _WARMUP: dict[str, float] = {}
 
 def pytest_collection_finish(session):
     modules = {Path(str(item.fspath)).stem for item in session.items}
-    if not session.items or modules <= NO_KERNELS or os.environ.get("NBBN_NO_WARMUP") == "1":
+    if (not session.items or modules <= NO_KERNELS or session.config.option.collectonly
+            or os.environ.get("NBBN_NO_WARMUP") == "1"):
         return
     code = ("import sys, numpy as np; from nbbn.cpu import precompile; "
             "precompile([np.dtype(sys.argv[1])])")

@@ -129,10 +129,27 @@ def _check(errors: dict, bounds: dict, what: str):
     assert not bad, f"{what}: rel_err above tolerance {bad} (all: {errors})"
 
 
-@pytest.mark.parametrize("offset", OFFSETS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("backend", _kernel_backends())
+#: The simulator cases of the fast tier: one per memory layout the kernels see (NC; NCHW from a
+#: strided view; NHWC from channels-last memory), each dtype, at the awkward offset -- every
+#: kernel, variant and fusion of the cuda backend in ~6 runs. The other simulator cases (each a
+#: few seconds: the simulator runs every GPU thread as a Python thread) are in the exhaustive
+#: tier, and on a GPU (NBBN_TEST_GPU=1) every case runs.
+FAST_SIMULATED = {((2, 7), 1, "c"), ((2, 3, 2, 2), 1, "strided"), ((2, 3, 2, 3), 1, "cl")}
+
+
+def _params():
+    for backend in _kernel_backends():
+        device = registry.backend_info(backend).device == "cuda"
+        for case in CASES:
+            for dtype in DTYPES:
+                for offset in OFFSETS:
+                    slow = device and not (case in FAST_SIMULATED and offset == OFFSETS[-1])
+                    yield pytest.param(
+                        backend, case, dtype, offset, marks=[pytest.mark.slow] if slow else [],
+                        id=f"{backend}-{_case_id(case)}-{np.dtype(dtype).name}-{offset}")
+
+
+@pytest.mark.parametrize("backend, case, dtype, offset", list(_params()))
 def test_every_kernel_against_the_reference(backend, case, dtype, offset):
     _usable(backend)
     shape, axis, _ = case

@@ -28,6 +28,7 @@ registered function with no ``out=``).
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -35,6 +36,7 @@ import numpy as np
 from .. import registry
 from ..registry import BackendInfo, KernelSpec
 from ..spec import BackwardArgs, InferArgs, Layout, Op, TrainArgs, inverse_perm
+from . import peers
 
 # ---------------------------------------------------------------------------------------------
 # NumPy
@@ -247,6 +249,45 @@ def _cpu_availability() -> str | None:
     return registry.unavailable_reason("cpu")
 
 
+# ---------------------------------------------------------------------------------------------
+# cpu-slowed: the A/B experiment's backend (opt-in: never in a default sweep)
+
+#: The slowdown cpu-slowed adds to every call, as a fraction of the call's own time.
+SLOWDOWN = 0.15
+
+
+def _slowed(fn: Callable) -> Callable:
+    """``fn`` followed by a busy-wait of SLOWDOWN × the time ``fn`` just took (perf_counter_ns
+    before and after the call): every call is 1.15× the cpu kernel's time of that very call,
+    so no calibration run is needed and the host's state moves both alike. The wait spins on
+    one core (the clock read costs ~50 ns, the granularity of the added time). Checked in every
+    run that times it beside ``cpu``: the ratio record cpu-slowed over cpu should be 1.15 (its
+    interval is in ratios.csv; scripts/bench_reliability.sh prints it)."""
+    pc = time.perf_counter_ns
+
+    def call(args):
+        t0 = pc()
+        r = fn(args)
+        t1 = pc()
+        end = t1 + int((t1 - t0) * SLOWDOWN)
+        while pc() < end:
+            pass
+        return r
+
+    return call
+
+
+def _register_slowed() -> None:
+    for op in Op:
+        for layout in Layout:
+            spec = registry.select("cpu", op, layout)
+            registry.register(KernelSpec("cpu-slowed", op, layout, _slowed(spec.fn),
+                                         f"cpu ({spec.variant}) + busy-wait of "
+                                         f"{SLOWDOWN:.0%} of the call's own time",
+                                         variant=spec.variant, dtypes=spec.dtypes,
+                                         fusions=spec.fusions))
+
+
 BASELINES = (
     BackendInfo(name="torch-cpu", description="PyTorch ATen native_batch_norm on the CPU",
                 availability=_torch_missing, load=_load_torch("torch-cpu"), kind="baseline",
@@ -260,7 +301,26 @@ BASELINES = (
                 description="nbbn cpu kernels without fusion, then np.add / np.maximum",
                 availability=_cpu_availability, load=_register_unfused, kind="baseline",
                 device="cpu"),
+    *peers.PEERS,
+    BackendInfo(name="cpu-slowed",
+                description=f"cpu kernels made {SLOWDOWN:.0%} slower (A/B test of compare)",
+                availability=_cpu_availability, load=_register_slowed, kind="baseline",
+                device="cpu", default_variant="auto"),
 )
+
+#: Baselines planned only when named with --backend.
+_OPT_IN = {"cpu-slowed"}
+
+
+def opt_in() -> frozenset[str]:
+    """Backends never in a default sweep (name them with --backend)."""
+    return frozenset(_OPT_IN)
+
+
+def prepare_hook(backend: str) -> Callable | None:
+    """A baseline's set-up for one call's arguments (device copies, sessions, bindings), run
+    when the case is built so that it is not timed; None for most."""
+    return peers.PREPARE.get(backend)
 
 #: Baselines that only mean something for fused configurations.
 _FUSION_ONLY = {"nbbn-unfused"}

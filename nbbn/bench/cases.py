@@ -299,6 +299,7 @@ def make_case(cfg: Config, data: PointData, sets: BufferSets, dev) -> Case:
     convert = None
     outs_by_set: list[tuple | None] = []
     calls = []
+    prepare = baselines.prepare_hook(cfg.backend)
     if p.call == "kernel":
         # Outputs per set; arguments validated once (set 0) and re-pointed at each set's arrays
         # (same shapes, dtypes and strides, so the validation holds for every set).
@@ -315,6 +316,8 @@ def make_case(cfg: Config, data: PointData, sets: BufferSets, dev) -> Case:
                 fields = {f: a[f] for f in X_INPUTS if hasattr(args0, f) and
                           getattr(args0, f) is not None}
                 args = dataclasses.replace(args0, out=out, **fields)
+            if prepare is not None:
+                prepare(args)
             calls.append(lambda fn=spec.fn, args=args: fn(args))
             outs_by_set.append(outs)
     else:

@@ -12,16 +12,28 @@ quantity, larger = slower, with the 95% interval its run measured:
   "no interval".
 * ``time``: ``time_ms_p50`` with its own interval [time_ms_ci_lo, time_ms_ci_hi].
 
-With old value a ∈ [a_lo, a_hi], new value b ∈ [b_lo, b_hi] and ``threshold`` t (default 0.10):
+With old value a ∈ [a_lo, a_hi] and new value b ∈ [b_lo, b_hi] -- each a 95% interval built
+over the run's trials (:mod:`nbbn.bench.stats`, so it holds the between-trial variance) -- the
+change is taken in logs, and the variance *between runs* that no run's trials can see (the
+host's state minutes apart, measured by ``nbbn report variance``) is added as ``run_sd``, the
+standard deviation of log(metric) between runs:
 
-    change ρ = b / a,   its interval R = [b_lo / a_hi, b_hi / a_lo]
+    d    = log(b / a)
+    se_x = (log x_hi − log x_lo) / (2·1.96)                        for x = a, b
+    se_d = sqrt(se_a² + se_b² + 2·run_sd²)
+    D    = [d − 1.96·se_d, d + 1.96·se_d]          (the change's 95% interval, in logs)
 
-* ``slower``    : R_lo > 1 (the intervals are disjoint, new above old) and ρ > 1 + t;
-* ``faster``    : R_hi < 1 (disjoint, new below) and ρ < 1 − t;
-* ``same``      : R lies within [1 − t, 1 + t] (whatever the truth within both intervals, the
-  change is at most t);
-* ``ambiguous`` : anything else -- the intervals are too wide to tell, or they are disjoint but
-  the change is too small to call and too uncertain to call "same".
+and with the equivalence ``margin`` m (default 0.05) the band is E = [−log(1 + m), log(1 + m)]:
+
+* ``slower``    : D lies above E (D_lo > log(1 + m)): a change larger than the margin, certain;
+* ``faster``    : D lies below E (D_hi < −log(1 + m));
+* ``same``      : D lies within E: whatever the truth within D, the change is at most m;
+* ``ambiguous`` : D overlaps E's edge: too uncertain to call either way.
+
+So an A/A pair (nothing changed) is called ``slower`` only when an honest 95% interval misses
+the truth by more than the margin, and a change of size c is called with power
+Φ((log(1 + c) − log(1 + m))/se_d − 1.96). ``change``, ``change_lo``, ``change_hi`` are
+exp(d), exp(D). ``--fail-on-slower`` fails on ``slower`` only, by this rule.
 
 Configurations not compared: ``only in old`` / ``only in new`` (timed in one file only),
 ``not timed`` (in neither), ``not compared (ok → failed)`` and the like, ``no interval`` (the
@@ -43,7 +55,14 @@ from .sweep import KEY_COLUMNS
 
 METRICS = ("copy", "baseline", "time")
 LABELS = ("faster", "slower", "same", "ambiguous")
-DEFAULT_THRESHOLD = 0.10
+#: Equivalence margin: changes within ±5% are "the same".
+DEFAULT_MARGIN = 0.05
+DEFAULT_THRESHOLD = DEFAULT_MARGIN  # the option's old name
+#: Between-run sd of log(metric) beyond the trials' (a fraction, ≈ %/100). A placeholder until
+#: the variance study on the host gives it (``nbbn report variance``: the ``run`` level);
+#: scripts/bench_reliability.sh passes the measured one.
+DEFAULT_RUN_SD = 0.02
+Z = 1.959964
 
 
 class NotOurs(ValueError):
@@ -112,26 +131,37 @@ def metric_columns(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame({"value": v, "lo": lo, "hi": hi})
 
 
-def label_change(a, a_lo, a_hi, b, b_lo, b_hi, threshold: float = DEFAULT_THRESHOLD):
-    """(label, ρ, R_lo, R_hi) of one configuration (see the module docstring)."""
+def label_change(a, a_lo, a_hi, b, b_lo, b_hi, margin: float = DEFAULT_MARGIN,
+                 run_sd: float = DEFAULT_RUN_SD):
+    """(label, change, change_lo, change_hi) of one configuration (see the module docstring)."""
     vals = (a, a_lo, a_hi, b, b_lo, b_hi)
     if any(v is None or not np.isfinite(v) or v <= 0 for v in vals):
         return "no interval", np.nan, np.nan, np.nan
-    rho, r_lo, r_hi = b / a, b_lo / a_hi, b_hi / a_lo
-    t = threshold
-    if r_lo > 1 and rho > 1 + t:
+    d = np.log(b / a)
+    se_a = (np.log(a_hi) - np.log(a_lo)) / (2 * Z)
+    se_b = (np.log(b_hi) - np.log(b_lo)) / (2 * Z)
+    se = float(np.sqrt(se_a ** 2 + se_b ** 2 + 2 * run_sd ** 2))
+    lo, hi = d - Z * se, d + Z * se
+    e = np.log1p(margin)
+    if lo > e:
         lab = "slower"
-    elif r_hi < 1 and rho < 1 - t:
+    elif hi < -e:
         lab = "faster"
-    elif 1 - t <= r_lo and r_hi <= 1 + t:
+    elif -e <= lo and hi <= e:
         lab = "same"
     else:
         lab = "ambiguous"
-    return lab, rho, r_lo, r_hi
+    return lab, float(np.exp(d)), float(np.exp(lo)), float(np.exp(hi))
 
 
 def compare(old: pd.DataFrame, new: pd.DataFrame, metric: str = "copy",
-            threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
+            margin: float = DEFAULT_MARGIN, run_sd: float = DEFAULT_RUN_SD,
+            rename: dict | None = None) -> pd.DataFrame:
+    """Label every configuration (module docstring). ``rename`` maps NEW's backend names onto
+    OLD's (``{"cpu-slowed": "cpu"}``: the A/B experiment compares one backend with another)."""
+    if rename:
+        new = new[~new["backend"].isin(set(rename.values()))].copy()  # the renamed ones replace
+        new["backend"] = new["backend"].replace(rename)
     keys = list(KEY_COLUMNS)
     a = old[keys + ["status"]].join(metric_columns(old, metric))
     b = new[keys + ["status"]].join(metric_columns(new, metric))
@@ -154,7 +184,8 @@ def compare(old: pd.DataFrame, new: pd.DataFrame, metric: str = "copy",
             lab = f"not compared ({so} → {sn})"
         else:
             lab, rho, lo, hi = label_change(r["value_old"], r["lo_old"], r["hi_old"],
-                                            r["value_new"], r["lo_new"], r["hi_new"], threshold)
+                                            r["value_new"], r["lo_new"], r["hi_new"], margin,
+                                            run_sd)
         out.append((lab, rho, lo, hi))
     merged = merged.drop(columns="_merge")
     merged["metric"] = metric

@@ -41,21 +41,29 @@ from .. import output
 
 @dataclass(frozen=True)
 class TimingConfig:
-    """How a point is sampled (the runner's stopping rule).
+    """How a point is sampled (the runner's stopping rule; :mod:`nbbn.bench.stats`, "Trials").
 
-    After the first (compiling, checked) call and ``warmup`` untimed rounds, rounds are taken in
-    growing batches until at least ``min_rounds`` are in and then either every paired ratio's 95%
-    interval has a half-width <= ``ci_rel`` of its ratio, or ``max_time`` seconds of sampling
-    have passed, or ``max_rounds`` rounds are in. ``bootstrap``: resamples for the final
-    intervals; ``seed``: their generator's seed."""
+    A point is measured in *trials*: each allocates fresh buffer sets, starts the rotation at a
+    new callable and buffer set, and (``isolate="process"``) runs in a fresh worker process
+    that does ``sets_per_process`` trials. Within a trial, after ``warmup`` untimed rounds,
+    rounds are taken until at least ``min_rounds`` are in and ``trial_time`` seconds have
+    passed (or ``max_rounds``/``min_trials`` rounds). Trials are added, after ``min_trials``,
+    until every watched ratio's trial interval has a half-width <= ``ci_rel`` of its ratio, or
+    ``max_time`` seconds of sampling have passed, or ``max_trials`` trials are in.
+    ``bootstrap``: resamples for the final intervals; ``seed``: their generator's seed."""
 
     warmup: int = 1
-    min_rounds: int = 10
+    min_rounds: int = 5
     max_rounds: int = 20000
-    max_time: float = 1.0
+    max_time: float = 1.2
     ci_rel: float = 0.03
     bootstrap: int = 1000
     seed: int = 0
+    min_trials: int = 4
+    max_trials: int = 12
+    trial_time: float = 0.06
+    isolate: str = "none"
+    sets_per_process: int = 1
 
 
 class CallFailed(Exception):

@@ -93,7 +93,7 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
     """Per group (dtype, op, layout, fusion, call, cache), kernel backend:variant and reference
     baseline: the points that ran, the geometric mean, minimum and maximum of the paired
     speed-up over that baseline, how many points are faster / slower with an interval that
-    excludes 1, and the median time over copy and % of copy."""
+    excludes 1, and the median time over copy and % of the limit."""
     ok = _labelled(df[df["status"] == "ok"])
     records = []
     for keys, g in ok.groupby(GROUP, sort=False):
@@ -110,7 +110,7 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
                 "speed-up max": float(sp.max()) if sp.notna().any() else math.nan,
                 "faster": int((lo > 1).sum()), "slower": int((hi < 1).sum()),
                 "time/copy median": float(pd.to_numeric(b["time_over_copy"]).median()),
-                "% of copy median": float(pd.to_numeric(b["pct_of_copy"]).median()),
+                "% of limit median": float(pd.to_numeric(b["pct_of_limit"]).median()),
             })
     return pd.DataFrame(records)
 
@@ -180,7 +180,7 @@ def summary_markdown(df: pd.DataFrame, command: str, meta: dict | None = None) -
               "Every row was checked against the float64 reference before it was timed. "
               "speed-up = baseline time ÷ kernel time and time/copy = time ÷ copy time are "
               "medians of per-round ratios, with 95% bootstrap intervals in brackets. GB/s "
-              "uses the minimal bytes model (nbbn/harness/roofline.py); % of copy = GB/s as a "
+              "uses the minimal bytes model (nbbn/bench/roofline.py); % of limit = limit time ÷ time, the "
               "percentage of the copy's. Tidy rows: bench.csv/json; every pair: "
               "ratios.csv/json.", ""]
     if len(ok):
@@ -216,8 +216,9 @@ def summary_markdown(df: pd.DataFrame, command: str, meta: dict | None = None) -
                       markdown_table(sp, ".3g"), ""]
         lines += ["Time over the copy of x (paired median [95% interval]):", "",
                   markdown_table(oc, ".3g"), ""]
-        bw = g.pivot_table(index=POINT, columns="label", values="pct_of_copy", sort=False)
-        lines += ["% of copy bandwidth (minimal bytes model):", "", markdown_table(bw, ".3g"),
+        bw = g.pivot_table(index=POINT, columns="label", values="pct_of_limit", sort=False)
+        lines += ["% of the limit (limit time ÷ time, paired; limits.py, minimal bytes):", "",
+                  markdown_table(bw, ".3g"),
                   ""]
     checked = df[df["status"].isin(["ok", "failed"])] if len(df) else df
     if len(checked):

@@ -58,3 +58,21 @@ def copy_bytes(x_nbytes: int) -> int:
 
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds and seconds > 0 else float("nan")
+
+
+def read_write_bytes(op: Op, numel: int, C: int, itemsize: int,
+                     fusion: Fusion = Fusion.NONE) -> tuple[int, int]:
+    """(read, write) bytes of the minimal model (``bytes_moved`` is their sum): inference and
+    forward-train read x (and a residual) and write y; backward reads dy and x (and y with a
+    ReLU) and writes dx (and dz). Per-channel vectors are counted as reads."""
+    op, fusion = Op(op), Fusion(fusion)
+    if op is Op.BACKWARD:
+        r, w = 2, 1
+        if fusion.relu:
+            r, w = 3, 2
+    else:
+        r, w = 1 + (1 if fusion.residual else 0), 1
+    total = bytes_moved(op, numel, C, itemsize, fusion=fusion)
+    write = itemsize * w * numel
+    assert itemsize * (r + w) * numel <= total
+    return total - write, write

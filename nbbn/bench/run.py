@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -42,7 +43,31 @@ from .sweep import (
 
 #: Timing of a full run and of --quick (explicit options win over both).
 FULL = TimingConfig()
-QUICK = TimingConfig(warmup=1, min_rounds=3, max_time=0.05, ci_rel=0.05, bootstrap=300)
+QUICK = TimingConfig(warmup=1, min_rounds=3, max_time=0.05, ci_rel=0.05, bootstrap=300,
+                     min_trials=3, max_trials=3, trial_time=0.01)
+#: Per-point costs of the run-time estimate (seconds): data and reference, each
+#: configuration's check, a worker process's start (imports, JIT cache loads).
+EST_POINT_S, EST_CONFIG_S, EST_PROCESS_S = 0.15, 0.05, 2.5
+SAMPLES_FILE = "samples.jsonl"
+ISOLATE = ("none", "process")
+
+
+def estimate_seconds(plan, timing: TimingConfig) -> float:
+    """Upper estimate of a run's wall time from the plan and the timing: per point that runs,
+    its sampling budget (``max_time`` plus one more trial and the warm-ups) and its set-up
+    (:data:`EST_POINT_S`, :data:`EST_CONFIG_S` per configuration, :data:`EST_PROCESS_S` per
+    worker process with ``--isolate process``)."""
+    total = 0.0
+    for g in plan.groups:
+        if not g.run:
+            continue
+        per_trial = max(timing.trial_time, 0.0) * (1 + timing.warmup)
+        sampling = max(timing.max_time, timing.min_trials * per_trial) + per_trial
+        total += EST_POINT_S + EST_CONFIG_S * len(g.run) + sampling
+        if timing.isolate == "process":
+            procs = -(-timing.max_trials // max(1, timing.sets_per_process))
+            total += EST_PROCESS_S * procs
+    return total
 
 
 class HarnessError(ValueError):
@@ -165,7 +190,8 @@ def make_sweep(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=Non
             named = NAMED_SWEEPS[sweep]
         d = named.defaults if named else {}
         backends_t = _names(backends, "backend", registry.backend_names()) \
-            or d.get("backends") or tuple(registry.backend_names())
+            or d.get("backends") or tuple(b for b in registry.backend_names()
+                                          if b not in baselines.opt_in())
         ops_t = tuple(Op(o) for o in (_names(ops, "op", [o.value for o in Op])
                                       or [o.value for o in Op]))
         dtypes_t = _names(dtypes, "dtype", ["float32", "float64"]) or d.get("dtypes") \
@@ -204,6 +230,8 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
         baseline: str | None = None, quick: bool = False, warmup: int | None = None,
         min_rounds: int | None = None, max_rounds: int | None = None,
         max_time: float | None = None, ci: float | None = None, bootstrap: int | None = None,
+        min_trials: int | None = None, max_trials: int | None = None,
+        trial_time: float | None = None, isolate: str = "none", sets_per_process: int = 1,
         seed: int = 0, threads: int | None = None, out=None, resume: bool = False,
         plots: bool = True, require_quiet: bool = False, quiet_timeout: float = 120.0,
         quiet_load: float = 0.5, allow_simulator: bool = False, progress: bool | None = None,
@@ -242,11 +270,24 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
         max_time=base.max_time if max_time is None else float(max_time),
         ci_rel=base.ci_rel if ci is None else float(ci),
         bootstrap=base.bootstrap if bootstrap is None else int(bootstrap),
+        min_trials=base.min_trials if min_trials is None else int(min_trials),
+        max_trials=base.max_trials if max_trials is None else int(max_trials),
+        trial_time=base.trial_time if trial_time is None else float(trial_time),
+        isolate=str(isolate), sets_per_process=int(sets_per_process),
         seed=int(seed))
+    vals = (timing.max_time, timing.ci_rel, timing.trial_time)
+    if not all(isinstance(v, float) and math.isfinite(v) for v in vals):
+        raise HarnessError("bad timing: max_time, ci and trial_time must be finite numbers")
     if timing.min_rounds < 1 or timing.max_rounds < timing.min_rounds or timing.max_time < 0 \
-            or not 0 < timing.ci_rel < 1 or timing.warmup < 0:
+            or not 0 < timing.ci_rel < 1 or timing.warmup < 0 or timing.min_trials < 1 \
+            or timing.max_trials < timing.min_trials or timing.trial_time < 0 \
+            or timing.sets_per_process < 1:
         raise HarnessError("bad timing: need min_rounds >= 1, max_rounds >= min_rounds, "
-                           "max_time >= 0, 0 < ci < 1, warmup >= 0")
+                           "max_time >= 0, 0 < ci < 1, warmup >= 0, min_trials >= 1, "
+                           "max_trials >= min_trials, trial_time >= 0, sets_per_process >= 1")
+    if timing.isolate not in ISOLATE:
+        raise HarnessError(f"unknown isolate {timing.isolate!r}; choose from "
+                           f"{', '.join(ISOLATE)}")
     if threads is not None:
         import numba
 
@@ -293,10 +334,17 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
          + (f", {len(plan.done)} already done (--resume)" if resume else ""))
     for reason, n in plan.skip_counts().items():
         echo(f"  skipped {n:>4}: {reason}")
-    echo(f"Timing: {timing.warmup} warm-up round(s), >= {timing.min_rounds} rounds, until every "
-         f"ratio's 95% interval is within ±{100 * timing.ci_rel:g}% or {timing.max_time:g} s per "
-         f"point; cache {', '.join(the_sweep.caches)}; call {', '.join(the_sweep.calls)}"
+    echo(f"Timing: {timing.min_trials}-{timing.max_trials} trials per point (fresh buffer sets"
+         + (f", a fresh process per {timing.sets_per_process} trial(s)"
+            if timing.isolate == "process" else "")
+         + f"), each >= {timing.min_rounds} rounds and {timing.trial_time:g} s after "
+         f"{timing.warmup} warm-up round(s); trials added until every ratio's 95% interval is "
+         f"within ±{100 * timing.ci_rel:g}% or {timing.max_time:g} s per point; cache "
+         f"{', '.join(the_sweep.caches)}; call {', '.join(the_sweep.calls)}"
          + (f"; writing to {out}/" if out is not None else ""))
+    est = estimate_seconds(plan, timing)
+    echo(f"Estimated run time: about {est:.0f} s ({est / 60:.1f} min) at most for the "
+         "sampling and checks (compilation not included; a warm JIT cache loads in seconds)")
     busy = _busy_warning(load_before)
     if busy:
         echo(busy)
@@ -306,24 +354,29 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     logs = []
     if out is not None:
         logs = [output.RowLog(out / ROWS_FILE, resume=resume),
-                output.RowLog(out / RATIOS_FILE, resume=resume)]
+                output.RowLog(out / RATIOS_FILE, resume=resume),
+                output.RowLog(out / SAMPLES_FILE, resume=resume)]
 
     def emit(row):
         rows.append(row)
         if logs:
             logs[0].write(row)
 
+    def emit_sample(rec):
+        if logs:
+            logs[2].write(rec)
+
     def emit_ratio(rec):
         ratios.append(rec)
         if logs:
             logs[1].write(rec)
 
-    runner = Runner(timing, emit, emit_ratio, env, run_id, load_before, baseline)
+    runner = Runner(timing, emit, emit_ratio, env, run_id, load_before, baseline, emit_sample)
     show = sys.stderr.isatty() if progress is None else progress
     interrupted = False
     meta = {"command": command, "run_id": run_id, "schema": SCHEMA,
             "load_before_1m": load_before, "timing": dataclasses.asdict(timing), "sweep": sweep,
-            "quiet_required": require_quiet}
+            "quiet_required": require_quiet, "estimated_s": est}
     try:
         if show:
             import click

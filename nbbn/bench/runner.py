@@ -37,6 +37,7 @@ import numpy as np
 from .. import output, registry
 from ..seeds import rng_for
 from . import devices, roofline, stats
+from ..spec import Op
 from .cases import BufferSets, buffer_sets, copy_case, make_case, point_data
 from .sweep import Config, PointPlan
 
@@ -54,12 +55,16 @@ COLUMNS = (
     "N", "C", "H", "W", "shape", "x_shape", "m", "tag",
     "status", "skip_reason", "error", "passed", "rel_err", "worst_output", "tolerance", "errors",
     "notes",
-    "compile_s", "timer", "rounds", "converged", "ci_halfwidth_pct_max",
+    "compile_s", "timer", "trials", "processes", "rounds", "converged", "ci_halfwidth_pct_max",
+    "between_trial_sd_pct", "within_trial_sd_pct",
     "time_ms_p50", "time_ms_ci_lo", "time_ms_ci_hi", "time_ms_p20", "time_ms_p80", "time_ms_min",
     "noise_pct",
     "copy_ms_p50", "time_over_copy", "time_over_copy_ci_lo", "time_over_copy_ci_hi",
     "baseline", "speedup", "speedup_ci_lo", "speedup_ci_hi",
-    "bytes", "bytes_2pass", "x_bytes", "gbps", "gbps_2pass", "copy_gbps", "pct_of_copy",
+    "limit_copy",
+    "bytes", "bytes_2pass", "read_bytes", "write_bytes", "x_bytes", "gbps", "gbps_2pass",
+    "copy_gbps", "read_gbps", "limit", "limit_ms", "limit_gbps", "pct_of_limit",
+    "pct_of_limit_ci_lo", "pct_of_limit_ci_hi",
     "buffer_sets", "working_set_bytes", "llc_bytes",
     "load_before_1m", "load_avg_1m",
     "nbbn_version", "numba_version", "numpy_version", "torch_version", "python_version",
@@ -99,25 +104,44 @@ COLUMN_DOCS = {
     "compile_s": "wall time of the first call alone: JIT compile or cache load plus one run",
     "timer": "perf_counter_ns (host), cuda-events-blocking (GPU time, launch gaps excluded), "
              "cuda-events (--call api: gaps included), wall-simulator",
-    "rounds": "round-robin rounds timed (one call of each configuration and the copy per round)",
+    "trials": "independent trials (fresh buffer sets, new rotation start; with --isolate "
+              "process a fresh worker process per --sets-per-process trials)",
+    "processes": "worker processes the trials ran in (1: the bench's own)",
+    "rounds": "round-robin rounds timed over all trials (one call of each configuration and "
+              "each limit callable per round)",
+    "between_trial_sd_pct": "sd of the trial medians of log(speed-up) (else log time/copy), "
+                            "×100 (≈ %)",
+    "within_trial_sd_pct": "pooled robust sd (1.4826·MAD) of the per-round log ratio within a "
+                           "trial, ×100 (≈ %)",
     "converged": "every ratio of the point reached the --ci target before --max-time",
     "ci_halfwidth_pct_max": "widest half-width of this row's ratio intervals, % of the ratio",
-    "time_ms_p50": "median time of one call (ms)",
-    "time_ms_ci_lo": "95% bootstrap interval of that median (ms)", "time_ms_ci_hi": "",
+    "time_ms_p50": "time of one call (ms): geometric mean over trials of the trial medians",
+    "time_ms_ci_lo": "its 95% trial interval (two-level bootstrap, stats.py)",
+    "time_ms_ci_hi": "",
     "time_ms_p20": "20th percentile (ms)", "time_ms_p80": "80th percentile (ms)",
     "time_ms_min": "fastest call (ms)",
     "noise_pct": "100·(p80 − p20)/p50",
-    "copy_ms_p50": "median time of the copy of x timed in the same loop (ms)",
-    "time_over_copy": "median over rounds of time/copy time (paired)",
-    "time_over_copy_ci_lo": "its 95% bootstrap interval", "time_over_copy_ci_hi": "",
+    "copy_ms_p50": "time of the fastest copy of x timed in the same loop (ms)",
+    "limit_copy": "which copy was fastest (copy:numpy, copy:numba, copy:torch; limits.py)",
+    "time_over_copy": "time over that copy's time (paired per round, over trials)",
+    "time_over_copy_ci_lo": "its 95% trial interval", "time_over_copy_ci_hi": "",
     "baseline": "the point's reference baseline (backend:variant)",
-    "speedup": "median over rounds of baseline time/this time (paired; > 1: this is faster)",
-    "speedup_ci_lo": "its 95% bootstrap interval", "speedup_ci_hi": "",
+    "speedup": "baseline time/this time (paired per round; geometric mean of the trial "
+               "medians; > 1: this is faster)",
+    "speedup_ci_lo": "its 95% trial interval (two-level bootstrap)", "speedup_ci_hi": "",
     "bytes": "minimal bytes model (roofline.py)", "bytes_2pass": "two-pass bytes model",
     "x_bytes": "bytes of x",
     "gbps": "bytes / time_ms_p50, GB/s", "gbps_2pass": "bytes_2pass / time_ms_p50, GB/s",
-    "copy_gbps": "2·x_bytes / copy_ms_p50, GB/s",
-    "pct_of_copy": "100·(bytes / (2·x_bytes)) / time_over_copy: GB/s as % of the copy's",
+    "read_bytes": "bytes read in the minimal model", "write_bytes": "bytes written",
+    "copy_gbps": "2·x_bytes / copy_ms_p50, GB/s (the fastest copy)",
+    "read_gbps": "x_bytes / time of the read-only stream (read:numba), GB/s",
+    "limit": "what the row is measured against: the fastest copy (+ the read stream for "
+             "backward's extra read); limits.py",
+    "limit_ms": "the op's limit time: reads at the read stream's rate, writes at the copy's "
+                "write share (ms)",
+    "limit_gbps": "bytes / limit_ms, GB/s",
+    "pct_of_limit": "100·limit time/this time (paired): % of the machine's limit",
+    "pct_of_limit_ci_lo": "its 95% trial interval", "pct_of_limit_ci_hi": "",
     "buffer_sets": "buffer sets rotated through (1 when warm)",
     "working_set_bytes": "buffer_sets × bytes one call touches",
     "llc_bytes": "last-level cache of the device (host L3, GPU L2)",
@@ -144,8 +168,10 @@ class Runner:
     def __init__(self, timing: devices.TimingConfig, emit: Callable[[dict], None],
                  emit_ratio: Callable[[dict], None] | None = None, env: dict | None = None,
                  run_id: str = "", load_before: float | None = None,
-                 baseline: str | None = None):
+                 baseline: str | None = None,
+                 emit_sample: Callable[[dict], None] | None = None):
         self.timing = timing
+        self.emit_sample = emit_sample or (lambda r: None)
         self.emit = emit
         self.emit_ratio = emit_ratio or (lambda r: None)
         self.env = env if env is not None else output.environment()
@@ -238,7 +264,9 @@ class Runner:
             cases.append(case)
             order.append(cfg)
         if cases:
-            self._time(group, dev, data, sets, cases, order, rows)
+            state = {"sets": sets, "cases": cases}
+            del sets, cases, case  # the first trial owns them; later trials allocate anew
+            self._time(group, dev, data, state, order, rows)
         for cfg in group.run:
             self.emit(rows[cfg])
         return [rows[c] for c in group.run]
@@ -267,23 +295,27 @@ class Runner:
         return min(cands, key=lambda i: (names.index(order[i].backend)
                                          if order[i].backend in names else len(names), i))
 
-    def _sample(self, dev, calls: list[list], K: int, min_rounds: int, pairs, rng):
-        """Round-robin samples: T[r, i] seconds; (T, converged, notes)."""
+    def _sample(self, dev, calls: list[list], K: int, min_rounds: int, offset: int = 0):
+        """One trial's round-robin samples: T[r, i] seconds, and notes. Round r starts at
+        callable ``(r + offset) mod M``; the buffer sets are taken in turn from set
+        ``offset mod K``. Rounds are added until ``min_rounds`` are in and ``trial_time`` has
+        passed (or ``max_rounds`` / ``min_trials`` rounds)."""
         t = self.timing
         M = len(calls)
-        g = 0
+        g = offset
+        done_rounds = offset
 
         def schedule(n_rounds: int):
-            nonlocal g
+            nonlocal g, done_rounds
             fns, idx = [], []
-            for r in range(n_rounds):
-                start = (r + schedule.rounds) % M
+            for _ in range(n_rounds):
+                start = done_rounds % M
                 for j in range(M):
                     m = (start + j) % M
                     fns.append(calls[m][g % K])
                     idx.append(m)
                     g += 1
-            schedule.rounds += n_rounds
+                done_rounds += 1
             return fns, np.asarray(idx)
 
         def timed(fns, idx):
@@ -293,16 +325,14 @@ class Runner:
                 exc.callable_index = int(idx[exc.index])
                 raise
 
-        schedule.rounds = 0
         notes: list[str] = []
         for _ in range(t.warmup):
             timed(*schedule(1))
-        schedule.rounds = 0
         blocks = []
         R = 0
+        cap = max(min_rounds, t.max_rounds // max(1, t.min_trials))
         batch = max(1, min_rounds)
         start = time.monotonic()
-        done = False
         while True:
             fns, idx = schedule(batch)
             secs, n = timed(fns, idx)
@@ -312,101 +342,192 @@ class Runner:
             blocks.append(block)
             R += batch
             elapsed = time.monotonic() - start
-            if R >= min_rounds:
-                T = np.vstack(blocks)
-                blocks = [T]
-                done, _ = stats.converged(T, pairs, t.ci_rel, rng)
-                if done or elapsed >= t.max_time or R >= t.max_rounds:
-                    break
+            if R >= min_rounds and (elapsed >= t.trial_time or R >= cap):
+                break
             per_round = elapsed / R
-            left = max(t.max_time - elapsed, 0.0)
-            batch = int(max(1, min(R * 0.5, left / max(per_round, 1e-9) + 1, t.max_rounds - R)))
-        return np.vstack(blocks), done, notes
+            left = max(t.trial_time - elapsed, 0.0)
+            batch = int(max(1, min(R, left / max(per_round, 1e-9) + 1, cap - R)))
+        return np.vstack(blocks), notes
 
-    def _time(self, group, dev, data, sets, cases, order, rows) -> None:
+    def _limit_calls(self, p, sets, dev) -> tuple[list[str], list[list]]:
+        """The limit callables on every buffer set (:mod:`.limits`): names and calls."""
+        if dev.kind != "cpu":
+            copy = copy_case(p, sets, dev)
+            return ["copy:device"], [copy.calls]
+        from . import limits
+
+        limits.warm(np.dtype(p.dtype))
+        dsts = sets.empty(p.x_shape, np.dtype(p.dtype))
+        per_set = [limits.host_limit_calls(s["x"], d) for s, d in zip(sets.sets, dsts,
+                                                                        strict=True)]
+        names = list(per_set[0])
+        return names, [[c[n] for c in per_set] for n in names]
+
+    def trials_here(self, group, dev, data, sets, cases, order, n_trials: int, first: int,
+                    seed_key) -> tuple[list[np.ndarray], list[str], list[str]]:
+        """``n_trials`` trials in this process, each on fresh buffer sets (the first on
+        ``sets``/``cases`` when given): (blocks, limit names, notes)."""
         p = group.point
-        copy = copy_case(p, sets, dev)
-        calls = [c.calls for c in cases] + [copy.calls]
+        rng = rng_for(self.timing.seed, *seed_key, "rotation", first)
+        min_rounds = max(self.timing.min_rounds,
+                         -(-(p.min_rounds or 0) // max(1, self.timing.min_trials)))
+        blocks, notes, names = [], [], None
+        K = sets.K if sets is not None else None
+        for k in range(n_trials):
+            if sets is None:
+                K = buffer_sets(p, data.x_bytes, dev.llc_bytes()) if K is None else K
+                sets = BufferSets(data, dev, K)
+                cases = [make_case(cfg, data, sets, dev) for cfg in order]
+            names, lcalls = self._limit_calls(p, sets, dev)
+            calls = [c.calls for c in cases] + lcalls
+            offset = int(rng.integers(0, 1 << 30))
+            T, n = self._sample(dev, calls, sets.K, min_rounds, offset)
+            blocks.append(T)
+            notes += [x for x in n if x not in notes]
+            sets = cases = None  # free this trial's buffers before the next allocates its own
+            del lcalls, calls
+        return blocks, names, notes
+
+    def _trials(self, group, dev, data, state, order, rng, seed_key):
+        """Trials until the stopping rule holds: (blocks, limit names, notes, process ids)."""
+        t = self.timing
         pairs = self._pairs(order)
+        blocks: list[np.ndarray] = []
+        procs: list[int] = []
+        notes: list[str] = []
+        names = None
+        start = time.monotonic()
+        while True:
+            first = len(blocks)
+            if t.isolate == "process":
+                from . import worker
+
+                b, names, n, pid = worker.trials_in_process(group, order, t, first, seed_key)
+            else:
+                b, names, n = self.trials_here(group, dev, data, state.pop("sets", None),
+                                               state.pop("cases", None), order, 1, first,
+                                               seed_key)
+                pid = 0
+            blocks += b
+            procs += [pid] * len(b)
+            notes += [x for x in n if x not in notes]
+            elapsed = time.monotonic() - start
+            if len(blocks) >= t.min_trials:
+                done, _ = stats.trials_converged(blocks, pairs, t.ci_rel, rng)
+                if done or elapsed >= t.max_time or len(blocks) >= t.max_trials:
+                    return blocks, names, notes, procs, done
+
+    def _time(self, group, dev, data, state, order, rows) -> None:
+        from . import limits
+
+        p = group.point
         point_key = (*p.columns().items(), group.device)
         rng = rng_for(self.timing.seed, *point_key, "stopping-rule")
 
-        def seeded(*idx):
+        def seeded(*names):
             """Each final interval from its own generator, keyed by the point and the callables
             it is about: the same samples always give the same interval."""
-            names = ["copy" if k in ("copy", len(order)) else
-                     f"{order[k].backend}:{order[k].variant}" for k in idx]
             return rng_for(self.timing.seed, *point_key, *names)
 
-        min_rounds = max(self.timing.min_rounds, p.min_rounds or 0)
         while True:
             try:
-                T, done, notes = self._sample(dev, calls, sets.K, min_rounds, pairs, rng)
+                blocks, lnames, notes, procs, done = self._trials(group, dev, data, state, order,
+                                                                  rng, point_key)
                 break
             except devices.CallFailed as exc:  # drop the callable that raised, start again
                 bad = exc.callable_index
-                if bad == len(calls) - 1:  # the copy itself failed
+                state.clear()
+                if bad >= len(order):  # a limit callable failed
                     for cfg in order:
                         self._error(rows[cfg], exc.exc)
                     return
                 self._error(rows[order[bad]], exc.exc)
-                del calls[bad], cases[bad], order[bad]
+                del order[bad]
                 if not order:
                     return
-                pairs = self._pairs(order)
         M = len(order)
-        ref = self._reference_baseline(order)
         boot = self.timing.bootstrap
-        copy_iv = stats.median_ci(T[:, M], seeded("copy"), boot)
+        labels = [f"{c.backend}:{c.variant}" for c in order] + lnames
+        copies = [M + k for k, n in enumerate(lnames) if n.startswith("copy:")]
+        reads = [M + k for k, n in enumerate(lnames) if n.startswith("read:")]
+        copy_ivs = {k: stats.trial_time(blocks, k, seeded(labels[k]), boot) for k in copies}
+        best = min(copies, key=lambda k: copy_ivs[k].median)
+        copy_iv = copy_ivs[best]
+        read = reads[0] if reads else None
+        read_iv = stats.trial_time(blocks, read, seeded(labels[read]), boot) if read else None
         itemsize = np.dtype(p.dtype).itemsize
         nbytes = roofline.bytes_moved(p.op, p.numel, p.C, itemsize, fusion=p.fusion)
         nbytes2 = roofline.bytes_moved(p.op, p.numel, p.C, itemsize, two_pass=True,
                                        fusion=p.fusion)
-        cbytes = roofline.copy_bytes(data.x_bytes)
+        rb, wb = roofline.read_write_bytes(p.op, p.numel, p.C, itemsize, fusion=p.fusion)
+        xb = data.x_bytes
+        cbytes = roofline.copy_bytes(xb)
+        L = len(labels)  # the limit's column in the augmented blocks
+        aug = [np.column_stack([T, limits.limit_per_round(
+            T[:, best], None if read is None else T[:, read], rb, wb, xb)]) for T in blocks]
+        lim_iv = stats.trial_time(aug, L, seeded("limit"), boot)
+        limit_name = labels[best] + (f" + {labels[read]}" if read is not None
+                                     and p.op is Op.BACKWARD else "")
+        ref = self._reference_baseline(order)
         llc = dev.llc_bytes()
+        rounds = int(sum(T.shape[0] for T in blocks))
         for i, cfg in enumerate(order):
             row = rows[cfg]
-            s = T[:, i]
-            t_iv = stats.median_ci(s, seeded(i), boot)
-            oc = stats.paired_ratio(T, i, M, seeded(i, "copy"), boot)
+            s = np.concatenate([T[:, i] for T in blocks])
+            t_iv = stats.trial_time(blocks, i, seeded(labels[i]), boot)
+            oc = stats.trial_ratio(blocks, i, best, seeded(labels[i], "copy"), boot)
+            pl = stats.trial_ratio(aug, L, i, seeded("limit", labels[i]), boot)
             widths = [oc.half_width_rel]
             p20, p80 = np.percentile(s, [20, 80])
-            row.update(status="ok", rounds=int(T.shape[0]), converged=bool(done),
+            row.update(status="ok", rounds=rounds, trials=len(blocks),
+                       processes=len(set(procs)) if self.timing.isolate == "process" else 1,
+                       converged=bool(done),
                        time_ms_p50=t_iv.median * 1e3, time_ms_ci_lo=t_iv.lo * 1e3,
                        time_ms_ci_hi=t_iv.hi * 1e3, time_ms_p20=p20 * 1e3,
                        time_ms_p80=p80 * 1e3, time_ms_min=float(s.min()) * 1e3,
                        noise_pct=100.0 * (p80 - p20) / t_iv.median if t_iv.median > 0 else None,
-                       copy_ms_p50=copy_iv.median * 1e3, time_over_copy=oc.median,
+                       copy_ms_p50=copy_iv.median * 1e3, limit_copy=labels[best],
+                       time_over_copy=oc.median,
                        time_over_copy_ci_lo=oc.lo, time_over_copy_ci_hi=oc.hi,
-                       bytes=nbytes, bytes_2pass=nbytes2,
+                       bytes=nbytes, bytes_2pass=nbytes2, read_bytes=rb, write_bytes=wb,
                        gbps=roofline.gbps(nbytes, t_iv.median),
                        gbps_2pass=roofline.gbps(nbytes2, t_iv.median),
                        copy_gbps=roofline.gbps(cbytes, copy_iv.median),
-                       pct_of_copy=100.0 * nbytes / cbytes / oc.median if oc.median > 0
-                       else None)
+                       read_gbps=roofline.gbps(xb, read_iv.median) if read_iv else None,
+                       limit=limit_name, limit_ms=lim_iv.median * 1e3,
+                       limit_gbps=roofline.gbps(nbytes, lim_iv.median),
+                       pct_of_limit=100.0 * pl.median, pct_of_limit_ci_lo=100.0 * pl.lo,
+                       pct_of_limit_ci_hi=100.0 * pl.hi)
             extra = list(notes)
             if p.cache == "cold" and row["working_set_bytes"] < 2 * llc:
                 extra.append(f"cold working set {row['working_set_bytes']} B < 2x LLC "
-                             f"({2 * llc} B): capped at {sets.K} buffer sets")
+                             f"({2 * llc} B): capped at {row['buffer_sets']} buffer sets")
             if extra:
                 row["notes"] = "; ".join(filter(None, [row["notes"], *extra]))
+            spread_pair = (best, i)
             if ref is not None and ref != i:
-                sp = stats.paired_ratio(T, ref, i, seeded(ref, i), boot)
-                b = order[ref]
-                row.update(baseline=f"{b.backend}:{b.variant}", speedup=sp.median,
+                sp = stats.trial_ratio(blocks, ref, i, seeded(labels[ref], labels[i]), boot)
+                row.update(baseline=labels[ref], speedup=sp.median,
                            speedup_ci_lo=sp.lo, speedup_ci_hi=sp.hi)
                 widths.append(sp.half_width_rel)
+                spread_pair = (ref, i)
+            row["between_trial_sd_pct"], row["within_trial_sd_pct"] = \
+                stats.trial_spread(blocks, *spread_pair)
             row["ci_halfwidth_pct_max"] = 100.0 * max(widths)
             row["load_avg_1m"] = output.load_average()
-        labels = [(c.backend, c.variant) for c in order] + [("copy", "")]
         for i in range(M):
-            for j in range(M + 1):
+            for j in range(len(labels)):
                 if i == j:
                     continue
-                iv = stats.paired_ratio(T, j, i, seeded(j, i), boot)
+                iv = stats.trial_ratio(blocks, j, i, seeded(labels[j], labels[i]), boot)
+                vb, _, vv = labels[j].partition(":")
                 self.emit_ratio({
-                    "schema": SCHEMA, "run_id": self.run_id, "backend": labels[i][0],
-                    "variant": labels[i][1], **p.columns(), "device": group.device,
-                    "vs_backend": labels[j][0], "vs_variant": labels[j][1],
+                    "schema": SCHEMA, "run_id": self.run_id, "backend": order[i].backend,
+                    "variant": order[i].variant, **p.columns(), "device": group.device,
+                    "vs_backend": vb, "vs_variant": vv,
                     "speedup": iv.median, "speedup_ci_lo": iv.lo, "speedup_ci_hi": iv.hi,
-                    "rounds": int(T.shape[0])})
+                    "rounds": rounds, "trials": len(blocks)})
+        for k, (T, pid) in enumerate(zip(blocks, procs, strict=True)):
+            self.emit_sample({"schema": SCHEMA, "run_id": self.run_id, **p.columns(),
+                              "device": group.device, "trial": k, "process": pid,
+                              "labels": labels, "times_us": np.round(T * 1e6, 3).tolist()})

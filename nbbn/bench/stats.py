@@ -88,3 +88,193 @@ def converged(T: np.ndarray, pairs, target: float, rng: np.random.Generator,
         if w > target:
             return False, worst
     return True, worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials: the interval built at the level that varies (Kalibera & Jones 2013; pyperf)
+#
+# A point is measured in n independent *trials* (fresh buffer sets, a new rotation start, with
+# ``--isolate process`` a fresh worker process). Trial t gives R_t paired rounds. For the ratio
+# i over j:
+#
+#     z_{t,r} = log(T_t[r, i] / T_t[r, j])             (paired, per round)
+#     m_t     = median over r of z_{t,r}                 (the trial's estimate)
+#     ratio   = exp(mean over t of m_t)                  (geometric mean of the trial medians)
+#
+# Its 95% interval is a two-level (cluster) bootstrap: draw n trials with replacement, then
+# within each drawn trial its R_t rounds with replacement, take the trial medians and their
+# mean; the 2.5th and 97.5th percentiles of B such means, in log space. With few trials a
+# percentile bootstrap is too narrow (it divides by n, not n − 1, and uses z, not t): the
+# interval is widened about the estimate by Hesterberg's factor sqrt(n/(n − 1))·t_{n−1}/z
+# ("expanded percentile"). tests/test_harness.py checks its coverage by simulation with a known
+# between-trial variance. With one trial the interval is the rounds' bootstrap alone, which
+# says nothing about the trial level: rows carry ``trials`` so a reader can tell.
+
+#: Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+Z975 = 1.959964
+
+
+def t975(df: int) -> float:
+    """Student's t 97.5% quantile (1.96 beyond 30 degrees of freedom, where it is within 4%)."""
+    return _T975[df - 1] if 1 <= df <= len(_T975) else Z975
+
+
+def expansion(n: int) -> float:
+    """Hesterberg's widening of a percentile bootstrap interval over n clusters."""
+    if n < 2:
+        return 1.0
+    return float(np.sqrt(n / (n - 1)) * t975(n - 1) / Z975)
+
+
+def _log_ratio_blocks(blocks, i: int, j: int) -> list[np.ndarray]:
+    out = []
+    for T in blocks:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.log(T[:, i] / T[:, j])
+        z = z[np.isfinite(z)]
+        if z.size:
+            out.append(z)
+    return out
+
+
+def cluster_ci(groups: list[np.ndarray], rng: np.random.Generator, bootstrap: int = 1000,
+               max_work: int = MAX_WORK) -> Interval:
+    """Mean over groups of each group's median, with the expanded two-level bootstrap interval
+    (module section "Trials"); ``groups`` are the trials' values (log ratios). The interval is
+    in the values' units (log): callers exponentiate."""
+    groups = [np.asarray(g, dtype=np.float64) for g in groups if np.size(g)]
+    n = len(groups)
+    if n == 0:
+        nan = float("nan")
+        return Interval(nan, nan, nan)
+    meds = np.array([np.median(g) for g in groups])
+    est = float(meds.mean())
+    total = sum(g.size for g in groups)
+    B = int(max(MIN_RESAMPLES, min(bootstrap, max_work // max(total, 1))))
+    # Each trial's median's bootstrap distribution (rounds resampled within the trial) ...
+    inner = np.empty((n, B))
+    for t, g in enumerate(groups):
+        idx = rng.integers(0, g.size, size=(B, g.size))
+        inner[t] = np.median(g[idx], axis=1)
+    if n == 1:
+        lo, hi = np.percentile(inner[0], [2.5, 97.5])
+        return Interval(est, float(lo), float(hi))
+    # ... then trials drawn with replacement, each with one of its inner draws.
+    pick = rng.integers(0, n, size=(B, n))
+    draw = rng.integers(0, B, size=(B, n))
+    means = inner[pick, draw].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    c = expansion(n)
+    return Interval(est, float(est - c * (est - lo)), float(est + c * (hi - est)))
+
+
+def trial_ratio(blocks, i: int, j: int, rng: np.random.Generator,
+                bootstrap: int = 1000) -> Interval:
+    """Ratio T[:, i]/T[:, j] over trials (``blocks``: one (rounds, callables) array per trial):
+    exp of :func:`cluster_ci` of the per-round log ratios."""
+    iv = cluster_ci(_log_ratio_blocks(blocks, i, j), rng, bootstrap)
+    return Interval(*(float(np.exp(v)) for v in (iv.median, iv.lo, iv.hi)))
+
+
+def trial_time(blocks, i: int, rng: np.random.Generator, bootstrap: int = 1000) -> Interval:
+    """A callable's own time over trials: exp of :func:`cluster_ci` of log seconds."""
+    groups = []
+    for T in blocks:
+        v = T[:, i]
+        v = v[np.isfinite(v) & (v > 0)]
+        if v.size:
+            groups.append(np.log(v))
+    iv = cluster_ci(groups, rng, bootstrap)
+    return Interval(*(float(np.exp(v)) for v in (iv.median, iv.lo, iv.hi)))
+
+
+def trial_spread(blocks, i: int, j: int) -> tuple[float, float]:
+    """(between-trial, within-trial) standard deviation of the log ratio i over j, both as %
+    (100·sd of the natural log ≈ % spread): the sd of the trial medians, and the pooled
+    robust sd of rounds within a trial (1.4826·MAD)."""
+    z = _log_ratio_blocks(blocks, i, j)
+    if not z:
+        return float("nan"), float("nan")
+    meds = np.array([np.median(g) for g in z])
+    between = float(np.std(meds, ddof=1)) if len(meds) > 1 else float("nan")
+    mads = [1.4826 * np.median(np.abs(g - np.median(g))) for g in z if g.size > 1]
+    within = float(np.sqrt(np.mean(np.square(mads)))) if mads else float("nan")
+    return 100.0 * between, 100.0 * within
+
+
+def trials_converged(blocks, pairs, target: float, rng: np.random.Generator,
+                     bootstrap: int = MIN_RESAMPLES) -> tuple[bool, float]:
+    """Whether every ratio of ``pairs`` has a trial interval with relative half-width at most
+    ``target``; also the widest seen."""
+    worst = 0.0
+    for i, j in pairs:
+        w = trial_ratio(blocks, i, j, rng, bootstrap).half_width_rel
+        worst = max(worst, w)
+        if w > target:
+            return False, worst
+    return True, worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Variance components (nested random effects, method of moments; Kalibera & Jones 2013, §4)
+
+
+def variance_components(values: np.ndarray, ids: np.ndarray) -> list[dict]:
+    """Variance of ``values`` (log ratios) split over nested levels.
+
+    ``ids`` is (n, k): for each value its unit at every level from the top down (e.g. run,
+    process, trial), the value itself being a round. Level L's units are the distinct id
+    prefixes of length L. With ``S_L`` = the mean over level-(L−1) units of the sample variance
+    of their children's means (``S_k`` for rounds: of the values within a trial), and ``n_L``
+    the mean number of level-L+1 children per level-L unit, the components are
+
+        σ²_round = S_round,    σ²_L = max(S_L − S_{L+1} / n_{L+1}, 0)  (down the levels)
+
+    which is the ANOVA estimator for a balanced design and a moment estimate otherwise. Levels
+    with a single unit per parent throughout contribute no information (``S_L`` NaN: reported
+    NaN). Returns one dict per level, top first, then ``round``: ``level`` (index), ``units``,
+    ``S`` (observed variance of means), ``children`` (n_L), ``variance`` (σ²).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    ids = np.asarray(ids)
+    n, k = ids.shape
+    keys = [tuple(map(tuple, ids[:, :L + 1])) for L in range(k)]  # unit of each value at L
+
+    def unit_means(L):
+        d: dict = {}
+        for key, x in zip(keys[L], v, strict=True):
+            d.setdefault(key, []).append(x)
+        return {u: float(np.mean(xs)) for u, xs in d.items()}, d
+
+    S = []
+    children = []
+    # rounds within the lowest level
+    _, members = unit_means(k - 1)
+    var_r = [np.var(xs, ddof=1) for xs in members.values() if len(xs) > 1]
+    S_round = float(np.mean(var_r)) if var_r else float("nan")
+    n_round = float(np.mean([len(xs) for xs in members.values()]))
+    for L in range(k):
+        means, _ = unit_means(L)
+        parents: dict = {}
+        for u, m in means.items():
+            parents.setdefault(u[:-1], []).append(m)
+        vs = [np.var(ms, ddof=1) for ms in parents.values() if len(ms) > 1]
+        S.append(float(np.mean(vs)) if vs else float("nan"))
+        children.append(float(np.mean([len(ms) for ms in parents.values()])))
+    out = []
+    below_S, below_n = S_round, n_round
+    comps = [None] * k
+    for L in range(k - 1, -1, -1):
+        comps[L] = max(S[L] - below_S / below_n, 0.0) if np.isfinite(S[L]) else float("nan")
+        below_S, below_n = S[L], children[L]
+        if not np.isfinite(below_S):
+            below_S = 0.0
+    for L in range(k):
+        out.append({"level": L, "units": len(set(keys[L])), "S": S[L],
+                    "children": children[L + 1] if L + 1 < k else n_round,
+                    "variance": comps[L]})
+    out.append({"level": k, "units": n, "S": S_round, "children": 1.0, "variance": S_round})
+    return out

@@ -153,7 +153,7 @@ def point_table(ok: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
             "time ms": r["time_ms_p50"],
             "torch ms": bt if not pd.isna(r["speedup"]) else np.nan,
             "copy ms": r["copy_ms_p50"],
-            "GB/s": r["gbps"], "% of copy": r["pct_of_copy"],
+            "GB/s": r["gbps"], "% of limit": r["pct_of_limit"],
             "time/copy": interval(r["time_over_copy"], r["time_over_copy_ci_lo"],
                                   r["time_over_copy_ci_hi"]),
             "speed-up": interval(r["speedup"], r["speedup_ci_lo"], r["speedup_ci_hi"]),

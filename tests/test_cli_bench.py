@@ -183,7 +183,8 @@ def interrupting_backend():
 def test_interrupt_keeps_points_and_resume_finishes(tmp_path, interrupting_backend):
     args = ["--backend", "flaky,numpy", "--op", "inference,forward-train", "--layout", "NC",
             "--batch-sizes", "2,3,4", "--shapes", "5", "--warmup", "0", "--min-rounds", "3",
-            "--max-rounds", "3", "--no-plots", "--out", tmp_path]
+            "--max-rounds", "3", "--min-trials", "1", "--max-trials", "1", "--no-plots",
+            "--out", tmp_path]
     first = invoke(bench, args)
     assert first.exit_code == 130, first.output
     assert "add --resume" in first.output
@@ -226,17 +227,20 @@ def test_compare_labels_and_fail_on_slower(tmp_path):
     pd.DataFrame(old).to_csv(tmp_path / "old.csv", index=False)
     _write(tmp_path / "new.jsonl", new)
     result = invoke(compare, [tmp_path / "old.csv", tmp_path / "new.jsonl", "--csv",
-                              tmp_path / "cmp.csv"])
+                              tmp_path / "cmp.csv", "--run-sd", "0", "--margin", "0.1"])
     assert result.exit_code == 0, result.output
     assert "1 faster, 1 slower, 1 same, 1 ambiguous" in result.output
     table = pd.read_csv(tmp_path / "cmp.csv").set_index("N")
     assert list(table.loc[[1, 2, 4, 8], "label"]) == ["faster", "slower", "same", "ambiguous"]
-    slower = invoke(compare, [tmp_path / "old.csv", tmp_path / "new.jsonl", "--fail-on-slower"])
+    slower = invoke(compare, [tmp_path / "old.csv", tmp_path / "new.jsonl", "--fail-on-slower",
+                              "--run-sd", "0"])
     assert slower.exit_code == 1
     _write(tmp_path / "same.jsonl", old)
-    same = invoke(compare, [tmp_path / "old.csv", tmp_path / "same.jsonl", "--fail-on-slower"])
+    same = invoke(compare, [tmp_path / "old.csv", tmp_path / "same.jsonl", "--fail-on-slower",
+                            "--run-sd", "0"])
     assert same.exit_code == 0 and "0 faster, 0 slower, 4 same, 0 ambiguous" in same.output
-    wider = invoke(compare, [tmp_path / "old.csv", tmp_path / "new.jsonl", "--threshold", "0.6"])
+    wider = invoke(compare, [tmp_path / "old.csv", tmp_path / "new.jsonl", "--threshold", "0.6",
+                             "--run-sd", "0"])
     assert "0 faster, 0 slower, 4 same" in wider.output
 
 

@@ -4,6 +4,7 @@ the paired statistics, the bytes model, rows and their intervals, compare's labe
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
@@ -293,8 +294,12 @@ def test_rows_carry_paired_ratios_and_their_intervals():
         assert r["rounds"] >= 3 and r["timer"] == "perf_counter_ns"
         assert r["time_ms_ci_lo"] <= r["time_ms_p50"] <= r["time_ms_ci_hi"]
         assert r["time_over_copy_ci_lo"] <= r["time_over_copy"] <= r["time_over_copy_ci_hi"]
-        assert r["pct_of_copy"] == pytest.approx(
-            100 * r["bytes"] / (2 * r["x_bytes"]) / r["time_over_copy"])
+        assert r["pct_of_limit_ci_lo"] <= r["pct_of_limit"] <= r["pct_of_limit_ci_hi"]
+        assert r["limit_copy"] in ("copy:numpy", "copy:numba", "copy:torch")
+        assert r["limit"].startswith(r["limit_copy"])
+        assert r["read_bytes"] + r["write_bytes"] == r["bytes"]
+        assert r["trials"] >= 2 and r["processes"] == 1
+        assert r["between_trial_sd_pct"] >= 0 and r["within_trial_sd_pct"] >= 0
         if r["backend"] == "torch-cpu":
             assert pd.isna(r["speedup"])  # the reference baseline itself
         else:
@@ -305,7 +310,8 @@ def test_rows_carry_paired_ratios_and_their_intervals():
         assert r["load_avg_1m"] is not None and r["load_before_1m"] is not None
     ratios = df.attrs["ratios"]
     # every ordered pair of the 3 backends and the copy, per point (4 points)
-    assert len(ratios) == 4 * 3 * 3
+    n_limits = 4 if importlib.util.find_spec("torch") else 3
+    assert len(ratios) == 4 * 3 * (2 + n_limits)
     assert set(ratios["vs_backend"]) == {"cpu", "numpy", "torch-cpu", "copy"}
     nhwc = df[df["layout"] == "NHWC"]
     assert set(nhwc["x_shape"]) == {"4x2x3x3"}  # (N, H, W, C)
@@ -482,13 +488,15 @@ def test_compare_four_labels_from_the_intervals():
                             4: (1.01, 0.99, 1.03),  # within ±10% whatever the truth: same
                             8: (1.1, 0.8, 1.4),     # too wide to tell: ambiguous
                             32: (1.0, 0.9, 1.1)}))
-    out = compare(old, new).set_index("N")
+    out = compare(old, new, margin=0.10, run_sd=0.0).set_index("N")
     assert list(out.loc[[1, 2, 4, 8], "label"]) == ["faster", "slower", "same", "ambiguous"]
     assert out.loc[1, "change"] == pytest.approx(0.5)
     assert out.loc[16, "label"] == "only in old" and out.loc[32, "label"] == "only in new"
     # disjoint intervals but a small change that is not clearly within the threshold
-    assert label_change(1.0, 0.99, 1.01, 1.06, 1.05, 1.12)[0] == "ambiguous"
-    assert label_change(1.0, 0.99, 1.01, 1.02, 1.015, 1.025)[0] == "same"
+    assert label_change(1.0, 0.99, 1.01, 1.06, 1.05, 1.12, 0.05, 0.0)[0] == "ambiguous"
+    assert label_change(1.0, 0.99, 1.01, 1.02, 1.015, 1.025, 0.05, 0.0)[0] == "same"
+    # the between-run sd widens the change's interval: same becomes ambiguous
+    assert label_change(1.0, 0.99, 1.01, 1.02, 1.015, 1.025, 0.05, 0.03)[0] == "ambiguous"
 
 
 def test_load_results_accepts_our_formats_and_rejects_others(tmp_path):

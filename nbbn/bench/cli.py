@@ -12,7 +12,7 @@ from .. import registry
 from ..output import command_line, markdown_table
 from ..spec import FLOAT_DTYPES, Fusion, Layout, Op
 from . import baselines  # noqa: F401  (registers the baselines: --backend choices include them)
-from .compare import DEFAULT_THRESHOLD, METRICS
+from .compare import DEFAULT_MARGIN, DEFAULT_RUN_SD, METRICS
 from .run import FULL, QUICK, HarnessError, RunRefused
 from .sweep import (
     CACHES,
@@ -173,6 +173,21 @@ def _sizes(d):
 @click.option("--ci", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Stop a point when every paired ratio's 95% interval has a half-width at "
                    f"most this fraction of it. [default: {FULL.ci_rel}]")
+@click.option("--min-trials", type=click.IntRange(1), default=None,
+              help="Independent trials per point at least (fresh buffer sets, new rotation "
+                   f"start). [default: {FULL.min_trials}; --quick: {QUICK.min_trials}]")
+@click.option("--max-trials", type=click.IntRange(1), default=None,
+              help=f"Trials per point at most. [default: {FULL.max_trials}; --quick: "
+                   f"{QUICK.max_trials}]")
+@click.option("--trial-time", type=FiniteFloat(0), default=None, metavar="SECONDS",
+              help="Sampling time of one trial (after --min-rounds). "
+                   f"[default: {FULL.trial_time}; --quick: {QUICK.trial_time}]")
+@click.option("--isolate", type=click.Choice(["none", "process"]), default="none",
+              show_default=True,
+              help="process: every --sets-per-process trials in a fresh worker process "
+                   "(pyperf's way; adds a process start per trial group).")
+@click.option("--sets-per-process", type=click.IntRange(1), default=1, show_default=True,
+              help="Trials (buffer sets) per worker process with --isolate process.")
 @click.option("--warmup", type=click.IntRange(0), default=None,
               help=f"Untimed rounds after the first (compiling, checked) call. "
                    f"[default: {FULL.warmup}]")
@@ -203,7 +218,8 @@ def _sizes(d):
               help="List backends (availability, variants), shape presets and named sweeps.")
 @click.pass_context
 def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, batch_sizes,
-          shapes, baseline, min_rounds, max_rounds, max_time, ci, warmup, seed, threads, quick,
+          shapes, baseline, min_rounds, max_rounds, max_time, ci, min_trials, max_trials,
+          trial_time, isolate, sets_per_process, warmup, seed, threads, quick,
           out, resume, plots, require_quiet, quiet_timeout, quiet_load, list_only):
     """Sweep, check, time and report kernels against the baselines and a copy.
 
@@ -223,6 +239,8 @@ def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, 
                  sweep=sweep, variants=variant, fusions=_flatten(fusion), calls=_flatten(call),
                  caches=_flatten(cache), baseline=baseline, quick=quick, warmup=warmup,
                  min_rounds=min_rounds, max_rounds=max_rounds, max_time=max_time, ci=ci,
+                 min_trials=min_trials, max_trials=max_trials, trial_time=trial_time,
+                 isolate=isolate, sets_per_process=sets_per_process,
                  seed=seed, threads=threads, out=out, resume=resume, plots=plots,
                  require_quiet=require_quiet, quiet_timeout=quiet_timeout,
                  quiet_load=quiet_load, echo=click.echo, command=command_line(ctx))
@@ -251,20 +269,29 @@ def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, 
 @click.option("--metric", type=click.Choice(METRICS), default="copy", show_default=True,
               help="copy: time over the copy timed in the same loop; baseline: time over the "
                    "reference baseline's; time: the median time itself.")
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_THRESHOLD,
-              show_default=True, help="Changes within ±threshold count as the same.")
+@click.option("--margin", "--threshold", "margin", type=click.FloatRange(0, 1, min_open=True),
+              default=DEFAULT_MARGIN, show_default=True,
+              help="Equivalence margin: changes within ±margin count as the same; faster and "
+                   "slower need the change's whole interval beyond it.")
+@click.option("--run-sd", type=FiniteFloat(0), default=DEFAULT_RUN_SD, show_default=True,
+              help="Between-run sd of log(metric) that no run's trials see (the run level of "
+                   "`nbbn report variance`), added to the change's interval.")
+@click.option("--rename", "rename", multiple=True, metavar="NEW=OLD",
+              help="Compare NEW's backend NEW with OLD's backend OLD (the A/B experiment: "
+                   "--rename cpu-slowed=cpu).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the full comparison as CSV here.")
-@click.option("--fail-on-slower", is_flag=True, help="Exit with status 1 if any is slower.")
+@click.option("--fail-on-slower", is_flag=True,
+              help="Exit with status 1 if any is slower (by the same rule).")
 @click.pass_context
-def compare(ctx, old, new, metric, threshold, csv_path, fail_on_slower):
+def compare(ctx, old, new, metric, margin, run_sd, rename, csv_path, fail_on_slower):
     """Label each configuration of two bench results faster, slower, same or ambiguous.
 
     OLD and NEW are bench output folders or their rows.jsonl / bench.csv / bench.json. With the
-    metric's values a (OLD) and b (NEW) and their 95% intervals, change = b/a and its interval
-    [b_lo/a_hi, b_hi/a_lo]: slower when that interval lies above 1 and change > 1 + threshold,
-    faster when it lies below 1 and change < 1 − threshold, same when it lies within
-    [1 − threshold, 1 + threshold], ambiguous otherwise.
+    metric's values a (OLD), b (NEW) and their 95% trial intervals, the change d = log(b/a) has
+    the interval d ± 1.96·se, se² = se_a² + se_b² + 2·run_sd² (se from each interval's width):
+    slower when that interval lies above log(1 + margin), faster when it lies below
+    −log(1 + margin), same when it lies within ±log(1 + margin), ambiguous otherwise.
     """
     from .compare import NotOurs, counts_line, load_results
     from .compare import compare as compare_frames
@@ -273,7 +300,13 @@ def compare(ctx, old, new, metric, threshold, csv_path, fail_on_slower):
         a, b = load_results(old), load_results(new)
     except NotOurs as exc:
         raise click.ClickException(str(exc)) from None
-    table = compare_frames(a, b, metric, threshold)
+    mapping = {}
+    for item in rename:
+        new_name, sep, old_name = item.partition("=")
+        if not sep or not new_name or not old_name:
+            raise _usage(f"bad --rename {item!r}: use NEW=OLD, e.g. cpu-slowed=cpu")
+        mapping[new_name] = old_name
+    table = compare_frames(a, b, metric, margin, run_sd, mapping)
     shown = table.loc[~table["label"].isin(["not timed"]),
                       ["backend", "variant", "op", "layout", "fusion", "call", "cache", "dtype",
                        "N", "C", "H", "W", "value_old", "value_new", "change", "change_lo",
@@ -299,7 +332,8 @@ def compare(ctx, old, new, metric, threshold, csv_path, fail_on_slower):
 
 @click.group("report", context_settings={"help_option_names": ["-h", "--help"]})
 def report():
-    """Reports made from finished bench runs (no timing): targets, fusion, the README headline."""
+    """Reports made from finished bench runs (no timing): targets, fusion, the README headline,
+    the variance study and the A/A coverage."""
 
 
 @report.command("targets", cls=OneLineCommand)
@@ -367,3 +401,53 @@ def report_readme(readme, check):
         return
     write_text(readme, new)
     click.echo(f"rewrote the headline block of {readme}")
+
+
+@report.command("variance", cls=OneLineCommand)
+@click.argument("run_dirs", nargs=-1, required=True,
+                type=click.Path(file_okay=False, path_type=Path))
+@click.option("--ratio", default="cpu/torch-cpu", show_default=True,
+              help="KERNEL/BASELINE: the paired time ratio whose variance is split.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for variance.csv, variance-summary.csv and variance.md.")
+def report_variance(run_dirs, ratio, out):
+    """Variance components (run > process > trial > round) of a ratio from runs made with
+    trials (their samples.jsonl); prints the between-run sd for nbbn compare --run-sd."""
+    from ..output import write_text
+    from .variance import components, log_ratios, markdown, run_sd, summary
+
+    try:
+        z = log_ratios(run_dirs, ratio)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    comp = components(z)
+    summ = summary(comp)
+    out.mkdir(parents=True, exist_ok=True)
+    comp.to_csv(out / "variance.csv", index=False)
+    summ.to_csv(out / "variance-summary.csv", index=False)
+    write_text(out / "variance.md", markdown(list(map(str, run_dirs)), ratio, comp, summ))
+    click.echo(markdown_table(summ, ".3g", index=False))
+    click.echo(f"run_sd {run_sd(summ):.4f}")
+    click.echo(f"wrote {out}/variance.md, variance.csv, variance-summary.csv")
+
+
+@report.command("coverage", cls=OneLineCommand)
+@click.argument("run1", type=click.Path(path_type=Path))
+@click.argument("run2", type=click.Path(path_type=Path))
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Per point: both speed-ups, run 1's interval, inside or not.")
+def report_coverage(run1, run2, csv_path):
+    """A/A check: the share of points whose speed-up in RUN2 lies inside RUN1's 95% interval,
+    and RUN1's median half-width."""
+    from .compare import NotOurs
+    from .variance import coverage
+
+    try:
+        table, summ = coverage(run1, run2)
+    except NotOurs as exc:
+        raise click.ClickException(str(exc)) from None
+    if csv_path is not None:
+        table.to_csv(csv_path, index=False)
+    click.echo(f"coverage {summ['inside']}/{summ['points']} = {summ['coverage']:.1%}; median "
+               f"half-width {summ['median_half_width_pct']:.2f}%; sd of the change "
+               f"{summ['sd_change_pct']:.2f}%")

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue #21's reliability protocol, on a quiet host (2 cores): every step under `timeout`,
+# everything written under results/reliability/. Prints the expected time first.
+#
+#   scripts/bench_reliability.sh            # run it (about 14 minutes; at most 20 expected)
+#   scripts/bench_reliability.sh --dry-run  # print the commands and the expected times only
+#
+# (a) variance study: three runs of a 6-point subset (cpu, torch-cpu), each point in 3 worker
+#     processes x 2 buffer sets (--isolate process --sets-per-process 2), GAP (30 s) apart;
+#     `nbbn report variance` splits the variance of log(cpu/torch-cpu) over run > process >
+#     trial > round and gives sigma_run, which the compares below pass as --run-sd.
+# (b) A/A: two runs of the default sweep, GAP apart; nbbn compare between them
+#     (expected: 0 faster, 0 slower).
+# (c) A/B: the default sweep with cpu-slowed (cpu + 15% of each call's own time) beside cpu and
+#     torch-cpu; nbbn compare of A/A run 1's cpu rows with it's cpu-slowed rows (--rename
+#     cpu-slowed=cpu; expected: slower on >= 90% of points); the calibration check: the
+#     cpu-slowed over cpu ratio in the same run (expected 1.15).
+# (d) coverage: the share of points whose run-2 speed-up over PyTorch lies inside run 1's 95%
+#     interval, and the median half-width (nbbn report coverage).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+OUT=${OUT:-results/reliability}
+THREADS=${THREADS:-2}
+GAP=${GAP:-30}
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+
+SUBSET=(-s "NCHW:64,56,56" -s "NHWC:256,14,14" -s "NC:1024" -N 32)
+STUDY=(--backend cpu,torch-cpu --layout NCHW,NHWC,NC --op forward-train,inference
+       --isolate process --sets-per-process 2 --min-trials 6 --max-trials 6 --trial-time 0.1
+       --max-time 10 --threads "$THREADS" --no-plots)
+
+# step name | limit (s) | expected (s) | command
+STEPS=()
+step() { STEPS+=("$1|$2|$3|$4"); }
+for r in 1 2 3; do
+  step "study run $r" 240 90 "$PY -m nbbn bench ${STUDY[*]} ${SUBSET[*]} --out $OUT/study-run$r"
+  [[ $r -lt 3 ]] && step "gap" $((GAP + 5)) "$GAP" "sleep $GAP"
+done
+step "variance report" 120 10 "$PY -m nbbn report variance $OUT/study-run1 $OUT/study-run2 $OUT/study-run3 --out $OUT/variance"
+step "A/A run 1" 300 150 "$PY -m nbbn bench --threads $THREADS --no-plots --out $OUT/aa-run1"
+step "gap" $((GAP + 5)) "$GAP" "sleep $GAP"
+step "A/A run 2" 300 150 "$PY -m nbbn bench --threads $THREADS --no-plots --out $OUT/aa-run2"
+step "A/A compare" 60 5 "$PY -m nbbn compare $OUT/aa-run1 $OUT/aa-run2 --metric baseline --run-sd \$RUN_SD --csv $OUT/aa-compare.csv"
+step "A/B run" 300 150 "$PY -m nbbn bench --backend cpu,cpu-slowed,torch-cpu --threads $THREADS --no-plots --out $OUT/ab-run"
+step "A/B compare" 60 5 "$PY -m nbbn compare $OUT/aa-run1 $OUT/ab-run --rename cpu-slowed=cpu --metric baseline --run-sd \$RUN_SD --csv $OUT/ab-compare.csv"
+step "A/B calibration" 30 2 "$PY scripts/ab_calibration.py $OUT/ab-run"
+step "coverage" 60 5 "$PY -m nbbn report coverage $OUT/aa-run1 $OUT/aa-run2 --csv $OUT/coverage.csv"
+
+total=0; worst=0
+for s in "${STEPS[@]}"; do
+  IFS='|' read -r _ lim exp _ <<<"$s"; total=$((total + exp)); worst=$((worst + lim))
+done
+echo "bench_reliability: ${#STEPS[@]} steps, expected about $((total / 60)) min $((total % 60)) s" \
+     "(each step capped by timeout; all caps together $((worst / 60)) min) -> $OUT/"
+for s in "${STEPS[@]}"; do
+  IFS='|' read -r name lim exp cmd <<<"$s"
+  printf '  %-16s ~%4s s (timeout %4s s)  %s\n' "$name" "$exp" "$lim" "$cmd"
+done
+[[ $DRY == 1 ]] && exit 0
+
+mkdir -p "$OUT"
+LOG="$OUT/protocol.log"
+{ date -u; uptime; } >"$LOG"
+RUN_SD=0.02
+for s in "${STEPS[@]}"; do
+  IFS='|' read -r name lim exp cmd <<<"$s"
+  cmd=${cmd//\$RUN_SD/$RUN_SD}
+  echo "== $name: $cmd" | tee -a "$LOG"
+  start=$(date +%s)
+  if ! timeout "$lim" bash -c "$cmd" 2>&1 | tee -a "$LOG"; then
+    echo "== $name: FAILED or timed out (exit ${PIPESTATUS[0]})" | tee -a "$LOG"
+  fi
+  echo "== $name: $(( $(date +%s) - start )) s; load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$LOG"
+  if [[ $name == "variance report" && -f $OUT/variance/variance-summary.csv ]]; then
+    RUN_SD=$($PY -c "import pandas as pd; from nbbn.bench.variance import run_sd; print(f'{run_sd(pd.read_csv(\"$OUT/variance/variance-summary.csv\")):.4f}')")
+    echo "== run_sd from the study: $RUN_SD" | tee -a "$LOG"
+  fi
+done
+{ date -u; uptime; } >>"$LOG"
+echo "done: $OUT/ (protocol.log, variance/, aa-*, ab-*, coverage.csv)"

@@ -1,0 +1,263 @@
+"""Issue #21: trials and their intervals, variance components, compare's rule, the limit, the
+A/B backend and the peers (ONNX Runtime, JAX). Machinery only: tiny shapes, tiny budgets, and
+synthetic data where a statistical property is checked; no wall-clock assertion anywhere."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nbbn.bench import baselines, limits, roofline, stats
+from nbbn.bench.compare import compare, label_change
+from nbbn.bench.report import tidy
+from nbbn.bench.run import FULL, QUICK, estimate_seconds, make_sweep, run
+from nbbn.bench.runner import SCHEMA
+from nbbn.bench.sweep import make_plan
+from nbbn.spec import Fusion, Op
+
+FAST = {"warmup": 0, "min_rounds": 3, "max_time": 0.01, "trial_time": 0.0, "bootstrap": 200,
+        "plots": False, "progress": False, "echo": lambda s: None}
+
+
+# --------------------------------------------------------------------------------- synthetic
+
+
+def _trials(rng, mu, n_trials, rounds, sd_trial, sd_round):
+    """Blocks of (rounds, 2) times whose per-round log ratio is mu + trial + round noise."""
+    out = []
+    for _ in range(n_trials):
+        b = mu + rng.normal(0, sd_trial)
+        T = np.ones((rounds, 2))
+        T[:, 0] = np.exp(b + rng.normal(0, sd_round, rounds))
+        out.append(T)
+    return out
+
+
+def test_trial_interval_covers_with_a_known_between_trial_variance():
+    """The expanded two-level bootstrap holds ~95% where the trials vary (sd 5%, rounds 2%);
+    the round-only bootstrap of round 2 does not (it only sees the rounds)."""
+    rng = np.random.default_rng(21)
+    hits = old = 0
+    n = 300
+    for _ in range(n):
+        blocks = _trials(rng, 0.0, 5, 20, 0.05, 0.02)
+        iv = stats.trial_ratio(blocks, 0, 1, rng, 300)
+        hits += iv.lo <= 1.0 <= iv.hi
+        pooled = stats.paired_ratio(np.vstack(blocks), 0, 1, rng, 300)
+        old += pooled.lo <= 1.0 <= pooled.hi
+    assert 0.90 <= hits / n <= 0.995
+    assert old / n < 0.6
+
+
+def test_trial_interval_is_seeded_and_deterministic():
+    blocks = _trials(np.random.default_rng(1), 0.1, 4, 10, 0.03, 0.02)
+    a = stats.trial_ratio(blocks, 0, 1, np.random.default_rng(7), 300)
+    b = stats.trial_ratio(blocks, 0, 1, np.random.default_rng(7), 300)
+    assert a == b and a.lo < a.median < a.hi
+    between, within = stats.trial_spread(blocks, 0, 1)
+    assert between > 0 and within > 0
+    assert stats.expansion(1) == 1.0 and stats.expansion(2) > stats.expansion(10) > 1.0
+
+
+def test_variance_components_recover_known_levels():
+    rng = np.random.default_rng(3)
+    vals, ids = [], []
+    for r in range(10):
+        a = rng.normal(0, 0.03)
+        for p in range(4):
+            b = rng.normal(0, 0.04)
+            for t in range(3):
+                c = rng.normal(0, 0.02)
+                for _ in range(25):
+                    vals.append(a + b + c + rng.normal(0, 0.01))
+                    ids.append((r, p, t))
+    comps = stats.variance_components(np.array(vals), np.array(ids))
+    sd = [np.sqrt(c["variance"]) for c in comps]
+    assert [c["level"] for c in comps] == [0, 1, 2, 3]
+    assert sd[0] == pytest.approx(0.03, rel=0.5)
+    assert sd[1] == pytest.approx(0.04, rel=0.3)
+    assert sd[2] == pytest.approx(0.02, rel=0.3)
+    assert sd[3] == pytest.approx(0.01, rel=0.1)
+
+
+def _rows(est, backend="cpu"):
+    return tidy([{"schema": SCHEMA, "status": "ok", "backend": backend, "variant": "auto",
+                  "kind": "kernel", "op": "inference", "layout": "NC", "fusion": "none",
+                  "call": "kernel", "cache": "cold", "dtype": "float32", "N": n, "C": 8,
+                  "H": 1, "W": 1, "speedup": 1 / v.median, "speedup_ci_lo": 1 / v.hi,
+                  "speedup_ci_hi": 1 / v.lo, "time_over_copy": v.median,
+                  "time_over_copy_ci_lo": v.lo, "time_over_copy_ci_hi": v.hi}
+                 for n, v in enumerate(est, start=1)])
+
+
+def _simulated_run(rng, mus, shift=0.0, sd_run=0.01):
+    """One run: per configuration a run effect (sd_run), 8 trials (sd 3%) of 15 rounds (3%)."""
+    out = []
+    for mu in mus:
+        blocks = _trials(rng, mu + shift + rng.normal(0, sd_run), 8, 15, 0.03, 0.03)
+        out.append(stats.trial_ratio(blocks, 0, 1, rng, 200))
+    return out
+
+
+def test_compare_simulated_aa_calls_nothing_and_a_15pct_slowdown_is_slower():
+    rng = np.random.default_rng(2013)
+    mus = rng.normal(0, 0.3, 150)  # 150 configurations, each its own true ratio
+    a = _rows(_simulated_run(rng, mus))
+    b = _rows(_simulated_run(rng, mus))
+    slow = _rows(_simulated_run(rng, mus, shift=np.log(1.15)))
+    for metric in ("copy", "baseline"):
+        aa = compare(a, b, metric, margin=0.05, run_sd=0.01)["label"].value_counts()
+        assert aa.get("faster", 0) == 0 and aa.get("slower", 0) == 0
+        assert aa.get("same", 0) + aa.get("ambiguous", 0) == 150
+        ab = compare(a, slow, metric, margin=0.05, run_sd=0.01)["label"]
+        assert (ab == "slower").mean() >= 0.90
+        assert (ab == "faster").sum() == 0
+    # without the run-level term the same A/A pair cries wolf more often than with it
+    loose = compare(a, b, "copy", margin=0.0, run_sd=0.0)["label"]
+    strict = compare(a, b, "copy", margin=0.05, run_sd=0.01)["label"]
+    assert loose.isin(["faster", "slower"]).sum() >= strict.isin(["faster", "slower"]).sum()
+
+
+def test_label_change_rule_edges():
+    # a change whose interval lies beyond the margin band
+    assert label_change(1.0, 0.99, 1.01, 1.3, 1.29, 1.31, 0.05, 0.0)[0] == "slower"
+    assert label_change(1.0, 0.99, 1.01, 0.7, 0.69, 0.71, 0.05, 0.0)[0] == "faster"
+    # certain but smaller than the margin: same; straddling the band's edge: ambiguous
+    assert label_change(1.0, 0.995, 1.005, 1.02, 1.015, 1.025, 0.05, 0.0)[0] == "same"
+    assert label_change(1.0, 0.99, 1.01, 1.05, 1.04, 1.06, 0.05, 0.0)[0] == "ambiguous"
+    assert label_change(1.0, 0.99, 1.01, 1.3, 1.29, 1.31, 0.05, 0.2)[0] == "ambiguous"
+    assert label_change(1.0, np.nan, 1.01, 1.3, 1.29, 1.31)[0] == "no interval"
+
+
+def test_compare_rename_maps_the_ab_backend_onto_the_old_one():
+    base = _simulated_run(np.random.default_rng(5), np.zeros(3))
+    old = _rows(base)
+    new = pd.concat([_rows(base), _rows(base, backend="cpu-slowed")])
+    out = compare(old, new, "copy", rename={"cpu-slowed": "cpu"})
+    assert len(out) == 3 and set(out["backend"]) == {"cpu"}
+
+
+# --------------------------------------------------------------------------------- the limit
+
+
+def test_limit_from_reads_and_writes():
+    assert roofline.read_write_bytes(Op.INFERENCE, 100, 2, 4) == (4 * (100 + 8), 400)
+    assert roofline.read_write_bytes(Op.BACKWARD, 100, 2, 4) == (4 * (200 + 10), 400)
+    r, w = roofline.read_write_bytes(Op.BACKWARD, 100, 2, 4, Fusion.RELU)
+    assert (r, w) == (4 * (300 + 10), 800)
+    copy = np.array([10.0, 12.0])
+    read = np.array([6.0, 20.0])  # round 2: the read is all fork-join cost, capped at the copy
+    X = 100
+    inf = limits.limit_per_round(copy, read, X, X, X)
+    assert inf == pytest.approx(copy)  # read x, write y: the copy
+    bwd = limits.limit_per_round(copy, read, 2 * X, X, X)
+    assert bwd == pytest.approx([2 * 6 + 4, 2 * 12 + 0])  # copy + read
+    assert limits.limit_per_round(copy, None, 2 * X, X, X) == pytest.approx(1.5 * copy)
+
+
+def test_limit_kernels_copy_and_read():
+    a = np.arange(200_003, dtype=np.float32)
+    b = np.empty_like(a)
+    limits.prange_copy(a, b)
+    assert np.array_equal(a, b)
+    assert limits.prange_sum(a) == pytest.approx(float(a.astype(np.float64).sum()), rel=1e-6)
+    calls = limits.host_limit_calls(a[:30].reshape(3, 10).copy(), np.empty((3, 10), a.dtype))
+    assert {"copy:numpy", "copy:numba", "read:numba"} <= set(calls)
+
+
+# --------------------------------------------------------------------------------- trials
+
+
+def test_trials_rows_and_samples(tmp_path):
+    df = run(backends="cpu,numpy", ops="inference", shapes="NC:6", batch_sizes="4",
+             min_trials=3, max_trials=3, out=tmp_path, **FAST)
+    assert (df["status"] == "ok").all(), df[["backend", "error"]]
+    assert (df["trials"] == 3).all() and (df["processes"] == 1).all()
+    assert df["limit"].str.startswith("copy:").all()
+    recs = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["trial"] for r in recs] == [0, 1, 2]
+    assert recs[0]["labels"][:2] == ["cpu:auto", "numpy:default"]
+    assert all(len(r["times_us"][0]) == len(r["labels"]) for r in recs)
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert meta["estimated_s"] > 0
+
+
+def test_isolate_process_runs_each_trial_group_in_a_new_worker(tmp_path):
+    df = run(backends="numpy", ops="inference", shapes="NC:5", batch_sizes="3",
+             min_trials=2, max_trials=2, isolate="process", out=tmp_path, **FAST)
+    assert (df["status"] == "ok").all(), df[["backend", "error"]]
+    assert (df["trials"] == 2).all() and (df["processes"] == 2).all()
+    recs = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len({r["process"] for r in recs}) == 2
+
+
+def test_default_and_quick_designs_fit_their_budgets():
+    """The defaults are chosen from the plan: the default sweep's estimate stays under 3
+    minutes and --quick's under 30 s (a model of the run, not a timing)."""
+    full = estimate_seconds(make_plan(make_sweep()), FULL)
+    quick = estimate_seconds(make_plan(make_sweep(quick=True)), QUICK)
+    assert 0 < full <= 180 and 0 < quick <= 30
+    assert FULL.min_trials >= 3 and FULL.max_trials > FULL.min_trials
+
+
+# --------------------------------------------------------------------------------- backends
+
+
+def test_cpu_slowed_waits_its_share_of_the_call(monkeypatch):
+    clock = {"t": 0}
+
+    def fake_ns():
+        clock["t"] += 10
+        return clock["t"]
+
+    monkeypatch.setattr(time, "perf_counter_ns", fake_ns)
+
+    def kernel(args):
+        clock["t"] += 10_000
+        return "out"
+
+    call = baselines._slowed(kernel)
+    assert call(None) == "out"
+    # t0 = 10, t1 = 10_020: the wait ends at t1 + 0.15·10_010 (within one clock step)
+    assert 10_020 + 1501 <= clock["t"] <= 10_020 + 1501 + 20
+
+
+def test_cpu_slowed_is_opt_in_and_checked_like_a_backend():
+    assert "cpu-slowed" not in make_sweep().backends
+    df = run(backends="cpu,cpu-slowed", ops="inference,backward", shapes="NC:6",
+             batch_sizes="4", min_trials=2, max_trials=2, **FAST)
+    assert (df["status"] == "ok").all() and df["passed"].all()
+    assert set(df["variant"]) == {"auto"}
+
+
+@pytest.mark.parametrize("peer,mods", [("onnxruntime", ("onnxruntime", "onnx")),
+                                       ("jax", ("jax", "jaxlib"))])
+def test_peer_baselines_on_tiny_shapes(peer, mods):
+    missing = [m for m in mods if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (pip install 'nbbn[peers]')")
+    assert peer in make_sweep().backends  # in the default sweep when installed
+    df = run(backends=f"numpy,{peer}", shapes="NC:5;NCHW:3,2,3;NHWC:3,2,3",
+             batch_sizes="4", dtypes="float32,float64", min_trials=2, max_trials=2, **FAST)
+    rows = df[df["backend"] == peer]
+    ran = rows[rows["status"] != "skipped"]
+    # JAX's float32 backward on m = 4 (dx a difference of near-equal float32 terms) may miss
+    # even the baseline slack: then it is "failed" (not timed), its error reported; all else
+    # must pass and be timed.
+    f32_bwd = (ran["dtype"] == "float32") & (ran["op"] == "backward")
+    assert (ran.loc[~f32_bwd, "status"] == "ok").all(), ran[["op", "layout", "dtype", "errors"]]
+    assert ran.loc[f32_bwd, "status"].isin(["ok", "failed"]).all()
+    assert (pd.to_numeric(ran.loc[f32_bwd, "rel_err"]) < 1e-3).all()
+    assert set(ran["layout"]) == {"NC", "NCHW", "NHWC"}
+    if peer == "onnxruntime":  # inference only: training ops skipped with their reason
+        assert set(ran["op"]) == {"inference"}
+        assert rows.loc[rows["status"] == "skipped", "skip_reason"].notna().all()
+    else:
+        assert set(ran["op"]) == {"inference", "forward-train", "backward"}
+    f64 = ran[ran["dtype"] == "float64"]
+    assert f64["passed"].all()

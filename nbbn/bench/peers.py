@@ -16,7 +16,7 @@ backend (:mod:`nbbn.bench.runner`).
   natively: the reduction runs over every axis but the channel one): forward-train
   μ = mean(x), σ² = mean((x − μ)²), y = (x − μ)·γ/√(σ² + ε) + β (and the running statistics);
   backward = ``jax.vjp`` of that forward at (x, γ, β) applied to dy (so it recomputes μ and σ²
-  from x, as a JAX user's backward does); inference y = (x − μ_pop)·γ/√(σ²_pop + ε) + β. The
+  from x, as a JAX user's backward does, with the harness's ε); inference y = (x − μ_pop)·γ/√(σ²_pop + ε) + β. The
   NumPy inputs are put on the device (``jax.device_put``) when the case is built, not in the
   timed call; outputs are XLA's own new arrays (it has no out=), waited for with
   ``block_until_ready``. float64 points run with ``jax_enable_x64`` on, float32 points with it
@@ -216,7 +216,11 @@ def _jax_call(op: Op):
     def call(args):
         g = args.geom
         dt = g.dtype
-        fns = _jit_fns(args.x.ndim, g.channel_axis, dt, getattr(args, "eps", 0.0),
+        # backward's bundle carries no ε: its vjp recomputes the forward with the harness's
+        eps = getattr(args, "eps", None)
+        if eps is None:
+            from .cases import EPS as eps
+        fns = _jit_fns(args.x.ndim, g.channel_axis, dt, eps,
                        getattr(args, "momentum", 0.0), g.m)
         v = {}
         for name in ("gamma", "beta", "running_mean", "running_var"):

@@ -13,8 +13,9 @@ configurations, as several callables (cpu device, ``--call kernel`` and ``api`` 
 The *copy* is the fastest of the copies by median time over the point's rounds (``limit_copy``
 in the rows). With x of X bytes, per round r, read time ``t_read = read_r`` and write time
 ``t_write = copy_r − min(read_r, copy_r)`` for X bytes (on tiny arrays the parallel read is
-all fork-join cost, so it is capped at the copy's time, which reads X bytes too), an op that reads ``Rb`` and writes ``Wb``
-bytes (:func:`nbbn.bench.roofline.read_write_bytes`, the minimal model) is limited to
+all fork-join cost, so it is capped at the copy's time, which reads X bytes too), an op that
+reads ``Rb`` and writes ``Wb`` bytes (:func:`nbbn.bench.roofline.read_write_bytes`, the
+minimal model) is limited to
 
     limit_r = (Rb / X)·t_read + (Wb / X)·t_write
 

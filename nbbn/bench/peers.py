@@ -16,10 +16,10 @@ backend (:mod:`nbbn.bench.runner`).
   natively: the reduction runs over every axis but the channel one): forward-train
   μ = mean(x), σ² = mean((x − μ)²), y = (x − μ)·γ/√(σ² + ε) + β (and the running statistics);
   backward = ``jax.vjp`` of that forward at (x, γ, β) applied to dy (so it recomputes μ and σ²
-  from x, as a JAX user's backward does, with the harness's ε); inference y = (x − μ_pop)·γ/√(σ²_pop + ε) + β. The
-  NumPy inputs are put on the device (``jax.device_put``) when the case is built, not in the
-  timed call; outputs are XLA's own new arrays (it has no out=), waited for with
-  ``block_until_ready``. float64 points run with ``jax_enable_x64`` on, float32 points with it
+  from x, as a JAX user's backward does, with the harness's ε); inference
+  y = (x − μ_pop)·γ/√(σ²_pop + ε) + β. The NumPy inputs are put on the device
+  (``jax.device_put``) when the case is built, not in the timed call; outputs are XLA's own
+  new arrays (it has no out=), waited for with ``block_until_ready``. float64 points run with ``jax_enable_x64`` on, float32 points with it
   off. XLA's CPU thread pool is its own (all cores): ``--threads`` does not reach it.
 """
 

@@ -179,10 +179,11 @@ def summary_markdown(df: pd.DataFrame, command: str, meta: dict | None = None) -
                                              for s in ("ok", "failed", "error", "skipped")), "",
               "Every row was checked against the float64 reference before it was timed. "
               "speed-up = baseline time ÷ kernel time and time/copy = time ÷ copy time are "
-              "medians of per-round ratios, with 95% bootstrap intervals in brackets. GB/s "
-              "uses the minimal bytes model (nbbn/bench/roofline.py); % of limit = limit time ÷ time, the "
-              "percentage of the copy's. Tidy rows: bench.csv/json; every pair: "
-              "ratios.csv/json.", ""]
+              "geometric means over trials of the trials' median per-round ratios, with 95% "
+              "trial intervals (two-level bootstrap) in brackets. GB/s "
+              "uses the minimal bytes model (nbbn/bench/roofline.py); % of limit = the op's "
+              "limit time (fastest copy, read stream: limits.py) ÷ its time. Tidy rows: "
+              "bench.csv/json; every pair: ratios.csv/json.", ""]
     if len(ok):
         lines += ["## Headline", "",
                   "Per kernel: geometric mean, minimum and maximum of the speed-up over the "

@@ -36,8 +36,8 @@ import numpy as np
 
 from .. import output, registry
 from ..seeds import rng_for
-from . import devices, roofline, stats
 from ..spec import Op
+from . import devices, roofline, stats
 from .cases import BufferSets, buffer_sets, copy_case, make_case, point_data
 from .sweep import Config, PointPlan
 
@@ -373,7 +373,7 @@ class Runner:
                          -(-(p.min_rounds or 0) // max(1, self.timing.min_trials)))
         blocks, notes, names = [], [], None
         K = sets.K if sets is not None else None
-        for k in range(n_trials):
+        for _ in range(n_trials):
             if sets is None:
                 K = buffer_sets(p, data.x_bytes, dev.llc_bytes()) if K is None else K
                 sets = BufferSets(data, dev, K)

@@ -35,8 +35,10 @@ def _work(group, order, timing, n, first, seed_key, threads):
         import torch
 
         torch.set_num_threads(threads[1])
-    from . import baselines  # noqa: F401  (registers the baselines)
-    from . import devices
+    from . import (
+        baselines,  # noqa: F401  (registers the baselines)
+        devices,
+    )
     from .cases import point_data
     from .runner import Runner
 

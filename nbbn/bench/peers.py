@@ -20,7 +20,8 @@ backend (:mod:`nbbn.bench.runner`).
   y = (x − μ_pop)·γ/√(σ²_pop + ε) + β. The NumPy inputs are put on the device
   (``jax.device_put``) when the case is built, not in the timed call; outputs are XLA's own
   new arrays (it has no out=), waited for with ``block_until_ready``. float64 points run
-  with ``jax_enable_x64`` on, float32 points with it off. XLA's CPU thread pool is its own (all cores): ``--threads`` does not reach it.
+  with ``jax_enable_x64`` on, float32 points with it off. XLA's CPU thread pool is its own
+  (all cores): ``--threads`` does not reach it.
 """
 
 from __future__ import annotations

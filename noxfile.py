@@ -39,9 +39,11 @@ def tests(session):
 def bench(session):
     """pytest-benchmark over the harness's case table (benchmarks/), autosaved under .benchmarks/.
 
-    Compare with the last saved run: ``nox -s bench -- --benchmark-compare
-    --benchmark-compare-fail=median:10%``. ``NBBN_BENCH_SWEEP=quick|default|cpu-targets`` picks
-    the sweep (benchmarks/test_bench.py). Paired figures with intervals: ``nbbn bench``.
+    Compare with the last saved run: ``nox -s bench -- --benchmark-compare`` (a local trend:
+    pytest-benchmark has no paired trial intervals, so it is no regression gate; use ``nbbn
+    compare OLD NEW --fail-on-slower``, benchmarks/test_bench.py says why).
+    ``NBBN_BENCH_SWEEP=quick|default|cpu-targets`` picks the sweep (benchmarks/test_bench.py).
+    Paired figures with intervals: ``nbbn bench``.
     """
     _install(session, "test")
     session.run("python", "-m", "pytest", "benchmarks", "--benchmark-autosave",

@@ -9,7 +9,14 @@ point's buffer sets (:func:`nbbn.bench.cases.buffer_sets`). ``extra_info`` carri
 configuration and the bytes of :mod:`nbbn.bench.roofline`.
 
     nox -s bench                                     # autosaves under .benchmarks/
-    nox -s bench -- --benchmark-compare --benchmark-compare-fail=median:10%
+    nox -s bench -- --benchmark-compare              # a local trend, not a gate
+
+Why not compare's rule (nbbn.bench.compare, issue #21): pytest-benchmark times each
+configuration alone, with no pairing, trials or worker processes, so there is no interval that
+holds the between-trial and between-run variance for the rule to use, and
+``--benchmark-compare-fail=median:10%`` compares two bare medians: on a quiet host it flags
+noise. The regression gate is ``nbbn compare OLD NEW --fail-on-slower`` on two ``nbbn bench``
+runs.
 
 Environment: ``NBBN_BENCH_SWEEP`` = ``default`` (the default sweep's cpu points), ``quick``, or a
 named sweep (``cpu-targets``); ``NBBN_BENCH_BACKENDS`` (default ``cpu,torch-cpu``);

@@ -8,7 +8,7 @@
         --per-call results/per-call [--notes results/cpu-kernels.notes.md]
 
 The report holds the command, the machine, the load before / during / after, then per point the
-time of nbbn and of PyTorch, GB/s, % of copy, time over the copy and the speed-up over PyTorch
+time of nbbn and of PyTorch, GB/s, % of limit, time over the copy and the speed-up over PyTorch
 (paired medians with 95% intervals), the per-call cost of the tiny calls (median of >= 2000
 calls), and each target of issue #9 checked: met, or missed by how much. ``--notes`` appends a
 hand-written file (why a target is missed: bytes, passes, vector width, idle threads), so the

@@ -239,7 +239,7 @@ def test_compare_labels_and_fail_on_slower(tmp_path):
     same = invoke(compare, [tmp_path / "old.csv", tmp_path / "same.jsonl", "--fail-on-slower",
                             "--run-sd", "0"])
     assert same.exit_code == 0 and "0 faster, 0 slower, 4 same, 0 ambiguous" in same.output
-    wider = invoke(compare, [tmp_path / "old.csv", tmp_path / "new.jsonl", "--threshold", "0.6",
+    wider = invoke(compare, [tmp_path / "old.csv", tmp_path / "new.jsonl", "--threshold", "1.5",
                              "--run-sd", "0"])
     assert "0 faster, 0 slower, 4 same" in wider.output
 

@@ -312,7 +312,7 @@ def test_rows_carry_paired_ratios_and_their_intervals():
     # every ordered pair of the 3 backends and the copy, per point (4 points)
     n_limits = 4 if importlib.util.find_spec("torch") else 3
     assert len(ratios) == 4 * 3 * (2 + n_limits)
-    assert set(ratios["vs_backend"]) == {"cpu", "numpy", "torch-cpu", "copy"}
+    assert set(ratios["vs_backend"]) == {"cpu", "numpy", "torch-cpu", "copy", "read"}
     nhwc = df[df["layout"] == "NHWC"]
     assert set(nhwc["x_shape"]) == {"4x2x3x3"}  # (N, H, W, C)
 

@@ -318,8 +318,8 @@ def opt_in() -> frozenset[str]:
 
 
 def prepare_hook(backend: str) -> Callable | None:
-    """A baseline's set-up for one call's arguments (device copies, sessions, bindings), run
-    when the case is built so that it is not timed; None for most."""
+    """A baseline's set-up ``prepare(args, eps)`` for one call's arguments (device copies,
+    sessions, bindings), run when the case is built so that it is not timed; None for most."""
     return peers.PREPARE.get(backend)
 
 #: Baselines that only mean something for fused configurations.

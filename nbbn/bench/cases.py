@@ -317,7 +317,7 @@ def make_case(cfg: Config, data: PointData, sets: BufferSets, dev) -> Case:
                           getattr(args0, f) is not None}
                 args = dataclasses.replace(args0, out=out, **fields)
             if prepare is not None:
-                prepare(args)
+                prepare(args, EPS)
             calls.append(lambda fn=spec.fn, args=args: fn(args))
             outs_by_set.append(outs)
     else:

@@ -269,7 +269,7 @@ def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, 
 @click.option("--metric", type=click.Choice(METRICS), default="copy", show_default=True,
               help="copy: time over the copy timed in the same loop; baseline: time over the "
                    "reference baseline's; time: the median time itself.")
-@click.option("--margin", "--threshold", "margin", type=click.FloatRange(0, 1, min_open=True),
+@click.option("--margin", "--threshold", "margin", type=click.FloatRange(0, min_open=True),
               default=DEFAULT_MARGIN, show_default=True,
               help="Equivalence margin: changes within ±margin count as the same; faster and "
                    "slower need the change's whole interval beyond it.")

@@ -402,7 +402,9 @@ class Runner:
             if t.isolate == "process":
                 from . import worker
 
-                b, names, n, pid = worker.trials_in_process(group, order, t, first, seed_key)
+                b, names, n, pid = worker.in_new_process(
+                    worker_trials, group, list(order), t, t.sets_per_process, first, seed_key,
+                    worker.threads())
             else:
                 b, names, n = self.trials_here(group, dev, data, state.pop("sets", None),
                                                state.pop("cases", None), order, 1, first,
@@ -531,3 +533,26 @@ class Runner:
             self.emit_sample({"schema": SCHEMA, "run_id": self.run_id, **p.columns(),
                               "device": group.device, "trial": k, "process": pid,
                               "labels": labels, "times_us": np.round(T * 1e6, 3).tolist()})
+
+
+def worker_trials(group, order, timing, n, first, seed_key, threads):
+    """A worker process's part of ``--isolate process`` (:mod:`.worker`): set the parent's
+    thread counts, build the point's data, run ``n`` trials on fresh buffer sets (warm-up rounds
+    load the JIT cache untimed); (blocks, names, notes, pid), or ("failed", index, message)."""
+    import os
+
+    from . import (
+        baselines,  # noqa: F401  (registers the baselines)
+        worker,
+    )
+
+    worker.set_threads(threads)
+    dev = devices.device(group.device)
+    data = point_data(group.point)
+    runner = Runner(timing, lambda r: None, env={})
+    try:
+        blocks, names, notes = runner.trials_here(group, dev, data, None, None, order, n, first,
+                                                  seed_key)
+    except devices.CallFailed as exc:  # not picklable as is: sent back as its parts
+        return ("failed", exc.callable_index, f"{type(exc.exc).__name__}: {exc.exc}")
+    return blocks, names, notes, os.getpid()

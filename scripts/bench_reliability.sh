@@ -17,6 +17,8 @@
 #     cpu-slowed over cpu ratio in the same run (expected 1.15).
 # (d) coverage: the share of points whose run-2 speed-up over PyTorch lies inside run 1's 95%
 #     interval, and the median half-width (nbbn report coverage).
+# (e) the --quick run's wall time (target <= 30 s); A/A run 1 is the fresh default sweep, its
+#     estimate and wall time are in its run.json / protocol.log (target <= 3 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -46,6 +48,7 @@ step "A/A compare" 60 5 "$PY -m nbbn compare $OUT/aa-run1 $OUT/aa-run2 --metric 
 step "A/B run" 300 150 "$PY -m nbbn bench --backend cpu,cpu-slowed,torch-cpu --threads $THREADS --no-plots --out $OUT/ab-run"
 step "A/B compare" 60 5 "$PY -m nbbn compare $OUT/aa-run1 $OUT/ab-run --rename cpu-slowed=cpu --metric baseline --run-sd \$RUN_SD --csv $OUT/ab-compare.csv"
 step "A/B calibration" 30 2 "$PY scripts/ab_calibration.py $OUT/ab-run"
+step "quick timing" 90 30 "/usr/bin/time -f 'nbbn bench --quick: %e s wall (target <= 30 s)' $PY -m nbbn bench --quick --threads $THREADS --no-plots --out $OUT/quick"
 step "coverage" 60 5 "$PY -m nbbn report coverage $OUT/aa-run1 $OUT/aa-run2 --csv $OUT/coverage.csv"
 
 total=0; worst=0

@@ -47,7 +47,7 @@ QUICK = TimingConfig(warmup=1, min_rounds=3, max_time=0.05, ci_rel=0.05, bootstr
                      min_trials=3, max_trials=3, trial_time=0.01)
 #: Per-point costs of the run-time estimate (seconds): data and reference, each
 #: configuration's check, a worker process's start (imports, JIT cache loads).
-EST_POINT_S, EST_CONFIG_S, EST_PROCESS_S = 0.15, 0.05, 2.5
+EST_POINT_S, EST_CONFIG_S, EST_PROCESS_S = 0.15, 0.1, 2.5
 SAMPLES_FILE = "samples.jsonl"
 ISOLATE = ("none", "process")
 

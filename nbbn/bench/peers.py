@@ -127,7 +127,10 @@ def _ort_binding(args):
     dead = [k for k, v in _BINDINGS.items() if v[0]() is None or v[1]() is None]
     for k in dead:
         del _BINDINGS[k]
-    _BINDINGS[key] = (weakref.ref(args.x), weakref.ref(y), io, x, vecs, sess)
+    # x itself is held weakly (a strong reference would keep every trial's buffers alive);
+    # a contiguous copy made here, and the vectors, must live as long as the binding
+    _BINDINGS[key] = (weakref.ref(args.x), weakref.ref(y), io, x if x is not args.x else None,
+                      vecs, sess)
     return sess, io, y
 
 

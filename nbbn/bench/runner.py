@@ -396,6 +396,8 @@ class Runner:
         procs: list[int] = []
         notes: list[str] = []
         names = None
+        if t.isolate == "process":
+            state.clear()  # the workers allocate their own: free the checked buffers here
         start = time.monotonic()
         while True:
             first = len(blocks)

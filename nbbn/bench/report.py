@@ -160,10 +160,15 @@ def summary_markdown(df: pd.DataFrame, command: str, meta: dict | None = None) -
     t = meta.get("timing", {})
     if t:
         lines += [
-            f"Timing: the configurations of a point and a copy of x are timed round-robin in "
-            f"one loop (paired rounds; starting callable rotated each round); after "
-            f"{t.get('warmup')} warm-up round(s), at least {t.get('min_rounds')} rounds, then "
-            f"until every paired ratio's 95% bootstrap interval has a half-width <= "
+            f"Timing: the configurations of a point and the limit callables (copies, read "
+            f"stream) are timed round-robin in one loop (paired rounds; starting callable "
+            f"rotated each round), in {t.get('min_trials')}-{t.get('max_trials')} independent "
+            f"trials (fresh buffer sets, new rotation start"
+            + (f", a fresh worker process per {t.get('sets_per_process')} trial(s)"
+               if t.get("isolate") == "process" else "")
+            + f"), each {t.get('warmup')} warm-up round(s) then at least "
+            f"{t.get('min_rounds')} rounds and {t.get('trial_time')} s; trials added until "
+            f"every ratio's 95% trial interval (two-level bootstrap) has a half-width <= "
             f"{100 * t.get('ci_rel', 0):g}% of it or {t.get('max_time')} s have passed. Cache: "
             + ", ".join(sorted(set(df["cache"].dropna()))) + " (cold: every call on the next of "
             "enough buffer sets to exceed twice the last-level cache; warm: the same buffers). "

@@ -9,17 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..output import pyplot, save_figure
 from .report import kappa_name, m_name, with_label
 
 _FLOOR, _CEIL = 1e-18, 1e8
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt, why = pyplot()
+    if plt is None:
+        raise ImportError(why)
     return plt
 
 
@@ -29,18 +28,7 @@ def _clip(v):
 
 
 def _finish(fig, plt, path: Path) -> Path:
-    from matplotlib.ticker import LogLocator, NullLocator
-
-    for ax in fig.axes:
-        if ax.get_yscale() == "log":
-            ax.yaxis.set_major_locator(LogLocator(base=10, numticks=7))
-            ax.yaxis.set_minor_locator(NullLocator())
-        if ax.get_xscale() in ("log", "symlog"):
-            ax.xaxis.set_minor_locator(NullLocator())
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _style(family: str) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..output import markdown_table, write_tables
+from ..output import markdown_table, pyplot, save_figure, write_tables
 from .experiment import PERCENTILES, Results
 
 #: The accuracy study's train–inference gap table (normal data), read when present.
@@ -48,13 +48,9 @@ def write(out: Path, res: Results, env: dict) -> list[Path]:
 
 
 def write_plots(out: Path, res: Results, data_name: str) -> tuple[list[Path], str | None]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # the tables are written regardless
-        return [], f"plots skipped: matplotlib is not usable here ({type(exc).__name__}: {exc})"
+    plt, why = pyplot()
+    if plt is None:
+        return [], why
     cur = res.curves
     colors = {"no BN": "tab:red", "BN": "tab:blue"}
     paths = []
@@ -66,11 +62,7 @@ def write_plots(out: Path, res: Results, data_name: str) -> tuple[list[Path], st
         ax.fill_between(m.index, lo.values, hi.values, color=color, alpha=0.18, lw=0)
 
     def save(fig, name):
-        fig.tight_layout()
-        p = out / name
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, out / name))
 
     n_seeds = cur["seed"].nunique()
     x1 = cur[cur.lr_mult == 1]

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 if os.environ.get("NBBN_TEST_GPU") != "1":
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
@@ -54,9 +56,19 @@ def _needs_cpu_kernels(item) -> bool:
     return not item.name.endswith("_cuda")
 
 
+#: Modules that run in both tiers: the exhaustive tier (``-m slow``) selects them too, with
+#: Hypothesis's larger profile (NBBN_HYPOTHESIS_PROFILE=full, as .ci/run sets it).
+BOTH_TIERS = {"test_properties"}
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
     """Tests that need no CPU kernel first (stable: the order within each group is kept), so
-    they run while the warm-up compiles."""
+    they run while the warm-up compiles; in the exhaustive tier, the both-tier modules too."""
+    if (config.option.markexpr or "").strip() == "slow":
+        for item in items:
+            if Path(str(item.fspath)).stem in BOTH_TIERS:
+                item.add_marker(pytest.mark.slow)
     items.sort(key=_needs_cpu_kernels)
 
 

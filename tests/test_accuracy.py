@@ -720,8 +720,14 @@ def test_crossover_reads_the_first_non_negligible_m():
 def test_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_path):
     import sys
 
-    from nbbn.accuracy.report import write_plots
+    from nbbn.output import pyplot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    paths, note = write_plots(tmp_path, {})
-    assert paths == [] and "matplotlib" in note
+    plt, note = pyplot()
+    assert plt is None and "matplotlib" in note and "nbbn[plot]" in note
+    out = tmp_path / "acc"
+    res = CliRunner().invoke(accuracy, ["--quick", "--parts", "b", "--sizes", "2,64",
+                                        "--distributions", "normal", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "plots skipped: matplotlib is not usable" in (out / "report.md").read_text()
+    assert not list(out.glob("*.png"))

@@ -54,27 +54,42 @@ def m_name(m: int) -> str:
 
 # -------------------------------------------------------------------------------- plots
 
-def write_plots(out: Path, tables: dict[str, pd.DataFrame]) -> tuple[list[Path], str | None]:
-    """PNG figures for the parts that ran; (paths, None) or ([], reason) without matplotlib."""
-    plt, why = pyplot()
-    if plt is None:
-        return [], why
-    paths = []
+# Each part's figures (its ``Part.plots``); the command checks once that matplotlib is usable.
+
+
+def rounding_figures(out: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
+    """Part (a): rounding error vs m (var, mean, y), vs κ, and the peers' panel."""
+    from .figures import rounding_plots
+
     rnd = tables.get("rounding")
-    if rnd is not None and len(rnd):
-        for stat in ("var", "mean_in_sd", "y"):
-            paths.append(_plot_rounding_vs_m(plt, out, rnd, stat))
-        paths.append(_plot_rounding_vs_kappa(plt, out, rnd))
+    if rnd is None or not len(rnd):
+        return []
+    plt, _ = pyplot()
+    paths = [_plot_rounding_vs_m(plt, out, rnd, stat) for stat in ("var", "mean_in_sd", "y")]
+    paths.append(_plot_rounding_vs_kappa(plt, out, rnd))
+    return [p for p in paths if p is not None] + rounding_plots(out, tables)
+
+
+def sampling_figures(out: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
+    """Part (b): RMSE of the batch statistics vs m beside theory."""
     smp = tables.get("sampling")
-    if smp is not None and len(smp):
-        paths.append(_plot_sampling(plt, out, smp))
+    if smp is None or not len(smp):
+        return []
+    plt, _ = pyplot()
+    return [p for p in [_plot_sampling(plt, out, smp)] if p is not None]
+
+
+def estimator_figures(out: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
+    """Part (c): the population estimators' bias and RMSE, and the train–inference gap."""
+    plt, _ = pyplot()
+    paths = []
     est = tables.get("estimators")
     if est is not None and len(est):
         paths += _plot_estimators(plt, out, est)
     gap = tables.get("gap")
     if gap is not None and len(gap):
         paths.append(_plot_gap(plt, out, gap))
-    return [p for p in paths if p is not None], None
+    return [p for p in paths if p is not None]
 
 
 _FLOOR, _CEIL = 1e-18, 1e8

@@ -67,9 +67,23 @@ import numpy as np
 from .. import api, registry, validate
 from ..fold import fold_delta
 from ..spec import Op
-from .wire import F, LocalCall, communicator, exchange_header
+from . import exact
+from .wire import F, LocalCall, allgather, allreduce_sum, communicator, exchange_header, reduce_call
 
-__all__ = ["batch_norm_train", "batch_norm_backward", "merge_stats"]
+__all__ = ["batch_norm_train", "batch_norm_backward", "merge_stats", "METHODS"]
+
+#: How the ranks combine their partials (the same on every rank: it picks the collectives, so it
+#: cannot be checked by them). "allreduce": one exact, tree-independent Allreduce of O(C) rows
+#: that also carries the header (:mod:`.exact`, :func:`.wire.reduce_call`); "allgather": the
+#: first design, a header Allgather, then an Allgather of every rank's (μ_r, M2_r) merged in rank
+#: order (forward) or a float64 MPI.SUM Allreduce (backward), kept for comparison.
+METHODS = ("allreduce", "allgather")
+
+
+def _method(method) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    return method
 
 # ----------------------------------------------------------------------------------- merging
 
@@ -181,7 +195,8 @@ def _backend_parts(backend: str, op: Op, args):
 
 
 def batch_norm_train(x, gamma=None, beta=None, *, comm=None, eps=1e-5, running_mean=None,
-                     running_var=None, momentum=0.1, channel_axis=1, backend="cpu"):
+                     running_var=None, momentum=0.1, channel_axis=1, backend="cpu",
+                     method="allreduce"):
     """Training-mode batch norm with the statistics of every rank's x (synchronized BN).
 
     ``comm``: an mpi4py intracommunicator; None means ``MPI.COMM_WORLD``. Every rank of it must
@@ -194,9 +209,12 @@ def batch_norm_train(x, gamma=None, beta=None, *, comm=None, eps=1e-5, running_m
     1/√(σ² + eps) in x's dtype, identical on every rank. ``running_mean``/``running_var`` are
     updated in place on every rank with the global mean and unbiased variance σ²·m/(m − 1),
     m = the global count: ``r ← (1 − momentum)·r + momentum·batch``, in float64, stored in their
-    own dtype. Collectives: a header ``Allgather`` and one ``Allgather`` of (μ_r, M2_r).
+    own dtype. Collectives (``method``, see :data:`METHODS`): "allreduce" one exact Allreduce of
+    2·C rows carrying the header too; "allgather" a header ``Allgather`` and an ``Allgather`` of
+    (μ_r, M2_r).
     """
     comm = communicator(comm)
+    method = _method(method)
     local = LocalCall("batch_norm_train")
     parts = None
     try:
@@ -221,15 +239,24 @@ def batch_norm_train(x, gamma=None, beta=None, *, comm=None, eps=1e-5, running_m
         h = local.header
         h[F["eps"]], h[F["momentum"]] = args.eps, args.momentum
         h[F["running"]] = running_mean is not None
+        if method == "allreduce":
+            s1, s2 = exact.forward_terms(int(h[F["count"]]), local.sums[0], local.sums[1])
+            local.rows = np.concatenate([exact.deposit(s1), exact.deposit(s2)])
     except Exception as exc:  # reported to every rank by the header
         local.error = exc
-    headers = exchange_header(comm, local)
 
-    C = local.sums.shape[1]
-    gathered = np.empty((comm.Get_size(), 2 * C))
-    comm.Allgather(local.sums.reshape(-1), gathered)
-    n, mean, m2 = merge_stats(headers[:, F["count"]], gathered[:, :C], gathered[:, C:])
-    var = m2 / n
+    if method == "allreduce":
+        rows, n = reduce_call(comm, local, local.rows)
+        C = local.sums.shape[1]
+        mean, var = exact.mean_var(rows[:C], rows[C:], n)
+        n = float(n)
+    else:
+        headers = exchange_header(comm, local)
+        C = local.sums.shape[1]
+        gathered = np.empty((comm.Get_size(), 2 * C))
+        allgather(comm, local.sums.reshape(-1), gathered)
+        n, mean, m2 = merge_stats(headers[:, F["count"]], gathered[:, :C], gathered[:, C:])
+        var = m2 / n
 
     shape, dtype, on_device = local.geom
     eps = float(local.header[F["eps"]])
@@ -249,16 +276,19 @@ def batch_norm_train(x, gamma=None, beta=None, *, comm=None, eps=1e-5, running_m
 
 
 def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, comm=None, channel_axis=1,
-                        backend="cpu"):
+                        backend="cpu", method="allreduce"):
     """Gradients of :func:`batch_norm_train` over every rank: returns ``(dx, dgamma, dbeta)``.
 
     ``save_mean``/``save_invstd`` are what :func:`batch_norm_train` returned (identical on every
     rank; a checksum in the header checks it). dx is the local slice's gradient; dgamma and
     dbeta are the sums over every rank, identical on every rank (see the module docstring on
-    averaging). Collectives: a header ``Allgather`` and one float64 ``Allreduce`` of Σdy and
-    Σdy·(x − μ).
+    averaging). Collectives (``method``): "allreduce" one exact Allreduce of 3·C rows (Σdy,
+    Σdy·(x − μ̃), Σ(x − μ̃), each the exact sum of the ranks' float64 partials rounded once) that
+    carries the header too; "allgather" a header ``Allgather`` and a float64 ``MPI.SUM``
+    ``Allreduce`` of the three sums (its bits may depend on the library's reduction tree).
     """
     comm = communicator(comm)
+    method = _method(method)
     local = LocalCall("batch_norm_backward")
     parts = None
     try:
@@ -290,16 +320,21 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, comm=None,
                 local.sums[i] = _to_host(sums[i])
         else:
             local.sums = np.zeros((3, g.C))
+        if method == "allreduce":
+            local.rows = exact.deposit(local.sums.reshape(1, -1))
     except Exception as exc:
         local.error = exc
-    headers = exchange_header(comm, local)
 
-    from mpi4py import MPI
-
-    C = local.sums.shape[1]
-    total = np.empty(3 * C)
-    comm.Allreduce(local.sums.reshape(-1), total, op=MPI.SUM)
-    m_total = float(headers[:, F["count"]].sum())
+    C = local.sums.shape[1] if local.sums is not None else 0
+    if method == "allreduce":
+        rows, m_total = reduce_call(comm, local, local.rows)
+        total = exact.to_float(rows)
+        m_total = float(m_total)
+    else:
+        headers = exchange_header(comm, local)
+        total = np.empty(3 * C)
+        allreduce_sum(comm, local.sums.reshape(-1), total)
+        m_total = float(headers[:, F["count"]].sum())
     sum_dy, sum_dy_xmu, sum_xmu = total[:C], total[C:2 * C], total[2 * C:]
     # dγ and dβ from the global sums, on the host, by one formula on every rank (a kernel's
     # fused multiply-adds could round them differently on a rank with rows and one without);

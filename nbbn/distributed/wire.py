@@ -222,7 +222,7 @@ def reduce_call(comm, local: LocalCall, data: np.ndarray | None) -> tuple[np.nda
     min_m = 2 if local.what == "batch_norm_train" else 1
     if got[_FAILED, 0] or not agree or count < min_m:
         exchange_header(comm, local)  # raises on every rank
-        raise AssertionError("the reduced header showed a fault the headers do not")  # pragma: no cover
+        raise AssertionError("the reduced header showed a fault the headers do not")
     needed = int(got[_NEEDED, 0])
     if needed > cap:
         comm.Set_attr(_KEYVAL[0], needed)

@@ -435,3 +435,71 @@ def test_exact_statistics_against_chan_merge(dtype):
     # both are the statistics of the concatenated batch to float64 rounding
     assert np.max(np.abs(mean - mean_c) / np.sqrt(var)) < 1e-10
     assert np.max(np.abs(var - m2_c / n_c) / var) < 1e-10
+
+
+# ------------------------------------------------------------------------ the cost model
+
+
+def test_costmodel_fit_recovers_synthetic_parameters():
+    """Times made by the model itself (known t0, α, β per family, 3% multiplicative noise) at
+    1-8 ranks and five sizes: the NNLS fit gives the parameters back."""
+    import pandas as pd
+
+    from nbbn.distributed import costmodel as cm
+
+    rng = np.random.default_rng(5)
+    truth = {"allgather": {"t0": 4e-6, "alpha": 3e-6, "beta": 2e-10},
+             "allreduce": {"t0": 5e-6, "alpha": 6e-6, "beta": 5e-10},
+             "allreduce_exact": {"t0": 9e-6, "alpha": 8e-6, "beta": 1e-9}}
+    rows = []
+    for family, p in truth.items():
+        for P in range(1, 9):
+            for m in cm.DEFAULT_SIZES:
+                t = float(cm.model_time(family, p, P, m)) * (1 + 0.03 * rng.standard_normal())
+                rows.append({"family": family, "ranks": P, "bytes": m, "time_s": t})
+    fits = cm.fit(pd.DataFrame(rows))
+    for family, p in truth.items():
+        for k in ("t0", "alpha", "beta"):
+            assert abs(fits[family][k] - p[k]) <= 0.15 * p[k], (family, k, fits[family], p)
+        assert fits[family]["rms_rel"] < 0.06
+
+
+def test_costmodel_extrapolation():
+    from nbbn.distributed import costmodel as cm
+    from nbbn.distributed import exact, wire
+
+    assert len(cm.RESNET50_BN) == 53 and sum(cm.RESNET50_BN) == 26560
+    ext = cm.extrapolate(cm.INTERCONNECTS, gamma=0.0)
+    assert len(ext) == len(cm.INTERCONNECTS) * len(cm.P_EXTRAPOLATE) * len(cm.DESIGNS)
+    by = {(r["interconnect"], r["ranks"], r["design"]): r for r in ext}
+    net = "InfiniBand NDR 400 Gb/s"
+    old, new = "nbbn allgather (first design)", "nbbn exact allreduce"
+    # bytes per rank: the allgather designs grow ~P, the exact allreduce is bounded
+    assert by[(net, 4096, old)]["mib_per_rank_per_step"] > 400 * by[(net, 8, old)][
+        "mib_per_rank_per_step"]
+    assert by[(net, 4096, new)]["mib_per_rank_per_step"] < 2 * by[(net, 8, new)][
+        "mib_per_rank_per_step"]
+    # the old design's bytes at P = 1024: (P − 1)·16·ΣC received in the forward
+    fwd = 1023 * 16 * sum(cm.RESNET50_BN)
+    assert by[(net, 1024, old)]["mib_per_rank_per_step"] * 2 ** 20 > fwd
+    # collectives per step: 53 layers × (2 + 2) for the first design, 53 × 2 for the exact
+    assert by[(net, 8, old)]["collectives_per_step"] == 4 * 53
+    assert by[(net, 8, new)]["collectives_per_step"] == 2 * 53
+    # one exact call's bytes by hand: (NH + 3C) rows of ROW int64
+    assert cm.design_collectives(new, 64, "forward") == [
+        ("allreduce_exact", (wire.NH + 192) * exact.ROW * 8)]
+    # with α, β alone the exact allreduce beats the first design at 4096 ranks
+    assert by[(net, 4096, new)]["step_ms"] < by[(net, 4096, old)]["step_ms"]
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_costmodel_quick_runs(tmp_path, warm_kernels):
+    proc = subprocess.run([sys.executable, "-m", "nbbn", "distributed", "costmodel", "--quick",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("measured.csv", "fit.csv", "extrapolation.csv", "costmodel.md",
+                 "costmodel.png"):
+        assert (tmp_path / name).exists(), name
+    assert "shared cores" in (tmp_path / "costmodel.md").read_text()

@@ -201,8 +201,9 @@ def _worker(sizes, reps: int, budget_s: float, out_json: str) -> None:
                                   root=0)
                 if done:
                     break
-            slowest = comm.reduce(np.array(times), op=MPI.MAX, root=0)
+            every = comm.gather(times, root=0)
             if comm.Get_rank() == 0:
+                slowest = np.max(np.array(every), axis=0)
                 rows.append({"family": family, "ranks": P, "bytes": int(send.nbytes),
                              "reps": len(times), "time_s": float(np.median(slowest)),
                              "time_s_p10": float(np.percentile(slowest, 10)),

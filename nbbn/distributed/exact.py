@@ -99,12 +99,16 @@ def _shifted(limbs: np.ndarray, d: np.ndarray) -> np.ndarray:
 def combine_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """out ← a ∘ b, row by row (out may be b): idx = max, limbs aligned to it and added."""
     ia, ib = a[:, 0], b[:, 0]
-    idx = np.maximum(ia, ib)
-    with np.errstate(over="ignore"):
-        sa = _shifted(a[:, 1:], idx - ia)
-        sb = _shifted(b[:, 1:], idx - ib)
-    out[:, 0] = idx
-    out[:, 1:] = sa + sb
+    moved = np.flatnonzero(ia != ib)  # rows whose windows differ: usually few or none
+    a_moved, b_moved = a[moved], b[moved]  # copies, before out (maybe b) is written
+    np.add(a[:, 1:], b[:, 1:], out=out[:, 1:])  # rows with one idx: plain integer addition
+    out[:, 0] = np.maximum(ia, ib)
+    if moved.size:
+        a, b = a_moved, b_moved
+        ia, ib = a[:, 0], b[:, 0]
+        idx = np.maximum(ia, ib)
+        with np.errstate(over="ignore"):
+            out[moved, 1:] = _shifted(a[:, 1:], idx - ia) + _shifted(b[:, 1:], idx - ib)
 
 
 def _user_op(inmem, inoutmem, datatype) -> None:

@@ -11,39 +11,53 @@ concatenated batch would, and return the gradients of that computation::
                                                 comm=MPI.COMM_WORLD)
 
 Forward. Each rank computes its slice's per-channel count n_r, mean μ_r and M2_r = Σ(x − μ_r)²
-with the backend's own statistics code (``registry.parts(backend).stats``, float64). One
-``Allgather`` brings every rank's (μ_r, M2_r) to every rank, and each merges them with Chan's
-formula in rank order (:func:`merge_stats`)::
+with the backend's own statistics code (``registry.parts(backend).stats``, float64). With the
+default ``method="allreduce"`` it turns them into exact integer rows (:mod:`.exact`) of
+S1 = Σ_r n_r·μ_r and S2 = Σ_r (M2_r + n_r·μ_r²) (error-free products, so the rows hold these
+sums exactly), and one ``Allreduce`` with a commutative user operation on int64 rows adds them
+across ranks -- integer addition, so any reduction tree gives the same bits. Then, from the
+exact sums, in integers: μ = S1/n and σ² = (S2 − S1²/n)/n, each rounded once (the cancellation
+in S2 − S1²/n happens in exact arithmetic). ``method="allgather"`` is the first design: one
+``Allgather`` of every rank's (μ_r, M2_r), merged on every rank with Chan's formula in rank
+order (:func:`merge_stats`)::
 
     n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ·n_b/n,  M2 = M2_a + M2_b + δ²·n_a·n_b/n
 
-so every rank holds the same float64 (n, μ, M2) bit for bit, whatever the timing, equal to the
-statistics of the concatenated batch to float64 rounding. σ² = M2/n (biased) normalizes the
-local slice (``parts.normalize``); the running statistics are updated on every rank with the
-global unbiased variance σ²·n/(n − 1) (PyTorch's convention: ``r ← (1 − momentum)·r +
-momentum·batch``).
+Either way every rank holds the same float64 (n, μ, σ²) bit for bit, equal to the statistics of
+the concatenated batch to float64 rounding. σ² = M2/n (biased) normalizes the local slice
+(``parts.normalize``); the running statistics are updated on every rank with the global unbiased
+variance σ²·n/(n − 1) (PyTorch's convention: ``r ← (1 − momentum)·r + momentum·batch``).
 
 Backward. Each rank computes Σdy, Σdy·(x − μ̃) and Σ(x − μ̃) of its slice (float64,
-``parts.grad_sums``; μ̃ = save_mean); one ``Allreduce`` (float64, SUM) makes them global, and each
-rank forms its local dx = γ·invstd·(dy − Σdy/n − (x − μ)·invstd²·Σdy·(x − μ)/n)
-(``parts.grad_apply``). The third sum lets every rank fold save_mean's rounding back into μ
-(μ = μ̃ + Σ(x − μ̃)/n when that is within a few ulps of μ̃) exactly as single-process backward
-does, so a float32 save_mean at |mean|/std = 1e3 costs dx nothing here either.
-dγ = invstd·Σdy·(x − μ) and dβ = Σdy are the sums over *every* rank, identical on every rank:
-they are the gradient of the sum of every rank's loss. (PyTorch's SyncBatchNorm returns each
-rank's local part and lets DistributedDataParallel average; if your step averages gradients
-across ranks, divide these by the number of ranks instead of averaging them again.)
+``parts.grad_sums``; μ̃ = save_mean); the exact rows make them global (each the exact sum of the
+ranks' partials, rounded once; ``method="allgather"``: a float64 ``MPI.SUM`` ``Allreduce``, whose
+bits may depend on the library's tree), and each rank forms its local
+dx = γ·invstd·(dy − Σdy/n − (x − μ)·invstd²·Σdy·(x − μ)/n) (``parts.grad_apply``). The third sum
+lets every rank fold save_mean's rounding back into μ (μ = μ̃ + Σ(x − μ̃)/n when that is within a
+few ulps of μ̃) exactly as single-process backward does, so a float32 save_mean at
+|mean|/std = 1e3 costs dx nothing here either. dγ = invstd·Σdy·(x − μ) and dβ = Σdy are the
+sums over *every* rank, identical on every rank: they are the gradient of the sum of every
+rank's loss. (PyTorch's SyncBatchNorm returns each rank's local part and lets
+DistributedDataParallel average; if your step averages gradients across ranks, divide these by
+the number of ranks instead of averaging them again.)
 
 Counts may differ between ranks, and a rank may hold N = 0 rows: it takes part in every
 collective with count 0 and returns an empty y / dx (and the same per-channel outputs as the
 others). A rank may hold m = 1 value per channel as long as the global m is at least 2.
 
-Errors never hang. Before any data moves, every rank checks its own arguments (and computes its
-local sums), then one small ``Allgather`` exchanges a header (ok flag, call, C, dtype, ndim,
-channel axis, count, eps, momentum, running statistics given, checksum of the saved statistics).
-If any rank failed, or the ranks disagree (C, dtype, channel axis, ...), or the global m is too
-small, *every* rank raises the same exception with the same message, naming the ranks, and the
-communicator stays usable. So a call costs two collectives: the header and the data. An error
+Errors never hang. Every rank first checks its own arguments (and computes its local sums).
+With ``method="allreduce"`` the header (ok flag, call, C, dtype, ndim, channel axis, eps,
+momentum, running statistics given, checksum of the saved statistics, count) rides in the same
+collective as extra rows reduced as MAX, MIN (= −MAX(−v)) and SUM
+(:func:`.wire.reduce_call`); the buffer's length is the communicator's agreed capacity, never a
+rank's own C, so a bad rank still sends what the others expect. If any rank failed, or the ranks
+disagree, or the global m is too small, every rank sees it in the reduced header and joins one
+header ``Allgather`` (:func:`.wire.exchange_header`) that names the ranks: *every* rank raises
+the same exception with the same message, and the communicator stays usable. So a call costs one
+collective (two for the first call on a communicator or a larger C, which grows the capacity;
+the error path adds the header exchange). With ``method="allgather"`` a call costs two: the
+header ``Allgather`` first, then the data. ``method`` picks the collectives, so every rank must
+pass the same one (like ``comm``; it cannot be checked by the collectives it chooses). An error
 raised after the last collective (inside the backend's normalize or dx pass) is local to its
 rank; the call has no collective left to hang in.
 

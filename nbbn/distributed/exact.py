@@ -74,13 +74,12 @@ def deposit(terms) -> np.ndarray:
     rows[:, 0] = idx
     sign = np.where(v < 0, -1, 1).astype(np.int64)
     hi = mant >> (np.uint64(32) - s)
-    chunks = ((mant << s) & _M32, hi & _M32, hi >> np.uint64(32))  # bins b, b+1, b+2
-    r = np.arange(R)
-    for t in range(T):
-        for k, ch in enumerate(chunks):
-            j = idx - (b[t] + k)
-            ok = nz[t] & (j < K)
-            rows[r[ok], 1 + j[ok]] += sign[t, ok] * ch[t, ok].astype(np.int64)
+    # (3, T, R): the chunks of bins b, b+1, b+2 (signed), and the limb each lands in
+    chunks = np.stack([(mant << s) & _M32, hi & _M32, hi >> np.uint64(32)]).astype(np.int64)
+    chunks *= sign * nz
+    j = idx - (b + np.arange(3)[:, None, None])
+    for limb in range(K):
+        rows[:, 1 + limb] = np.where(j == limb, chunks, 0).sum(axis=(0, 1))
     rows[bad, 0] = NONFINITE
     rows[bad, 1:] = 0
     return rows

@@ -3,8 +3,8 @@ make (:mod:`.wire`), the exact tree-independent rows that collective reduces (:m
 starting ranks (:mod:`.launch`) and what it costs (:mod:`.cost`, ``nbbn distributed bench``;
 :mod:`.costmodel`, ``nbbn distributed costmodel``).
 
-Import order has no cycle: ``exact`` ← ``wire`` ← ``sync`` ← ``cost`` ← ``costmodel`` (the last
-two only inside functions the other way); ``launch`` stands alone.
+Import order has no cycle: ``exact`` ← ``wire`` ← ``sync`` ← ``cost``; ``costmodel`` ← ``cost``
+(which adds its command); ``launch`` stands alone.
 """
 
 from .launch import mpiexec_command, rank_environment

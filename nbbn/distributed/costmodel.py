@@ -367,9 +367,11 @@ def costmodel(ctx, ranks, reps, budget, quick, timeout, out):
     mdf = pd.DataFrame(meas)
     fits = fit(mdf)
     ext = extrapolate(INTERCONNECTS, gamma)
-    from .cost import _environment
+    from mpi4py import MPI
 
-    env = _environment(1)
+    from ..output import environment
+
+    env = {**environment(), "mpi_library": MPI.Get_library_version().split(",")[0].strip()}
     meta = {**env, "load_before": load_before, "load_after": load_after,
             "wall_s": time.perf_counter() - t_start, "host": platform.node(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -287,6 +287,7 @@ def test_errors_raise_the_same_exception_on_every_rank(ranks, warm_kernels):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.slow  # a subprocess CLI that starts mpiexec twice
 @needs_mpi
 def test_bench_quick_runs(tmp_path, warm_kernels):
     """The benchmark entry point end to end (tiny shapes; its figures here mean nothing)."""

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .. import output as _output
-from ..output import pyplot, save_figure
+from ..output import save_figure
 
 # -------------------------------------------------------------------------------- tables
 # The writers live once, in nbbn.output; these names stay for the study's modules.
@@ -53,44 +53,6 @@ def m_name(m: int) -> str:
 
 
 # -------------------------------------------------------------------------------- plots
-
-# Each part's figures (its ``Part.plots``); the command checks once that matplotlib is usable.
-
-
-def rounding_figures(out: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
-    """Part (a): rounding error vs m (var, mean, y), vs κ, and the peers' panel."""
-    from .figures import rounding_plots
-
-    rnd = tables.get("rounding")
-    if rnd is None or not len(rnd):
-        return []
-    plt, _ = pyplot()
-    paths = [_plot_rounding_vs_m(plt, out, rnd, stat) for stat in ("var", "mean_in_sd", "y")]
-    paths.append(_plot_rounding_vs_kappa(plt, out, rnd))
-    return [p for p in paths if p is not None] + rounding_plots(out, tables)
-
-
-def sampling_figures(out: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
-    """Part (b): RMSE of the batch statistics vs m beside theory."""
-    smp = tables.get("sampling")
-    if smp is None or not len(smp):
-        return []
-    plt, _ = pyplot()
-    return [p for p in [_plot_sampling(plt, out, smp)] if p is not None]
-
-
-def estimator_figures(out: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
-    """Part (c): the population estimators' bias and RMSE, and the train–inference gap."""
-    plt, _ = pyplot()
-    paths = []
-    est = tables.get("estimators")
-    if est is not None and len(est):
-        paths += _plot_estimators(plt, out, est)
-    gap = tables.get("gap")
-    if gap is not None and len(gap):
-        paths.append(_plot_gap(plt, out, gap))
-    return [p for p in paths if p is not None]
-
 
 _FLOOR, _CEIL = 1e-18, 1e8
 

@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox -s lint tests``, ``nox -s bench``, ``nox -s report``."""
+"""Developer sessions: ``nox -s lint tests`` (the default), ``nox -s tests_full``, ``nox -s docs``,
+``nox -s bench``, ``nox -s report``."""
 
 from pathlib import Path
 
@@ -30,9 +31,26 @@ def lint(session):
 
 @nox.session
 def tests(session):
-    """The whole suite: CPU kernels, CUDA kernels under the simulator, PTX compile checks."""
+    """The fast tier (README's ``python -m pytest``): every kernel × variant × layout × dtype ×
+    fusion on small shapes (CUDA under the simulator), every error path, the CLIs."""
     _install(session, "cuda,plot,test,mpi,paper")
     session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def tests_full(session):
+    """The exhaustive tier: m = 2^24 + 1, simulator grids, PTX for every kernel, MPI runs,
+    subprocess CLIs, the accuracy peers; Hypothesis with its larger profile."""
+    _install(session, "cuda,plot,test,mpi,paper,peers")
+    session.run("python", "-m", "pytest", "-m", "slow", *session.posargs,
+                env={"NBBN_HYPOTHESIS_PROFILE": "full"})
+
+
+@nox.session
+def docs(session):
+    """The docs/ pages as a site (MkDocs, Material); fails on a broken link or page."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
 @nox.session
@@ -58,19 +76,19 @@ def report(session):
     the accuracy study with its peers, the distributed cost."""
     _install(session, "plot,test,peers,mpi")
     quiet = ["--require-quiet", "--quiet-timeout", "300"]
-    session.run("python", "-m", "nbbn.cli", "bench", *quiet, "--out", "results/bench-cpu")
-    session.run("python", "-m", "nbbn.cli", "bench", "--sweep", "cpu-targets", "--threads", "2",
+    session.run("nbbn", "bench", *quiet, "--out", "results/bench-cpu")
+    session.run("nbbn", "bench", "--sweep", "cpu-targets", "--threads", "2",
                 *quiet, "--out", "results/cpu-kernels")
-    session.run("python", "-m", "nbbn.bench.targets", "results/cpu-kernels", "--out",
+    session.run("nbbn", "report", "targets", "results/cpu-kernels", "--out",
                 "results/cpu-kernels.md", *(["--notes", "results/cpu-kernels.notes.md"]
                                             if Path("results/cpu-kernels.notes.md").exists()
                                             else []))
-    session.run("python", "-m", "nbbn.cli", "bench", "--backend", "cpu,nbbn-unfused,torch-cpu",
+    session.run("nbbn", "bench", "--backend", "cpu,nbbn-unfused,torch-cpu",
                 "--fusion", "none,relu,add-relu", "--threads", "2", *quiet, *FUSION_SHAPES,
                 "--out", "results/fusion-cpu")
-    session.run("python", "-m", "nbbn.bench.fusion", "results/fusion-cpu", "--out",
+    session.run("nbbn", "report", "fusion", "results/fusion-cpu", "--out",
                 "results/fusion-cpu.md")
-    session.run("python", "-m", "nbbn.bench.readme")
-    session.run("python", "-m", "nbbn.cli", "accuracy", "--out", "results/accuracy")
-    session.run("python", "-m", "nbbn.distributed", "bench", "--ranks", "1,2", "--out",
+    session.run("nbbn", "report", "readme")
+    session.run("nbbn", "accuracy", "--out", "results/accuracy")
+    session.run("nbbn", "distributed", "bench", "--ranks", "1,2", "--out",
                 "results/distributed.md")

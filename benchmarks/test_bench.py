@@ -11,7 +11,7 @@ configuration and the bytes of :mod:`nbbn.bench.roofline`.
     nox -s bench                                     # autosaves under .benchmarks/
     nox -s bench -- --benchmark-compare              # a local trend, not a gate
 
-Why not compare's rule (nbbn.bench.compare, issue #21): pytest-benchmark times each
+Why not compare's rule (nbbn.bench.compare): pytest-benchmark times each
 configuration alone, with no pairing, trials or worker processes, so there is no interval that
 holds the between-trial and between-run variance for the rule to use, and
 ``--benchmark-compare-fail=median:10%`` compares two bare medians: on a quiet host it flags

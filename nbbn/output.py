@@ -355,3 +355,40 @@ def command_line(ctx, prog: str = "nbbn") -> str:
                 v = ",".join(str(x) for x in v)
             words += [long, str(v)]
     return shlex.join(words)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures: one plot style for every command
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None with the reason when matplotlib
+    is missing or broken (commands then write their tables and say why there are no figures):
+    ``plt, why = pyplot()``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:
+        return None, (f"plots skipped: matplotlib is not usable here ({type(exc).__name__}: "
+                      f"{exc}; pip install 'nbbn[plot]')")
+    return plt, None
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """The one figure style: few major ticks and no minor ones on log axes (ticks dominate
+    drawing time), a tight layout, PNG at 90 dpi; the figure is closed."""
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import LogLocator, NullLocator
+
+    for ax in fig.axes:
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "log":
+                axis.set_major_locator(LogLocator(base=10, numticks=7))
+            if scale in ("log", "symlog"):
+                axis.set_minor_locator(NullLocator())
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)

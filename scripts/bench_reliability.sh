@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue #21's reliability protocol, on a quiet host (2 cores): every step under `timeout`,
-# everything written under results/reliability/. Prints the expected time first.
+# The bench's reliability protocol (variance study, A/A, A/B, coverage), on a quiet host
+# (2 cores): every step under `timeout`, everything written under results/reliability/.
+# Prints the expected time first.
 #
 #   scripts/bench_reliability.sh            # run it (about 14 minutes; at most 20 expected)
 #   scripts/bench_reliability.sh --dry-run  # print the commands and the expected times only

@@ -15,13 +15,15 @@ Every rank runs the same script; rank 0 prints one JSON object per case on stdou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
 import numpy as np
 
 #: Row counts per rank, by number of ranks: uneven, with empty ranks and m = 1 per rank.
-COUNTS = {1: [(7,), (2,)], 2: [(5, 0), (1, 1), (3, 12)], 3: [(5, 0, 17), (1, 0, 1), (4, 4, 4)]}
+COUNTS = {1: [(7,), (2,)], 2: [(5, 0), (1, 1), (3, 12)], 3: [(5, 0, 17), (1, 0, 1), (4, 4, 4)],
+          4: [(5, 0, 17, 2), (1, 0, 0, 1), (3, 3, 3, 3)]}
 KAPPA = 1e4  # |mean|/std of the data
 
 #: layout name -> (per-row shape, channel_axis, channels-last memory for a channels-first shape)
@@ -68,7 +70,7 @@ def _emit(obj) -> None:
     print("RESULT " + json.dumps(obj), flush=True)
 
 
-def agree(comm) -> None:
+def agree(comm, method: str = "allreduce") -> None:
     import nbbn
     import nbbn.distributed as nbd
     from nbbn import reference as ref
@@ -86,9 +88,10 @@ def agree(comm) -> None:
         xs, dys = x[lo:lo + counts[rank]], dy[lo:lo + counts[rank]]
         rm, rv = np.full(C, 0.25, np.float32), np.full(C, 2.0, np.float32)
         y, sm, si = nbd.batch_norm_train(xs, gamma, beta, comm=comm, running_mean=rm,
-                                         running_var=rv, momentum=0.3, channel_axis=axis)
+                                         running_var=rv, momentum=0.3, channel_axis=axis,
+                                         method=method)
         dx, dg, db = nbd.batch_norm_backward(dys, xs, sm, si, gamma, comm=comm,
-                                             channel_axis=axis)
+                                             channel_axis=axis, method=method)
         mine = {"layout_kept": _same_layout(y, xs, axis) and _same_layout(dx, xs, axis),
                 "y": y, "dx": dx, "save_mean": sm, "save_invstd": si, "running_mean": rm,
                 "running_var": rv, "dgamma": dg, "dbeta": db}
@@ -120,8 +123,12 @@ def agree(comm) -> None:
         scale = ref.dx_scale(dy, si, gamma, channel_axis=axis)
         oracle = {"y": ry, "save_mean": rmean, "save_invstd": rinv, "running_mean": rrm,
                   "running_var": rrv, "dx": rdx, "dgamma": rdg, "dbeta": rdb}
+        digest = hashlib.sha256()
+        for k in shared:
+            digest.update(np.ascontiguousarray(got[k]).tobytes())
         _emit({
             "scenario": "agree", "ranks": K, "layout": layout, "counts": list(counts),
+            "method": method, "bits": digest.hexdigest(),
             "dtype": np.dtype(dtype).name, "identical": bool(identical),
             "shapes_ok": bool(shapes_ok),
             "layout_kept": all(o["layout_kept"] for o in everyone),
@@ -200,6 +207,34 @@ def errors(comm) -> None:
                "identical": all(np.array_equal(m, means[0]) for m in means)})
 
 
+def traffic(comm) -> None:
+    """Bytes each collective moves on each rank, per call, for both methods (C = 64, NC):
+    the warm-up calls (a new communicator's first exact call also sets its capacity) are not
+    counted; then one forward and one backward per method are."""
+    import nbbn.distributed as nbd
+    from nbbn.distributed import wire
+
+    rank, K = comm.Get_rank(), comm.Get_size()
+    C = 64
+    rng = np.random.default_rng(rank)
+    x = (3.0 + rng.standard_normal((4, C))).astype(np.float32)
+    dy = rng.standard_normal((4, C)).astype(np.float32)
+    for method in ("allreduce", "allgather"):
+        for counted in (False, True):
+            wire.TRAFFIC = [] if counted else None
+            _, sm, si = nbd.batch_norm_train(x, comm=comm, method=method)
+            fwd = list(wire.TRAFFIC or [])
+            if counted:
+                wire.TRAFFIC = []
+            nbd.batch_norm_backward(dy, x, sm, si, comm=comm, method=method)
+            bwd = list(wire.TRAFFIC or [])
+        wire.TRAFFIC = None
+        everyone = comm.gather({"forward": fwd, "backward": bwd}, root=0)
+        if rank == 0:
+            _emit({"scenario": "traffic", "ranks": K, "C": C, "method": method,
+                   "per_rank": everyone})
+
+
 def warm() -> None:
     """Compile the cpu Parts for the layouts and dtypes above (Numba caches them on disk)."""
     from nbbn import registry, validate
@@ -233,7 +268,10 @@ def main(argv: list[str]) -> None:
         return
     from mpi4py import MPI
 
-    {"agree": agree, "errors": errors}[scenario](MPI.COMM_WORLD)
+    if scenario == "agree-allgather":
+        agree(MPI.COMM_WORLD, "allgather")
+        return
+    {"agree": agree, "errors": errors, "traffic": traffic}[scenario](MPI.COMM_WORLD)
 
 
 if __name__ == "__main__":

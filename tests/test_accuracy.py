@@ -555,6 +555,21 @@ REQUIRED = {
 }
 
 
+def test_cli_tiny_run_writes_its_tables_and_report(tmp_path):
+    """The fast tier's end-to-end run: one cheap part, no figures (the whole --quick study with
+    peers and figures is the next test, in the exhaustive tier)."""
+    out = tmp_path / "acc"
+    res = CliRunner().invoke(accuracy, ["--quick", "--parts", "b", "--sizes", "2,64",
+                                        "--distributions", "normal", "--no-plots", "--out",
+                                        str(out)])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out / "sampling.csv")
+    assert REQUIRED["sampling"] <= set(df.columns) and set(df["m"]) == {2, 64}
+    report = (out / "report.md").read_text()
+    assert "Command: `nbbn accuracy --quick" in report and "--parts b" in report
+
+
+@pytest.mark.slow
 def test_cli_quick_writes_tables_report_and_figures(tmp_path):
     out = tmp_path / "acc"
     args = ["--quick", "--sizes", "2,64,4096", "--distributions", "normal", "--out", str(out),
@@ -705,8 +720,14 @@ def test_crossover_reads_the_first_non_negligible_m():
 def test_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_path):
     import sys
 
-    from nbbn.accuracy.report import write_plots
+    from nbbn.output import pyplot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    paths, note = write_plots(tmp_path, {})
-    assert paths == [] and "matplotlib" in note
+    plt, note = pyplot()
+    assert plt is None and "matplotlib" in note and "nbbn[plot]" in note
+    out = tmp_path / "acc"
+    res = CliRunner().invoke(accuracy, ["--quick", "--parts", "b", "--sizes", "2,64",
+                                        "--distributions", "normal", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "plots skipped: matplotlib is not usable" in (out / "report.md").read_text()
+    assert not list(out.glob("*.png"))

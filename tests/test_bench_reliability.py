@@ -1,6 +1,7 @@
-"""Issue #21: trials and their intervals, variance components, compare's rule, the limit, the
-A/B backend and the peers (ONNX Runtime, JAX). Machinery only: tiny shapes, tiny budgets, and
-synthetic data where a statistical property is checked; no wall-clock assertion anywhere."""
+"""The bench's reliability machinery: trials and their intervals, variance components, compare's
+rule, the limit, the A/B backend and the peers (ONNX Runtime, JAX). Machinery only: tiny shapes,
+tiny budgets, and synthetic data where a statistical property is checked; no wall-clock
+assertion anywhere."""
 
 from __future__ import annotations
 

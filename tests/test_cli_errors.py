@@ -126,3 +126,24 @@ def test_compare_fail_on_slower_refuses_runs_with_nothing_in_common(tmp_path):
     result = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "b"),
                                        "--fail-on-slower"])
     assert result.exit_code == 1 and "nothing was compared" in result.output, result.output
+
+
+@pytest.mark.parametrize("module, new", [
+    ("nbbn.harness.targets", "nbbn report targets"), ("nbbn.harness.fusion", "nbbn report fusion"),
+    ("nbbn.harness.readme", "nbbn report readme"), ("nbbn.distributed", "nbbn distributed"),
+    ("nbbn.study.distributed", "nbbn accuracy --parts d"), ("nbbn.cuda.ptxcheck", "nbbn ptxcheck"),
+    ("nbbn", None)])
+def test_python_m_entry_points_still_work(module, new, monkeypatch, capsys):
+    """Round 2's ``python -m`` entry points are deprecated aliases for one release: each runs
+    the command it became (here with -h) and says where it went."""
+    import runpy
+
+    extra = ["bench"] if module == "nbbn.distributed" else []
+    monkeypatch.setattr("sys.argv", [module, *extra, "-h"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr()
+    assert "Usage:" in out.out
+    if new:
+        assert f"use `{new}`" in out.err

@@ -130,11 +130,13 @@ def _check(errors: dict, bounds: dict, what: str):
 
 
 #: The simulator cases of the fast tier: one per memory layout the kernels see (NC; NCHW from a
-#: strided view; NHWC from channels-last memory), each dtype, at the awkward offset -- every
-#: kernel, variant and fusion of the cuda backend in ~6 runs. The other simulator cases (each a
-#: few seconds: the simulator runs every GPU thread as a Python thread) are in the exhaustive
-#: tier, and on a GPU (NBBN_TEST_GPU=1) every case runs.
-FAST_SIMULATED = {((2, 7), 1, "c"), ((2, 3, 2, 2), 1, "strided"), ((2, 3, 2, 3), 1, "cl")}
+#: strided view; NHWC from channels-last memory), at the awkward offset, float32 and float64
+#: between them -- the conformance path on every cuda kernel and variant in 3 runs
+#: (tests/test_cuda.py checks every layout × dtype × variant × fusion on its own cases). The
+#: other simulator cases (each a few seconds: the simulator runs every GPU thread as a Python
+#: thread) are in the exhaustive tier, and on a GPU (NBBN_TEST_GPU=1) every case runs.
+FAST_SIMULATED = {((2, 7), 1, "c", np.float32), ((2, 3, 2, 2), 1, "strided", np.float64),
+                  ((2, 3, 2, 3), 1, "cl", np.float32)}
 
 
 def _params():
@@ -143,7 +145,8 @@ def _params():
         for case in CASES:
             for dtype in DTYPES:
                 for offset in OFFSETS:
-                    slow = device and not (case in FAST_SIMULATED and offset == OFFSETS[-1])
+                    slow = device and not ((*case, dtype) in FAST_SIMULATED
+                                           and offset == OFFSETS[-1])
                     yield pytest.param(
                         backend, case, dtype, offset, marks=[pytest.mark.slow] if slow else [],
                         id=f"{backend}-{_case_id(case)}-{np.dtype(dtype).name}-{offset}")

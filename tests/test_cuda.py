@@ -150,8 +150,16 @@ def _check_ops(x, ax, dtype, fusion, variant, gamma, beta):
                                 residual=residual),), dtype)
 
 
+#: The fast tier runs every layout × dtype × variant with no fusion and with the fullest one
+#: (add-relu: the residual read and the ReLU mask on every op that has them); relu and add
+#: alone, the same kernels with one flag fewer, run in the exhaustive tier.
+_FAST_FUSIONS = (Fusion.NONE, Fusion.ADD_RELU)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("fusion", list(Fusion), ids=str)
+@pytest.mark.parametrize("fusion", [pytest.param(f, marks=[] if f in _FAST_FUSIONS
+                                                 else [pytest.mark.slow], id=str(f))
+                                    for f in Fusion])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 @pytest.mark.parametrize("layout", list(LAYOUT_CASES), ids=str)
 def test_ops_against_reference(layout, dtype, fusion, variant, B):

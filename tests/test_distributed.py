@@ -138,9 +138,10 @@ def warm_kernels():
     mpi_worker.warm()
 
 
-def _launch(n: int, scenario: str) -> list[dict]:
+def _launch(n: int, scenario: str, env: dict | None = None) -> list[dict]:
     cmd = mpiexec_command(n) + [sys.executable, "-m", "tests.mpi_worker", scenario]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=rank_environment(1), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**rank_environment(1), **(env or {})},
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
@@ -154,12 +155,9 @@ def _launch(n: int, scenario: str) -> list[dict]:
             if line.startswith("RESULT ")]
 
 
-@needs_mpi
-@pytest.mark.parametrize("ranks", [1, 2, 3])
-def test_synchronized_equals_single_process(ranks, warm_kernels):
+def _check_agree(ranks, results):
     from tests.mpi_worker import COUNTS, LAYOUTS
 
-    results = _launch(ranks, "agree")
     # Every (counts, layout) in float32 and two layouts in float64.
     assert len(results) == len(COUNTS[ranks]) * len(LAYOUTS) + 2
     problems = []
@@ -178,6 +176,85 @@ def test_synchronized_equals_single_process(ranks, warm_kernels):
                 problems.append(f"{where}: {name} rel_err {err:.3g} against the reference")
     assert not problems, "\n".join(problems)
     assert {tuple(r["counts"]) for r in results} == set(COUNTS[ranks])
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_synchronized_equals_single_process(ranks, warm_kernels):
+    """The default method (one exact Allreduce): fast tier at 1 and 3 ranks."""
+    _check_agree(ranks, _launch(ranks, "agree"))
+
+
+@needs_mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["agree", "agree-allgather"])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_synchronized_equals_single_process_every_count(ranks, scenario, warm_kernels):
+    """Both methods at 1-4 ranks: uneven and empty slices, every layout, float32 at κ = 1e4 and
+    float64."""
+    _check_agree(ranks, _launch(ranks, scenario))
+
+
+#: Open MPI's tuned allreduce algorithms forced for the tree-independence test (ompi_info:
+#: 1 basic linear, 2 nonoverlapping, 3 recursive doubling, 4 ring, 5 segmented ring,
+#: 6 rabenseifner).
+ALGORITHMS = (1, 3, 4)
+
+
+@needs_mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [3, 4])
+def test_bit_identical_under_different_reduction_algorithms(ranks, warm_kernels):
+    """The same ranks and data split, each Open MPI allreduce algorithm forced through the MCA
+    parameters: every per-channel output (save_mean, save_invstd, running statistics, dγ, dβ)
+    has the same bits, and each run still agrees with single-process nbbn."""
+    bits = {}
+    for alg in ALGORITHMS:
+        env = {"OMPI_MCA_coll_tuned_use_dynamic_rules": "1",
+               "OMPI_MCA_coll_tuned_allreduce_algorithm": str(alg)}
+        results = _launch(ranks, "agree", env)
+        _check_agree(ranks, results)
+        bits[alg] = {(r["layout"], tuple(r["counts"]), r["dtype"]): r["bits"] for r in results}
+    first = bits[ALGORITHMS[0]]
+    for alg in ALGORITHMS[1:]:
+        differ = [k for k in first if bits[alg][k] != first[k]]
+        assert not differ, f"algorithm {alg} gave other bits than {ALGORITHMS[0]}: {differ}"
+
+
+@needs_mpi
+def test_bytes_per_rank_do_not_grow_with_the_ranks(warm_kernels):
+    """Counts the bytes each collective moves on each rank (nbbn.distributed.wire.TRAFFIC) for
+    one forward and one backward, C = 64, at 1, 2 and 4 ranks: the exact Allreduce moves the
+    same bytes whatever P (one collective per call); the Allgather design receives P times its
+    partials (two collectives per call)."""
+    from nbbn.distributed import exact, wire
+
+    C = 64
+    seen = {}
+    for ranks in (1, 2, 4):
+        for r in _launch(ranks, "traffic"):
+            seen[(r["method"], ranks)] = r["per_rank"]
+    for ranks in (1, 2, 4):
+        new = seen[("allreduce", ranks)]
+        old = seen[("allgather", ranks)]
+        assert len(new) == ranks and len(old) == ranks
+        for mine in new:
+            for call in ("forward", "backward"):
+                assert [c[0] for c in mine[call]] == ["Allreduce"]  # one collective per call
+            # capacity = 3·C rows (the backward's), shared by both calls, + the header rows
+            rows = wire.NH + 3 * C
+            assert mine["forward"][0][1:] == mine["backward"][0][1:] == [rows * exact.ROW * 8] * 2
+        for mine in old:
+            assert [c[0] for c in mine["forward"]] == ["Allgather", "Allgather"]
+            assert [c[0] for c in mine["backward"]] == ["Allgather", "Allreduce"]
+            header = len(wire.FIELDS) * 8
+            assert mine["forward"][0][1:] == [header, ranks * header]
+            assert mine["forward"][1][1:] == [2 * C * 8, ranks * 2 * C * 8]
+            assert mine["backward"][1][1:] == [3 * C * 8, 3 * C * 8]
+    per_rank_new = {p: seen[("allreduce", p)][0]["forward"][0][2] for p in (1, 2, 4)}
+    per_rank_old = {p: sum(c[2] for c in seen[("allgather", p)][0]["forward"]) for p in (1, 2, 4)}
+    assert len(set(per_rank_new.values())) == 1
+    assert per_rank_old[1] < per_rank_old[2] < per_rank_old[4]
 
 
 @needs_mpi
@@ -210,6 +287,7 @@ def test_errors_raise_the_same_exception_on_every_rank(ranks, warm_kernels):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.slow  # a subprocess CLI that starts mpiexec twice
 @needs_mpi
 def test_bench_quick_runs(tmp_path, warm_kernels):
     """The benchmark entry point end to end (tiny shapes; its figures here mean nothing)."""
@@ -261,3 +339,168 @@ def test_study_part_d_small_run():
     assert iv.loc[(1e-14, torch_like), "var_nonpositive_frac"] > 0.5
     assert iv.xs(nbbn_m, level="method")["var_rel_err_max"].max() < 1e-13
     assert len(findings(t)) >= 5
+
+
+# ------------------------------------------------------- the exact rows (nbbn.distributed.exact)
+
+
+def _tree(rows, rng):
+    """Combine a list of row arrays in a random order and a random grouping."""
+    from nbbn.distributed import exact
+
+    items = [r.copy() for r in rows]
+    while len(items) > 1:
+        i, j = sorted(rng.choice(len(items), 2, replace=False))
+        b = items.pop(j)
+        a = items.pop(i)
+        out = b.copy()
+        exact.combine_rows(a, b, out)
+        items.append(out)
+    return items[0]
+
+
+def test_exact_rows_are_tree_independent_and_exact():
+    from fractions import Fraction
+
+    from nbbn.distributed import exact
+
+    rng = np.random.default_rng(7)
+    P, R = 9, 40
+    # magnitudes over 60 decades, signs mixed, zeros, subnormals: every rank's partials
+    v = rng.standard_normal((P, R)) * 10.0 ** rng.integers(-30, 30, (P, R))
+    v[:, 0] = 0.0
+    v[3, 1] = 5e-320
+    v[:, 2] = [1e16, 1.0, -1e16, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # cancels to 4 exactly
+    rows = [exact.deposit(v[p:p + 1]) for p in range(P)]
+    results = [_tree(rows, np.random.default_rng(s)) for s in range(6)]
+    assert all(np.array_equal(r, results[0]) for r in results)
+    # segments: MPI may apply the op to any run of whole rows
+    seg = rows[0].copy()
+    for p in range(1, P):
+        for lo in range(0, R, 7):
+            exact.combine_rows(rows[p][lo:lo + 7], seg[lo:lo + 7], seg[lo:lo + 7])
+    assert np.array_equal(seg, results[0])
+    got = exact.to_float(results[0])
+    want = np.array([float(sum(Fraction(float(a)) for a in v[:, r])) for r in range(R)])
+    assert got[2] == 4.0
+    # Exact within the window: |error| ≤ P·3·2^(-32·(K−1)) of the largest partial, so the
+    # result is the correctly rounded sum up to that (far below one ulp here).
+    big = np.abs(v).max(axis=0)
+    assert (np.abs(got - want) <= np.abs(want) * np.finfo(float).eps / 2
+            + P * 3 * 2.0 ** (-32 * (exact.K - 1)) * big).all()
+
+
+def test_exact_rows_non_finite_and_empty():
+    from nbbn.distributed import exact
+
+    a = exact.deposit(np.array([[1.0, np.nan, 0.0]]))
+    b = exact.deposit(np.array([[2.0, 5.0, 0.0]]))
+    out = b.copy()
+    exact.combine_rows(a, b, out)
+    got = exact.to_float(out)
+    assert got[0] == 3.0 and np.isnan(got[1]) and got[2] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_statistics_against_chan_merge(dtype):
+    """The exact combine's (μ, σ²) against the rational truth of the ranks' rounded partials
+    and against the float64 Chan merge, at κ = 1e4, uneven and empty slices: the exact combine
+    is the correctly rounded value of the merged statistics (≤ ½ ulp); Chan's differs by its own
+    float64 rounding."""
+    from fractions import Fraction
+
+    from nbbn.distributed import exact
+
+    counts = (5, 0, 17, 1, 300)
+    rng = np.random.default_rng(11)
+    x = (1e4 + rng.standard_normal((sum(counts), 6))).astype(dtype)
+    cnt, means, m2s = _split_stats(x, counts)
+    rows1, rows2 = [], []
+    for n_r, mu, m2 in zip(cnt, means, m2s, strict=True):
+        s1, s2 = exact.forward_terms(int(n_r), mu, m2)
+        rows1.append(exact.deposit(s1))
+        rows2.append(exact.deposit(s2))
+    r = np.random.default_rng(0)
+    n = int(sum(counts))
+    mean, var = exact.mean_var(_tree(rows1, r), _tree(rows2, r), n)
+    for c in range(6):
+        s1 = sum(Fraction(int(k)) * Fraction(float(m)) for k, m in zip(cnt, means[:, c],
+                                                                        strict=True))
+        s2 = sum(Fraction(float(m2)) + Fraction(int(k)) * Fraction(float(m)) ** 2
+                 for k, m, m2 in zip(cnt, means[:, c], m2s[:, c], strict=True))
+        true_mean = s1 / n
+        true_var = (s2 - s1 * s1 / n) / n
+        assert mean[c] == float(true_mean)
+        assert abs(Fraction(var[c]) - true_var) <= abs(true_var) * Fraction(2) ** -53
+    n_c, mean_c, m2_c = merge_stats(cnt, means, m2s)
+    # both are the statistics of the concatenated batch to float64 rounding
+    assert np.max(np.abs(mean - mean_c) / np.sqrt(var)) < 1e-10
+    assert np.max(np.abs(var - m2_c / n_c) / var) < 1e-10
+
+
+# ------------------------------------------------------------------------ the cost model
+
+
+def test_costmodel_fit_recovers_synthetic_parameters():
+    """Times made by the model itself (known t0, α, β per family, 3% multiplicative noise) at
+    1-8 ranks and five sizes: the NNLS fit gives the parameters back."""
+    import pandas as pd
+
+    from nbbn.distributed import costmodel as cm
+
+    rng = np.random.default_rng(5)
+    truth = {"allgather": {"t0": 4e-6, "alpha": 3e-6, "beta": 2e-10},
+             "allreduce": {"t0": 5e-6, "alpha": 6e-6, "beta": 5e-10},
+             "allreduce_exact": {"t0": 9e-6, "alpha": 8e-6, "beta": 1e-9}}
+    rows = []
+    for family, p in truth.items():
+        for P in range(1, 9):
+            for m in cm.DEFAULT_SIZES:
+                t = float(cm.model_time(family, p, P, m)) * (1 + 0.03 * rng.standard_normal())
+                rows.append({"family": family, "ranks": P, "bytes": m, "time_s": t})
+    fits = cm.fit(pd.DataFrame(rows))
+    for family, p in truth.items():
+        for k in ("t0", "alpha", "beta"):
+            assert abs(fits[family][k] - p[k]) <= 0.15 * p[k], (family, k, fits[family], p)
+        assert fits[family]["rms_rel"] < 0.06
+
+
+def test_costmodel_extrapolation():
+    from nbbn.distributed import costmodel as cm
+    from nbbn.distributed import exact, wire
+
+    assert len(cm.RESNET50_BN) == 53 and sum(cm.RESNET50_BN) == 26560
+    ext = cm.extrapolate(cm.INTERCONNECTS, gamma=0.0)
+    assert len(ext) == len(cm.INTERCONNECTS) * len(cm.P_EXTRAPOLATE) * len(cm.DESIGNS)
+    by = {(r["interconnect"], r["ranks"], r["design"]): r for r in ext}
+    net = "InfiniBand NDR 400 Gb/s"
+    old, new = "nbbn allgather (first design)", "nbbn exact allreduce"
+    # bytes per rank: the allgather designs grow ~P, the exact allreduce is bounded
+    assert by[(net, 4096, old)]["mib_per_rank_per_step"] > 400 * by[(net, 8, old)][
+        "mib_per_rank_per_step"]
+    assert by[(net, 4096, new)]["mib_per_rank_per_step"] < 2 * by[(net, 8, new)][
+        "mib_per_rank_per_step"]
+    # the old design's bytes at P = 1024: (P − 1)·16·ΣC received in the forward
+    fwd = 1023 * 16 * sum(cm.RESNET50_BN)
+    assert by[(net, 1024, old)]["mib_per_rank_per_step"] * 2 ** 20 > fwd
+    # collectives per step: 53 layers × (2 + 2) for the first design, 53 × 2 for the exact
+    assert by[(net, 8, old)]["collectives_per_step"] == 4 * 53
+    assert by[(net, 8, new)]["collectives_per_step"] == 2 * 53
+    # one exact call's bytes by hand: (NH + 3C) rows of ROW int64
+    assert cm.design_collectives(new, 64, "forward") == [
+        ("allreduce_exact", (wire.NH + 192) * exact.ROW * 8)]
+    # with α, β alone the exact allreduce beats the first design at 4096 ranks
+    assert by[(net, 4096, new)]["step_ms"] < by[(net, 4096, old)]["step_ms"]
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_costmodel_quick_runs(tmp_path, warm_kernels):
+    proc = subprocess.run([sys.executable, "-m", "nbbn", "distributed", "costmodel", "--quick",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("measured.csv", "fit.csv", "extrapolation.csv", "costmodel.md",
+                 "costmodel.png"):
+        assert (tmp_path / name).exists(), name
+    assert "shared cores" in (tmp_path / "costmodel.md").read_text()

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..output import pyplot, save_figure
 from ..seeds import rng_for
 from .common import POPULATIONS
 from .report import kappa_name
@@ -542,13 +543,9 @@ def markdown(meta: dict, tables: dict[str, pd.DataFrame], figures: list[str],
 
 
 def write_plots(out: Path, tables: dict[str, pd.DataFrame]) -> tuple[list[Path], str | None]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:
-        return [], f"plots skipped: matplotlib is not usable here ({type(exc).__name__}: {exc})"
+    plt, why = pyplot()
+    if plt is None:
+        return [], why
     paths = []
     rk = tables.get("distributed_ranks")
     if rk is not None and len(rk):
@@ -618,10 +615,7 @@ def write_plots(out: Path, tables: dict[str, pd.DataFrame]) -> tuple[list[Path],
 
 
 def _save(fig, plt, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(out: Path, meta: dict, tables: dict[str, pd.DataFrame], plots: bool) -> list:

@@ -9,17 +9,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .report import kappa_name, m_name, with_label
+from ..output import pyplot, save_figure
+from .report import (
+    _plot_estimators,
+    _plot_gap,
+    _plot_rounding_vs_kappa,
+    _plot_rounding_vs_m,
+    _plot_sampling,
+    kappa_name,
+    m_name,
+    with_label,
+)
 
 _FLOOR, _CEIL = 1e-18, 1e8
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt, why = pyplot()
+    if plt is None:
+        raise ImportError(why)
     return plt
 
 
@@ -29,18 +37,7 @@ def _clip(v):
 
 
 def _finish(fig, plt, path: Path) -> Path:
-    from matplotlib.ticker import LogLocator, NullLocator
-
-    for ax in fig.axes:
-        if ax.get_yscale() == "log":
-            ax.yaxis.set_major_locator(LogLocator(base=10, numticks=7))
-            ax.yaxis.set_minor_locator(NullLocator())
-        if ax.get_xscale() in ("log", "symlog"):
-            ax.xaxis.set_minor_locator(NullLocator())
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _style(family: str) -> dict:
@@ -146,4 +143,40 @@ def gradient_plots(out: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
     axes[0][-1].legend(fontsize=7, loc="upper left")
     fig.suptitle("Gradients: error vs m at the largest κ (dash-dot: tolerance)", fontsize=10)
     paths.append(_finish(fig, plt, out / "gradients_vs_m.png"))
+    return [p for p in paths if p is not None]
+
+
+# Each part's figures (its ``Part.plots``); the command checks once that matplotlib is usable.
+
+
+def rounding_figures(out: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
+    """Part (a): rounding error vs m (var, mean, y), vs κ, and the peers' panel."""
+    rnd = tables.get("rounding")
+    if rnd is None or not len(rnd):
+        return []
+    plt, _ = pyplot()
+    paths = [_plot_rounding_vs_m(plt, out, rnd, stat) for stat in ("var", "mean_in_sd", "y")]
+    paths.append(_plot_rounding_vs_kappa(plt, out, rnd))
+    return [p for p in paths if p is not None] + rounding_plots(out, tables)
+
+
+def sampling_figures(out: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
+    """Part (b): RMSE of the batch statistics vs m beside theory."""
+    smp = tables.get("sampling")
+    if smp is None or not len(smp):
+        return []
+    plt, _ = pyplot()
+    return [p for p in [_plot_sampling(plt, out, smp)] if p is not None]
+
+
+def estimator_figures(out: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
+    """Part (c): the population estimators' bias and RMSE, and the train–inference gap."""
+    plt, _ = pyplot()
+    paths = []
+    est = tables.get("estimators")
+    if est is not None and len(est):
+        paths += _plot_estimators(plt, out, est)
+    gap = tables.get("gap")
+    if gap is not None and len(gap):
+        paths.append(_plot_gap(plt, out, gap))
     return [p for p in paths if p is not None]

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .. import output as _output
+from ..output import save_figure
 
 # -------------------------------------------------------------------------------- tables
 # The writers live once, in nbbn.output; these names stay for the study's modules.
@@ -53,54 +54,11 @@ def m_name(m: int) -> str:
 
 # -------------------------------------------------------------------------------- plots
 
-def write_plots(out: Path, tables: dict[str, pd.DataFrame]) -> tuple[list[Path], str | None]:
-    """PNG figures for the parts that ran; (paths, None) or ([], reason) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # matplotlib missing or broken: the tables are still written
-        return [], f"plots skipped: matplotlib is not usable here ({type(exc).__name__}: {exc})"
-    paths = []
-    rnd = tables.get("rounding")
-    if rnd is not None and len(rnd):
-        for stat in ("var", "mean_in_sd", "y"):
-            paths.append(_plot_rounding_vs_m(plt, out, rnd, stat))
-        paths.append(_plot_rounding_vs_kappa(plt, out, rnd))
-    smp = tables.get("sampling")
-    if smp is not None and len(smp):
-        paths.append(_plot_sampling(plt, out, smp))
-    est = tables.get("estimators")
-    if est is not None and len(est):
-        paths += _plot_estimators(plt, out, est)
-    gap = tables.get("gap")
-    if gap is not None and len(gap):
-        paths.append(_plot_gap(plt, out, gap))
-    return [p for p in paths if p is not None], None
-
-
 _FLOOR, _CEIL = 1e-18, 1e8
 
 
-def _lean(fig) -> None:
-    """Few major ticks and no minor ones on every log axis (ticks dominate drawing time)."""
-    from matplotlib.ticker import LogLocator, NullLocator
-
-    for ax in fig.axes:
-        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
-            if scale == "log":
-                axis.set_major_locator(LogLocator(base=10, numticks=7))
-            if scale in ("log", "symlog"):
-                axis.set_minor_locator(NullLocator())
-
-
 def _save(fig, plt, path):
-    _lean(fig)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _clip(v):

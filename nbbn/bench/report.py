@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .. import registry
-from ..output import frame, markdown_table, read_rows, write_tables, write_text
+from ..output import frame, markdown_table, pyplot, read_rows, save_figure, write_tables, write_text
 from .runner import COLUMNS
 from .sweep import KEY_COLUMNS
 
@@ -256,13 +256,9 @@ def summary_markdown(df: pd.DataFrame, command: str, meta: dict | None = None) -
 def plots(df: pd.DataFrame, out: Path) -> tuple[list[Path], str | None]:
     """GB/s vs batch size per group, one panel per shape, a line per backend and the copy's
     GB/s dashed. Returns the files and a message when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [], "matplotlib is not installed: plots skipped (pip install 'nbbn[plot]')"
+    plt, why = pyplot()
+    if plt is None:
+        return [], why
     ok = _labelled(df[df["status"] == "ok"])
     files = []
     for keys, g in ok.groupby(GROUP, sort=False):
@@ -290,10 +286,8 @@ def plots(df: pd.DataFrame, out: Path) -> tuple[list[Path], str | None]:
         axes.flat[0].legend(fontsize=8)
         stem = "-".join(str(d[k]) for k in ("op", "layout", "fusion", "call", "cache", "dtype"))
         fig.suptitle(stem.replace("-", " "))
-        fig.tight_layout()
         path = out / f"gbps-{stem}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        save_figure(fig, path)
         files.append(path)
     return files, None
 

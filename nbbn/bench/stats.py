@@ -1,5 +1,5 @@
 """Paired statistics of one point's round-robin samples: within one trial (below), over trials
-(section "Trials": what the rows carry since issue #21) and the variance components of the study.
+(section "Trials": what the rows carry) and the variance components of the study.
 
 The runner times the M callables of a point in rounds (A B C, B C A, C A B, ...): sample
 ``T[r, i]`` is callable i's time in round r. Every ratio is taken per round, so the drift and the

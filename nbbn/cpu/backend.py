@@ -486,19 +486,20 @@ def part_grad_apply(args, sum_dy, sum_dy_xmu, m_total, sum_xmu=None):
 # ---------------------------------------------------------------------------------------------
 # Compiling ahead of the first call
 # ---------------------------------------------------------------------------------------------
-def precompile(dtypes=(np.float32, np.float64), *, layouts=(Layout.NC, Layout.NCHW),
-               ops=tuple(Op)) -> int:
+def precompile(dtypes=(np.float32, np.float64), *, mixed: bool = True,
+               layouts=(Layout.NC, Layout.NCHW), ops=tuple(Op)) -> int:
     """Compile every kernel specialization this backend calls for x of ``dtypes``, or load it
     from Numba's on-disk cache: each op × layout family × parallel and serial twin, with the
-    per-channel vectors in x's dtype and in float64 (:func:`_vector_dtype`). Fusion, channel
-    axis, strides and read-only inputs need no other (they are flags, or canonicalized here).
+    per-channel vectors in x's dtype and, with ``mixed``, in float64 for a float32 x (a call
+    whose vectors are not all x's dtype, :func:`_vector_dtype`). Fusion, channel axis, strides
+    and read-only inputs need no other (they are flags, or canonicalized here).
 
     A service calls it once at start-up so that no request pays seconds of compilation; the test
     session runs it in two processes at once (``tests/conftest.py``). NHWC runs the NC kernels.
     Returns the number of kernel calls made."""
     calls = 0
     for dt in map(np.dtype, dtypes):
-        for vd in dict.fromkeys((dt, _F64)):
+        for vd in dict.fromkeys((dt, _F64) if mixed else (dt,)):
             for layout in layouts:
                 shape = (4, 3) if layout is Layout.NC else (2, 3, 4)
                 x = np.linspace(-1.0, 1.0, math.prod(shape)).reshape(shape).astype(dt)

@@ -5,7 +5,8 @@ machine; every rank holds the same per-rank shape (weak scaling) and times, on t
 
 * ``local``: :func:`nbbn.batch_norm_train` / :func:`nbbn.batch_norm_backward` (no collective);
 * ``sync``: :func:`nbbn.distributed.batch_norm_train` / ``batch_norm_backward``;
-* ``exchange``: the sync call's collectives alone -- header ``Allgather`` + ``Allgather`` of
+* ``sync_allgather``: the same call with ``method="allgather"`` (the first design);
+* ``exchange``: the first design's collectives alone -- header ``Allgather`` + ``Allgather`` of
   (μ_r, M2_r) + the rank-order merge (forward), header + ``Allreduce`` of 2·C float64 (backward).
 
 The calls are paired and interleaved (local, sync in alternating order), each after a
@@ -33,6 +34,8 @@ from pathlib import Path
 
 import click
 import numpy as np
+
+from .costmodel import costmodel
 
 #: Per-rank shapes: NC (N, C) and NCHW (N, C, H, W), channels first.
 DEFAULT_SHAPES = ("NC:64x64", "NC:1024x256", "NC:8192x1024",
@@ -99,6 +102,13 @@ def _calls(comm, shape, rank: int) -> dict:
     def sync_fwd():
         saved["sync"] = nbd.batch_norm_train(x, gamma, beta, comm=comm)
 
+    def ag_fwd():
+        saved["ag"] = nbd.batch_norm_train(x, gamma, beta, comm=comm, method="allgather")
+
+    def ag_bwd():
+        nbd.batch_norm_backward(dy, x, saved["ag"][1], saved["ag"][2], gamma, comm=comm,
+                                method="allgather")
+
     def local_bwd():
         nbbn.batch_norm_backward(dy, x, saved["local"][1], saved["local"][2], gamma)
 
@@ -119,7 +129,8 @@ def _calls(comm, shape, rank: int) -> dict:
         comm.Allreduce(payload, total, op=MPI.SUM)
 
     return {"local_fwd": local_fwd, "sync_fwd": sync_fwd, "local_bwd": local_bwd,
-            "sync_bwd": sync_bwd, "exch_fwd": exch_fwd, "exch_bwd": exch_bwd}
+            "sync_bwd": sync_bwd, "exch_fwd": exch_fwd, "exch_bwd": exch_bwd,
+            "ag_fwd": ag_fwd, "ag_bwd": ag_bwd}
 
 
 def _time_shape(comm, layout: str, shape, reps: int, budget_s: float) -> list[dict]:
@@ -150,15 +161,15 @@ def _time_shape(comm, layout: str, shape, reps: int, budget_s: float) -> list[di
             first, second = (a, b) if i % 2 == 0 else (b, a)
             times[first][i] = timed(first)
             times[second][i] = timed(second)
-        for e in ("exch_fwd", "exch_bwd"):
+        for e in ("exch_fwd", "exch_bwd", "ag_fwd", "ag_bwd"):
             times[e][i] = timed(e)
     every = comm.gather(times, root=0)
     if every is None:
         return []
     slowest = {k: np.max([t[k] for t in every], axis=0) for k in calls}
     rows = []
-    for op, (a, b), e in (("forward-train", pairs[0], "exch_fwd"),
-                          ("backward", pairs[1], "exch_bwd")):
+    for op, (a, b), e, g in (("forward-train", pairs[0], "exch_fwd", "ag_fwd"),
+                             ("backward", pairs[1], "exch_bwd", "ag_bwd")):
         loc, syn = slowest[a], slowest[b]
         d = syn - loc
         lo, hi = _interval(d)
@@ -172,6 +183,7 @@ def _time_shape(comm, layout: str, shape, reps: int, budget_s: float) -> list[di
             "overhead_us_lo95": 1e6 * lo, "overhead_us_hi95": 1e6 * hi,
             "overhead_share": float(np.median(d) / np.median(syn)),
             "exchange_us_p50": 1e6 * float(np.median(slowest[e])),
+            "sync_allgather_us_p50": 1e6 * float(np.median(slowest[g])),
         })
     return rows
 
@@ -211,7 +223,7 @@ def _markdown(df, meta: dict) -> str:
 
     cols = ["ranks", "op", "layout", "shape_per_rank", "local_us_p50", "sync_us_p50",
             "overhead_us_p50", "overhead_us_lo95", "overhead_us_hi95", "overhead_share",
-            "exchange_us_p50", "reps"]
+            "exchange_us_p50", "sync_allgather_us_p50", "reps"]
     t = df[cols].copy()
     t["overhead_share"] = (100 * t["overhead_share"]).map(lambda v: f"{v:.1f}%")
     lines = [
@@ -228,9 +240,12 @@ def _markdown(df, meta: dict) -> str:
         "",
         "Per-rank shapes (every rank holds the same; float32, channels first). `local`: nbbn's "
         "own call on the rank's slice, no communication; `sync`: `nbbn.distributed` on the "
-        "same data (header `Allgather` + one data collective + the local passes); `overhead` = "
+        "same data (default method: one exact `Allreduce` carrying header and data, + the "
+        "local passes); `sync_allgather`: the same call with `method=\"allgather\"` (the "
+        "first design: header `Allgather` + data collective); `overhead` = "
         "median of the paired differences sync − local with its 95% interval; share = "
-        "overhead / sync; `exchange`: the collectives (and the merge) alone. Times are the "
+        "overhead / sync; `exchange`: the first design's collectives (and merge) alone. Times "
+        "are the "
         "slowest rank's per iteration, in µs. Method: the docstring of "
         "`nbbn/distributed/cost.py`.",
         "",
@@ -349,6 +364,9 @@ def bench(ctx, ranks, shapes, reps, budget, threads, quick, timeout, out):
     log_path.unlink()
     click.echo(f"wrote {out_path} (+ .csv): {len(df)} rows in {meta['wall_s']:.0f} s",
                err=True)
+
+
+cli.add_command(costmodel)  # `nbbn distributed costmodel` (nbbn/distributed/costmodel.py)
 
 
 if __name__ == "__main__":

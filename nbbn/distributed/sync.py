@@ -11,39 +11,53 @@ concatenated batch would, and return the gradients of that computation::
                                                 comm=MPI.COMM_WORLD)
 
 Forward. Each rank computes its slice's per-channel count n_r, mean μ_r and M2_r = Σ(x − μ_r)²
-with the backend's own statistics code (``registry.parts(backend).stats``, float64). One
-``Allgather`` brings every rank's (μ_r, M2_r) to every rank, and each merges them with Chan's
-formula in rank order (:func:`merge_stats`)::
+with the backend's own statistics code (``registry.parts(backend).stats``, float64). With the
+default ``method="allreduce"`` it turns them into exact integer rows (:mod:`.exact`) of
+S1 = Σ_r n_r·μ_r and S2 = Σ_r (M2_r + n_r·μ_r²) (error-free products, so the rows hold these
+sums exactly), and one ``Allreduce`` with a commutative user operation on int64 rows adds them
+across ranks -- integer addition, so any reduction tree gives the same bits. Then, from the
+exact sums, in integers: μ = S1/n and σ² = (S2 − S1²/n)/n, each rounded once (the cancellation
+in S2 − S1²/n happens in exact arithmetic). ``method="allgather"`` is the first design: one
+``Allgather`` of every rank's (μ_r, M2_r), merged on every rank with Chan's formula in rank
+order (:func:`merge_stats`)::
 
     n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ·n_b/n,  M2 = M2_a + M2_b + δ²·n_a·n_b/n
 
-so every rank holds the same float64 (n, μ, M2) bit for bit, whatever the timing, equal to the
-statistics of the concatenated batch to float64 rounding. σ² = M2/n (biased) normalizes the
-local slice (``parts.normalize``); the running statistics are updated on every rank with the
-global unbiased variance σ²·n/(n − 1) (PyTorch's convention: ``r ← (1 − momentum)·r +
-momentum·batch``).
+Either way every rank holds the same float64 (n, μ, σ²) bit for bit, equal to the statistics of
+the concatenated batch to float64 rounding. σ² = M2/n (biased) normalizes the local slice
+(``parts.normalize``); the running statistics are updated on every rank with the global unbiased
+variance σ²·n/(n − 1) (PyTorch's convention: ``r ← (1 − momentum)·r + momentum·batch``).
 
 Backward. Each rank computes Σdy, Σdy·(x − μ̃) and Σ(x − μ̃) of its slice (float64,
-``parts.grad_sums``; μ̃ = save_mean); one ``Allreduce`` (float64, SUM) makes them global, and each
-rank forms its local dx = γ·invstd·(dy − Σdy/n − (x − μ)·invstd²·Σdy·(x − μ)/n)
-(``parts.grad_apply``). The third sum lets every rank fold save_mean's rounding back into μ
-(μ = μ̃ + Σ(x − μ̃)/n when that is within a few ulps of μ̃) exactly as single-process backward
-does, so a float32 save_mean at |mean|/std = 1e3 costs dx nothing here either.
-dγ = invstd·Σdy·(x − μ) and dβ = Σdy are the sums over *every* rank, identical on every rank:
-they are the gradient of the sum of every rank's loss. (PyTorch's SyncBatchNorm returns each
-rank's local part and lets DistributedDataParallel average; if your step averages gradients
-across ranks, divide these by the number of ranks instead of averaging them again.)
+``parts.grad_sums``; μ̃ = save_mean); the exact rows make them global (each the exact sum of the
+ranks' partials, rounded once; ``method="allgather"``: a float64 ``MPI.SUM`` ``Allreduce``, whose
+bits may depend on the library's tree), and each rank forms its local
+dx = γ·invstd·(dy − Σdy/n − (x − μ)·invstd²·Σdy·(x − μ)/n) (``parts.grad_apply``). The third sum
+lets every rank fold save_mean's rounding back into μ (μ = μ̃ + Σ(x − μ̃)/n when that is within a
+few ulps of μ̃) exactly as single-process backward does, so a float32 save_mean at
+|mean|/std = 1e3 costs dx nothing here either. dγ = invstd·Σdy·(x − μ) and dβ = Σdy are the
+sums over *every* rank, identical on every rank: they are the gradient of the sum of every
+rank's loss. (PyTorch's SyncBatchNorm returns each rank's local part and lets
+DistributedDataParallel average; if your step averages gradients across ranks, divide these by
+the number of ranks instead of averaging them again.)
 
 Counts may differ between ranks, and a rank may hold N = 0 rows: it takes part in every
 collective with count 0 and returns an empty y / dx (and the same per-channel outputs as the
 others). A rank may hold m = 1 value per channel as long as the global m is at least 2.
 
-Errors never hang. Before any data moves, every rank checks its own arguments (and computes its
-local sums), then one small ``Allgather`` exchanges a header (ok flag, call, C, dtype, ndim,
-channel axis, count, eps, momentum, running statistics given, checksum of the saved statistics).
-If any rank failed, or the ranks disagree (C, dtype, channel axis, ...), or the global m is too
-small, *every* rank raises the same exception with the same message, naming the ranks, and the
-communicator stays usable. So a call costs two collectives: the header and the data. An error
+Errors never hang. Every rank first checks its own arguments (and computes its local sums).
+With ``method="allreduce"`` the header (ok flag, call, C, dtype, ndim, channel axis, eps,
+momentum, running statistics given, checksum of the saved statistics, count) rides in the same
+collective as extra rows reduced as MAX, MIN (= −MAX(−v)) and SUM
+(:func:`.wire.reduce_call`); the buffer's length is the communicator's agreed capacity, never a
+rank's own C, so a bad rank still sends what the others expect. If any rank failed, or the ranks
+disagree, or the global m is too small, every rank sees it in the reduced header and joins one
+header ``Allgather`` (:func:`.wire.exchange_header`) that names the ranks: *every* rank raises
+the same exception with the same message, and the communicator stays usable. So a call costs one
+collective (two for the first call on a communicator or a larger C, which grows the capacity;
+the error path adds the header exchange). With ``method="allgather"`` a call costs two: the
+header ``Allgather`` first, then the data. ``method`` picks the collectives, so every rank must
+pass the same one (like ``comm``; it cannot be checked by the collectives it chooses). An error
 raised after the last collective (inside the backend's normalize or dx pass) is local to its
 rank; the call has no collective left to hang in.
 
@@ -67,9 +81,23 @@ import numpy as np
 from .. import api, registry, validate
 from ..fold import fold_delta
 from ..spec import Op
-from .wire import F, LocalCall, communicator, exchange_header
+from . import exact
+from .wire import F, LocalCall, allgather, allreduce_sum, communicator, exchange_header, reduce_call
 
-__all__ = ["batch_norm_train", "batch_norm_backward", "merge_stats"]
+__all__ = ["batch_norm_train", "batch_norm_backward", "merge_stats", "METHODS"]
+
+#: How the ranks combine their partials (the same on every rank: it picks the collectives, so it
+#: cannot be checked by them). "allreduce": one exact, tree-independent Allreduce of O(C) rows
+#: that also carries the header (:mod:`.exact`, :func:`.wire.reduce_call`); "allgather": the
+#: first design, a header Allgather, then an Allgather of every rank's (μ_r, M2_r) merged in rank
+#: order (forward) or a float64 MPI.SUM Allreduce (backward), kept for comparison.
+METHODS = ("allreduce", "allgather")
+
+
+def _method(method) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    return method
 
 # ----------------------------------------------------------------------------------- merging
 
@@ -181,7 +209,8 @@ def _backend_parts(backend: str, op: Op, args):
 
 
 def batch_norm_train(x, gamma=None, beta=None, *, comm=None, eps=1e-5, running_mean=None,
-                     running_var=None, momentum=0.1, channel_axis=1, backend="cpu"):
+                     running_var=None, momentum=0.1, channel_axis=1, backend="cpu",
+                     method="allreduce"):
     """Training-mode batch norm with the statistics of every rank's x (synchronized BN).
 
     ``comm``: an mpi4py intracommunicator; None means ``MPI.COMM_WORLD``. Every rank of it must
@@ -194,9 +223,12 @@ def batch_norm_train(x, gamma=None, beta=None, *, comm=None, eps=1e-5, running_m
     1/√(σ² + eps) in x's dtype, identical on every rank. ``running_mean``/``running_var`` are
     updated in place on every rank with the global mean and unbiased variance σ²·m/(m − 1),
     m = the global count: ``r ← (1 − momentum)·r + momentum·batch``, in float64, stored in their
-    own dtype. Collectives: a header ``Allgather`` and one ``Allgather`` of (μ_r, M2_r).
+    own dtype. Collectives (``method``, see :data:`METHODS`): "allreduce" one exact Allreduce of
+    2·C rows carrying the header too; "allgather" a header ``Allgather`` and an ``Allgather`` of
+    (μ_r, M2_r).
     """
     comm = communicator(comm)
+    method = _method(method)
     local = LocalCall("batch_norm_train")
     parts = None
     try:
@@ -221,15 +253,24 @@ def batch_norm_train(x, gamma=None, beta=None, *, comm=None, eps=1e-5, running_m
         h = local.header
         h[F["eps"]], h[F["momentum"]] = args.eps, args.momentum
         h[F["running"]] = running_mean is not None
+        if method == "allreduce":
+            s1, s2 = exact.forward_terms(int(h[F["count"]]), local.sums[0], local.sums[1])
+            local.rows = np.concatenate([exact.deposit(s1), exact.deposit(s2)])
     except Exception as exc:  # reported to every rank by the header
         local.error = exc
-    headers = exchange_header(comm, local)
 
-    C = local.sums.shape[1]
-    gathered = np.empty((comm.Get_size(), 2 * C))
-    comm.Allgather(local.sums.reshape(-1), gathered)
-    n, mean, m2 = merge_stats(headers[:, F["count"]], gathered[:, :C], gathered[:, C:])
-    var = m2 / n
+    if method == "allreduce":
+        rows, n = reduce_call(comm, local, local.rows)
+        C = local.sums.shape[1]
+        mean, var = exact.mean_var(rows[:C], rows[C:], n)
+        n = float(n)
+    else:
+        headers = exchange_header(comm, local)
+        C = local.sums.shape[1]
+        gathered = np.empty((comm.Get_size(), 2 * C))
+        allgather(comm, local.sums.reshape(-1), gathered)
+        n, mean, m2 = merge_stats(headers[:, F["count"]], gathered[:, :C], gathered[:, C:])
+        var = m2 / n
 
     shape, dtype, on_device = local.geom
     eps = float(local.header[F["eps"]])
@@ -249,16 +290,19 @@ def batch_norm_train(x, gamma=None, beta=None, *, comm=None, eps=1e-5, running_m
 
 
 def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, comm=None, channel_axis=1,
-                        backend="cpu"):
+                        backend="cpu", method="allreduce"):
     """Gradients of :func:`batch_norm_train` over every rank: returns ``(dx, dgamma, dbeta)``.
 
     ``save_mean``/``save_invstd`` are what :func:`batch_norm_train` returned (identical on every
     rank; a checksum in the header checks it). dx is the local slice's gradient; dgamma and
     dbeta are the sums over every rank, identical on every rank (see the module docstring on
-    averaging). Collectives: a header ``Allgather`` and one float64 ``Allreduce`` of Σdy and
-    Σdy·(x − μ).
+    averaging). Collectives (``method``): "allreduce" one exact Allreduce of 3·C rows (Σdy,
+    Σdy·(x − μ̃), Σ(x − μ̃), each the exact sum of the ranks' float64 partials rounded once) that
+    carries the header too; "allgather" a header ``Allgather`` and a float64 ``MPI.SUM``
+    ``Allreduce`` of the three sums (its bits may depend on the library's reduction tree).
     """
     comm = communicator(comm)
+    method = _method(method)
     local = LocalCall("batch_norm_backward")
     parts = None
     try:
@@ -290,16 +334,21 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, comm=None,
                 local.sums[i] = _to_host(sums[i])
         else:
             local.sums = np.zeros((3, g.C))
+        if method == "allreduce":
+            local.rows = exact.deposit(local.sums.reshape(1, -1))
     except Exception as exc:
         local.error = exc
-    headers = exchange_header(comm, local)
 
-    from mpi4py import MPI
-
-    C = local.sums.shape[1]
-    total = np.empty(3 * C)
-    comm.Allreduce(local.sums.reshape(-1), total, op=MPI.SUM)
-    m_total = float(headers[:, F["count"]].sum())
+    C = local.sums.shape[1] if local.sums is not None else 0
+    if method == "allreduce":
+        rows, m_total = reduce_call(comm, local, local.rows)
+        total = exact.to_float(rows)
+        m_total = float(m_total)
+    else:
+        headers = exchange_header(comm, local)
+        total = np.empty(3 * C)
+        allreduce_sum(comm, local.sums.reshape(-1), total)
+        m_total = float(headers[:, F["count"]].sum())
     sum_dy, sum_dy_xmu, sum_xmu = total[:C], total[C:2 * C], total[2 * C:]
     # dγ and dβ from the global sums, on the host, by one formula on every rank (a kernel's
     # fused multiply-adds could round them differently on a rank with rows and one without);

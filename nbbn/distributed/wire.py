@@ -33,6 +33,7 @@ class LocalCall:
         self.args = None  # the validated argument bundle, None for an empty slice
         self.geom = None  # (shape, dtype, on_device) of x
         self.sums = None  # (2, C) float64: the local statistics or gradient sums
+        self.rows = None  # their exact rows (method "allreduce", nbbn.distributed.exact)
 
     def describe(self, shape, dtype, channel_axis, count):
         ndim = len(shape)
@@ -75,7 +76,7 @@ def exchange_header(comm, local: LocalCall) -> np.ndarray:
     rank failed its local checks or the ranks disagree."""
     local.header[F["ok"]] = 0.0 if local.error is not None else 1.0
     headers = np.empty((comm.Get_size(), len(FIELDS)))
-    comm.Allgather(local.header, headers)
+    allgather(comm, local.header, headers)
     what = local.what
     ok = headers[:, F["ok"]]
     if not ok.all():
@@ -127,3 +128,103 @@ def _raise_disagreement(headers, what: str):
             raise ValueError(f"{what}: the ranks disagree: {msg}{hint}")
     raise AssertionError("headers differ in no known field")  # pragma: no cover
 
+
+
+# ------------------------------------------------------------------- counting what moves
+
+#: When a list, every collective appends ``(name, bytes_sent, bytes_received)`` for this rank
+#: (the message-size test sets it). None: nothing is recorded.
+TRAFFIC: list | None = None
+
+
+def _record(name: str, sent: int, received: int) -> None:
+    if TRAFFIC is not None:
+        TRAFFIC.append((name, int(sent), int(received)))
+
+
+def allgather(comm, send: np.ndarray, recv: np.ndarray) -> None:
+    """``comm.Allgather`` (float64 buffers), recorded in :data:`TRAFFIC`."""
+    comm.Allgather(send, recv)
+    _record("Allgather", send.nbytes, recv.nbytes)
+
+
+def allreduce_sum(comm, send: np.ndarray, recv: np.ndarray) -> None:
+    """``comm.Allreduce`` with ``MPI.SUM`` (float64), recorded in :data:`TRAFFIC`."""
+    from mpi4py import MPI
+
+    comm.Allreduce(send, recv, op=MPI.SUM)
+    _record("Allreduce", send.nbytes, recv.nbytes)
+
+
+# ------------------------------------------------- one collective: header and data together
+
+#: Header rows of the exact reduction (:mod:`.exact` rows): for each field that must agree,
+#: MAX(v) and MAX(−v) of its float64 bits (−MAX(−v) is the MIN; the ranks agree iff MIN = MAX),
+#: then MAX(failed), MAX(rows needed), SUM(count).
+NH = 2 * NAGREE + 3
+_FAILED, _NEEDED, _COUNT = 2 * NAGREE, 2 * NAGREE + 1, 2 * NAGREE + 2
+_KEYVAL: list = []
+
+
+def capacity(comm) -> int:
+    """Data rows every rank of ``comm`` sends in the next exact reduction: the most any agreed
+    call has needed so far (0 for a new communicator). Kept as an MPI attribute of the
+    communicator, so it is the same on every rank (it changes only after a reduction whose
+    result every rank holds) and dies with the communicator."""
+    if not _KEYVAL:
+        from mpi4py import MPI
+
+        _KEYVAL.append(MPI.Comm.Create_keyval())
+    v = comm.Get_attr(_KEYVAL[0])
+    return 0 if v is None else int(v)
+
+
+def _exact_allreduce(comm, buf: np.ndarray) -> np.ndarray:
+    from . import exact
+
+    op, rowtype = exact.mpi_op_and_type()
+    recv = np.empty_like(buf)
+    comm.Allreduce([buf, rowtype], [recv, rowtype], op=op)
+    _record("Allreduce", buf.nbytes, recv.nbytes)
+    return recv
+
+
+def reduce_call(comm, local: LocalCall, data: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """The one collective of a call (``method="allreduce"``): header and data rows reduced
+    together by the exact row operation. Returns (the reduced data rows, the global count).
+
+    Every rank sends NH + :func:`capacity` rows, a length that depends only on what every rank
+    already holds, never on its own arguments, so a rank with a bad argument or a different C
+    still sends what the others expect (a collective of mismatched sizes could hang). If any
+    rank failed or the ranks disagree or the global m is too small (seen alike on every rank),
+    every rank calls :func:`exchange_header` -- the rare second collective -- which raises the
+    same exception with the same message on every rank. If the call needs more rows than the
+    capacity (the first call on a communicator, or a larger C), the data is reduced again at
+    the new capacity: a second collective, once per new size."""
+    from . import exact
+
+    cap = capacity(comm)
+    failed = local.error is not None or data is None
+    need = 0 if failed else data.shape[0]
+    buf = np.zeros((NH + cap, exact.ROW), np.int64)
+    bits = (local.header[:NAGREE] + 0.0).view(np.int64)  # + 0.0: −0.0 → 0.0
+    buf[:NAGREE, 0] = bits
+    buf[NAGREE:2 * NAGREE, 0] = -bits
+    buf[_FAILED, 0] = int(failed)
+    buf[_NEEDED, 0] = need
+    buf[_COUNT, 0] = 0
+    buf[_COUNT, 1] = 0 if failed else int(local.header[F["count"]])
+    if 0 < need <= cap:
+        buf[NH:NH + need] = data
+    got = _exact_allreduce(comm, buf)
+    agree = (got[:NAGREE, 0] == -got[NAGREE:2 * NAGREE, 0]).all()
+    count = int(got[_COUNT, 1])
+    min_m = 2 if local.what == "batch_norm_train" else 1
+    if got[_FAILED, 0] or not agree or count < min_m:
+        exchange_header(comm, local)  # raises on every rank
+        raise AssertionError("the reduced header showed a fault the headers do not")
+    needed = int(got[_NEEDED, 0])
+    if needed > cap:
+        comm.Set_attr(_KEYVAL[0], needed)
+        got = np.concatenate([got[:NH], _exact_allreduce(comm, np.ascontiguousarray(data))])
+    return got[NH:NH + need], count

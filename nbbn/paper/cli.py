@@ -39,8 +39,11 @@ def _load() -> str:
               help="Folder for report.md, the tables and figures [default: results/paper/NAME, "
                    "NAME = digits or the --data folder's name].")
 @click.option("--no-plots", is_flag=True, help="Do not draw the PNG figures.")
+@click.option("--study-gap", "study_gap", default="results/accuracy/gap.csv", show_default=True,
+              metavar="CSV", help="The accuracy study's gap table (nbbn accuracy), shown beside "
+                                  "the measured train–inference gap when the file exists.")
 @click.pass_context
-def paper(ctx, quick, data_dir, steps, seeds, backend, out, no_plots):
+def paper(ctx, quick, data_dir, steps, seeds, backend, out, no_plots, study_gap):
     """Ioffe & Szegedy (2015) §4.1 / Figure 1 on a NumPy MLP whose batch norms run on nbbn.
 
     \b
@@ -102,7 +105,7 @@ def paper(ctx, quick, data_dir, steps, seeds, backend, out, no_plots):
     if no_plots:
         note = "plots skipped: --no-plots"
     else:
-        paths, note = write_plots(out_dir, res, name)
+        paths, note = write_plots(out_dir, res, name, Path(study_gap))
         figures = [p.name for p in paths]
     if note:
         click.echo(note, err=True)
@@ -111,7 +114,7 @@ def paper(ctx, quick, data_dir, steps, seeds, backend, out, no_plots):
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{env['cpu']} ({env['cpus']} CPUs; 1 Numba and 1 BLAS thread)",
             "wall_s": wall, "load": f"{load_start} at the start, {_load()} at the end",
-            "test_rows": len(ds.y_test),
+            "test_rows": len(ds.y_test), "study_gap": Path(study_gap),
             "env": {k: env[k] for k in ("nbbn_version", "numba_version", "numpy_version",
                                         "python_version", "cudasim")}}
     (out_dir / "report.md").write_text(report_markdown(meta, res, figures, note),

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..output import markdown_table, write_tables
+from ..output import markdown_table, pyplot, save_figure, write_tables
 from .experiment import PERCENTILES, Results
 
 #: The accuracy study's train–inference gap table (normal data), read when present.
-STUDY_GAP = Path(__file__).resolve().parents[2] / "results" / "accuracy" / "gap.csv"
+#: Where ``nbbn paper`` looks for the accuracy study's gap table by default (relative to the
+#: working directory, as every results/ path of the CLI; ``--study-gap`` names another).
+STUDY_GAP = Path("results") / "accuracy" / "gap.csv"
 
 TABLES = ("sweep", "curves", "lr", "drift", "population", "batch_size", "gap")
 
@@ -47,14 +49,11 @@ def write(out: Path, res: Results, env: dict) -> list[Path]:
 # ------------------------------------------------------------------------------ figures
 
 
-def write_plots(out: Path, res: Results, data_name: str) -> tuple[list[Path], str | None]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # the tables are written regardless
-        return [], f"plots skipped: matplotlib is not usable here ({type(exc).__name__}: {exc})"
+def write_plots(out: Path, res: Results, data_name: str,
+                study_path: Path = STUDY_GAP) -> tuple[list[Path], str | None]:
+    plt, why = pyplot()
+    if plt is None:
+        return [], why
     cur = res.curves
     colors = {"no BN": "tab:red", "BN": "tab:blue"}
     paths = []
@@ -66,11 +65,7 @@ def write_plots(out: Path, res: Results, data_name: str) -> tuple[list[Path], st
         ax.fill_between(m.index, lo.values, hi.values, color=color, alpha=0.18, lw=0)
 
     def save(fig, name):
-        fig.tight_layout()
-        p = out / name
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, out / name))
 
     n_seeds = cur["seed"].nunique()
     x1 = cur[cur.lr_mult == 1]
@@ -160,7 +155,7 @@ def write_plots(out: Path, res: Results, data_name: str) -> tuple[list[Path], st
         ax.plot(s.mean().index, s.mean().values, "o-", label=f"layer {l}", color=f"C{l}")
     th = gap.groupby("batch_size")["theory_normal"].mean()
     ax.plot(th.index, th.values, "k--", lw=1, label="√(1.5/B) (normal data)")
-    study = study_gap()
+    study = study_gap(study_path)
     if study is not None:
         study = study[study.index <= 2 * gap["batch_size"].max()]
         ax.plot(study.index, study.values, "k:", lw=1, label="accuracy study, normal data")
@@ -175,12 +170,13 @@ def write_plots(out: Path, res: Results, data_name: str) -> tuple[list[Path], st
     return paths, None
 
 
-def study_gap() -> pd.Series | None:
-    """The accuracy study's measured gap for normal data (exact population), by m."""
-    if not STUDY_GAP.is_file():
+def study_gap(path: Path = STUDY_GAP) -> pd.Series | None:
+    """The accuracy study's measured gap for normal data (exact population), by m; None when
+    ``path`` is not there or not that table."""
+    if not Path(path).is_file():
         return None
     try:
-        df = pd.read_csv(STUDY_GAP)
+        df = pd.read_csv(path)
         d = df[(df.distribution == "normal") & (df.inference_stats == "population")]
         return d.set_index("m")["gap_rms"].sort_index()
     except (KeyError, ValueError, OSError):
@@ -352,7 +348,7 @@ def markdown(meta: dict, res: Results, figures: list[str], note: str | None) -> 
         res.batch_size.groupby("batch_size")["population_acc"].mean()
         - res.batch_size.groupby("batch_size")["train_mode_acc"].mean())
     lines += [markdown_table(bsd), ""]
-    study = study_gap()
+    study = study_gap(meta.get("study_gap", STUDY_GAP))
     lines += ["Train–inference gap of the normalized values, as in the accuracy study "
               "(`results/accuracy/report.md`, part c): per channel and test batch "
               "‖x̂_train − x̂_infer‖/‖x̂_infer‖ (x̂_infer with Algorithm 2's statistics), RMS over "

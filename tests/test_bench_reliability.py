@@ -188,6 +188,7 @@ def test_trials_rows_and_samples(tmp_path):
     assert meta["estimated_s"] > 0
 
 
+@pytest.mark.slow  # starts worker processes (~2.5 s each)
 def test_isolate_process_runs_each_trial_group_in_a_new_worker(tmp_path):
     df = run(backends="numpy", ops="inference", shapes="NC:5", batch_sizes="3",
              min_trials=2, max_trials=2, isolate="process", out=tmp_path, **FAST)
@@ -236,8 +237,9 @@ def test_cpu_slowed_is_opt_in_and_checked_like_a_backend():
     assert set(df["variant"]) == {"auto"}
 
 
-@pytest.mark.parametrize("peer,mods", [("onnxruntime", ("onnxruntime", "onnx")),
-                                       ("jax", ("jax", "jaxlib"))])
+@pytest.mark.parametrize("peer,mods", [
+    ("onnxruntime", ("onnxruntime", "onnx")),
+    pytest.param("jax", ("jax", "jaxlib"), marks=pytest.mark.slow)])  # importing jax: ~5 s
 def test_peer_baselines_on_tiny_shapes(peer, mods):
     missing = [m for m in mods if importlib.util.find_spec(m) is None]
     if missing:

@@ -323,9 +323,10 @@ def test_a_slowed_backend_comes_out_slower(throwaway):
     the baseline has an interval below 1, and compare labels it slower (no wall-clock
     assertion: the slow-down is a thousand times the kernel)."""
     # 15 rounds: an interval is then set by the middle of the rounds, not by one round that
-    # a loaded host preempted.
+    # a loaded host preempted; 4 trials: with 2, the trial interval's t factor (12.7) makes
+    # even a 1000× slow-down "ambiguous".
     args = dict(backends="fake,numpy", ops="inference", shapes="NC:6", batch_sizes="4",
-                baseline="numpy", **{**FAST, "min_rounds": 15})
+                baseline="numpy", **{**FAST, "min_rounds": 15, "min_trials": 4, "max_trials": 4})
     throwaway("fake", NUMPY_FNS)
     before = run(**args)
     registry.unregister_backend("fake")

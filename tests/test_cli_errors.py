@@ -147,3 +147,30 @@ def test_python_m_entry_points_still_work(module, new, monkeypatch, capsys):
     assert "Usage:" in out.out
     if new:
         assert f"use `{new}`" in out.err
+
+
+def test_command_echo_of_a_sub_command_names_its_group():
+    """Reports echo the command that made them: `nbbn distributed bench --x 3`, not the group
+    twice (the first distributed reports said `'nbbn distributed' distributed bench`)."""
+    import click
+
+    from nbbn.output import command_line
+
+    seen = []
+
+    @click.group("nbbn")
+    def top():
+        pass
+
+    @top.group("distributed")
+    def grp():
+        pass
+
+    @grp.command("bench")
+    @click.option("--x", default=1)
+    @click.pass_context
+    def sub(ctx, x):
+        seen.append(command_line(ctx))
+
+    assert CliRunner().invoke(top, ["distributed", "bench", "--x", "3"]).exit_code == 0
+    assert seen == ["nbbn distributed bench --x 3"]

@@ -1,6 +1,6 @@
 """README's headline table, generated from a committed bench run (never typed).
 
-    python -m nbbn.bench.readme [--readme README.md] [--check]
+    nbbn report readme [--readme README.md] [--check]
 
 rewrites the block between ``<!-- nbbn:headline:begin source=DIR -->`` and
 ``<!-- nbbn:headline:end -->`` in the README from the bench output folder DIR named in the

@@ -140,7 +140,7 @@ def markdown(run_dirs, ratio: str, comp: pd.DataFrame, summ: pd.DataFrame) -> st
               f"`nbbn compare --run-sd {run_sd(summ):.4f}`.", "",
               "Per point (sd %):", "",
               markdown_table(comp.pivot_table(index=POINT, columns="level", values="sd_pct",
-                                              sort=False, dropna=False), ".3g"), ""]
+                                              sort=False), ".3g"), ""]
     return "\n".join(lines)
 
 

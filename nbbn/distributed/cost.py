@@ -352,7 +352,7 @@ def bench(ctx, ranks, shapes, reps, budget, threads, quick, timeout, out):
     meta = {**_environment(threads), "load_before": load_before,
             "load_after": os.getloadavg()[0], "wall_s": time.perf_counter() - t_start,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": command_line(ctx, prog="nbbn distributed"),
+            "command": command_line(ctx),
             "host": platform.node()}
     env_cols = {k: meta[k] for k in ("nbbn_version", "numba_version", "numpy_version",
                                      "python_version", "threads", "cpu_count", "platform",

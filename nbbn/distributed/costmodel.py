@@ -375,7 +375,7 @@ def costmodel(ctx, ranks, reps, budget, quick, timeout, out):
     meta = {**env, "load_before": load_before, "load_after": load_after,
             "wall_s": time.perf_counter() - t_start, "host": platform.node(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": command_line(ctx, prog="nbbn distributed")}
+            "command": command_line(ctx)}
     mdf["load_before"], mdf["load_after"] = load_before, load_after
     mdf.to_csv(out_dir / "measured.csv", index=False)
     pd.DataFrame([{"family": f, **p, "gamma_s_per_byte": gamma} for f, p in fits.items()]) \

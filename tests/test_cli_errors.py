@@ -128,7 +128,7 @@ def test_compare_fail_on_slower_refuses_runs_with_nothing_in_common(tmp_path):
     assert result.exit_code == 1 and "nothing was compared" in result.output, result.output
 
 
-# runpy warns when a module it runs was imported before (here by earlier tests): harmless in-process.
+# runpy warns when a module it runs was imported before (by earlier tests): harmless here.
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 @pytest.mark.parametrize("module, new", [
     ("nbbn.harness.targets", "nbbn report targets"), ("nbbn.harness.fusion", "nbbn report fusion"),

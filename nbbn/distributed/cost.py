@@ -35,7 +35,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .costmodel import costmodel
+from .costmodel import costmodel, parse_ranks
 
 #: Per-rank shapes: NC (N, C) and NCHW (N, C, H, W), channels first.
 DEFAULT_SHAPES = ("NC:64x64", "NC:1024x256", "NC:8192x1024",
@@ -307,13 +307,7 @@ def bench(ctx, ranks, shapes, reps, budget, threads, quick, timeout, out):
                               else ",".join(QUICK_SHAPES if quick else DEFAULT_SHAPES))
     if quick:
         reps, budget = 20, 0.5
-    try:
-        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{ranks!r}: comma-separated integers",
-                                 param_hint="--ranks") from None
-    if not rank_list or min(rank_list) < 1:
-        raise click.BadParameter(f"{ranks!r}: integers ≥ 1", param_hint="--ranks")
+    rank_list = parse_ranks(ranks)
     out_path = _check_out(out)
     try:
         launcher = {K: mpiexec_command(K) for K in rank_list}

@@ -66,6 +66,18 @@ INTERCONNECTS = {
 FAMILIES = ("allgather", "allreduce", "allreduce_exact")
 
 
+def parse_ranks(text: str) -> list[int]:
+    """``--ranks 1,2,4`` as a list of integers ≥ 1 (a one-line usage error otherwise)."""
+    try:
+        rank_list = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: comma-separated integers",
+                                 param_hint="--ranks") from None
+    if not rank_list or min(rank_list) < 1:
+        raise click.BadParameter(f"{text!r}: integers ≥ 1", param_hint="--ranks")
+    return rank_list
+
+
 def steps(P) -> np.ndarray:
     return np.ceil(np.log2(np.maximum(np.asarray(P, dtype=float), 1.0)))
 
@@ -327,13 +339,7 @@ def costmodel(ctx, ranks, reps, budget, quick, timeout, out):
     from ..output import command_line
     from .launch import mpiexec_command, rank_environment
 
-    try:
-        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{ranks!r}: comma-separated integers",
-                                 param_hint="--ranks") from None
-    if not rank_list or min(rank_list) < 1:
-        raise click.BadParameter(f"{ranks!r}: integers ≥ 1", param_hint="--ranks")
+    rank_list = parse_ranks(ranks)
     sizes = DEFAULT_SIZES
     if quick:
         rank_list, sizes, reps, budget = [1, 2], QUICK_SIZES, 10, 0.05

@@ -41,7 +41,11 @@ done
 
 # Time budget of each step in seconds (the `timeout` it runs under, plus KILL_AFTER if it
 # ignores SIGTERM). Sum of budgets and kill-afters ≤ 480.
-B_ENV=20 B_TESTS=160 B_DRIVER=20 B_SAN=40 B_BENCH=110 KILL_AFTER=5
+# BUDGET_SCALE (integer, default 1) multiplies every budget: a rehearsal under the CUDA simulator
+# runs the same steps one block at a time, far slower than a GPU, on a host of unknown speed.
+S="${BUDGET_SCALE:-1}"
+B_ENV=$((20 * S)) B_TESTS=$((160 * S)) B_DRIVER=$((20 * S)) B_SAN=$((40 * S)) B_BENCH=$((110 * S))
+KILL_AFTER=5
 declare -a PLAN=()
 want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 want env && PLAN+=("env $B_ENV")

@@ -53,10 +53,12 @@ def test_bench_and_sanitize_drivers_list_their_plans():
 def test_tiny_plan_runs_under_the_simulator(tmp_path):
     """The sanitize steps with the driver's --quick configuration: the driver runs (PASS), the
     compute-sanitizer passes SKIP with the reason (none here) or run; logs and summary under
-    OUT."""
+    OUT. The budgets are scaled 20× (BUDGET_SCALE): the simulator on a shared CI host took 20 s
+    for what a GPU does in under one."""
     proc = _run("--steps", "sanitize", timeout=600,
                 env={"OUT": str(tmp_path), "PYTHON": sys.executable, "SANITIZE_ARGS": "--quick",
                      "NBBN_VERIFY_SIMULATOR": "1", "NUMBA_ENABLE_CUDASIM": "1",
+                     "BUDGET_SCALE": "20",
                      "PATH": "/usr/bin:/bin"})
     summary = (tmp_path / "summary.txt").read_text()
     assert "sanitize_driver" in summary and "PASS" in summary.splitlines()[0], proc.stdout

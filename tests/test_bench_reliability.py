@@ -21,7 +21,7 @@ from nbbn.bench.runner import SCHEMA
 from nbbn.bench.sweep import make_plan
 from nbbn.spec import Fusion, Op
 
-FAST = {"warmup": 0, "min_rounds": 3, "max_time": 0.01, "trial_time": 0.0, "bootstrap": 200,
+FAST = {"isolate": "none", "warmup": 0, "min_rounds": 3, "max_time": 0.01, "trial_time": 0.0, "bootstrap": 200,
         "plots": False, "progress": False, "echo": lambda s: None}
 
 
@@ -53,6 +53,46 @@ def test_trial_interval_covers_with_a_known_between_trial_variance():
         old += pooled.lo <= 1.0 <= pooled.hi
     assert 0.90 <= hits / n <= 0.995
     assert old / n < 0.6
+
+
+def _process_trials(rng, mu, n_procs, per_proc, rounds, sd_proc, sd_trial, sd_round):
+    """Blocks and their process labels: log ratio = mu + process + trial + round noise."""
+    blocks, units = [], []
+    for p in range(n_procs):
+        a = mu + rng.normal(0, sd_proc)
+        blocks += _trials(rng, a, per_proc, rounds, sd_trial, sd_round)
+        units += [p] * per_proc
+    return blocks, units
+
+
+def test_process_level_interval_covers_where_processes_vary():
+    """Trials in 4 worker processes that each shift the ratio (sd 4%, trials 2%, rounds 10%,
+    roughly this host's study): with the process as the top level the interval holds ~95%;
+    treating the 8 trials as independent (the in-process design) does not."""
+    rng = np.random.default_rng(2013)
+    hits = flat = 0
+    n = 300
+    widths = []
+    for _ in range(n):
+        blocks, units = _process_trials(rng, 0.0, 4, 2, 30, 0.04, 0.02, 0.10)
+        iv = stats.trial_ratio(blocks, 0, 1, rng, 300, units=units)
+        hits += iv.lo <= 1.0 <= iv.hi
+        widths.append(iv.half_width_rel)
+        naive = stats.trial_ratio(blocks, 0, 1, rng, 300)
+        flat += naive.lo <= 1.0 <= naive.hi
+    assert 0.90 <= hits / n <= 0.995
+    assert flat / n < hits / n - 0.05
+    assert np.median(widths) < 0.10  # and not useless: ±10% at most for sd 4% over 4 processes
+
+
+def test_process_units_with_one_process_fall_back_to_the_trials():
+    blocks, units = _process_trials(np.random.default_rng(5), 0.1, 1, 4, 10, 0.05, 0.03, 0.02)
+    a = stats.trial_ratio(blocks, 0, 1, np.random.default_rng(7), 300)
+    b = stats.trial_ratio(blocks, 0, 1, np.random.default_rng(7), 300, units=units)
+    assert a == b
+    assert np.isnan(stats.process_spread(blocks, 0, 1, units))
+    blocks, units = _process_trials(np.random.default_rng(5), 0.1, 3, 2, 10, 0.05, 0.01, 0.02)
+    assert stats.process_spread(blocks, 0, 1, units) > 0
 
 
 def test_trial_interval_is_seeded_and_deterministic():
@@ -191,11 +231,31 @@ def test_trials_rows_and_samples(tmp_path):
 @pytest.mark.slow  # starts worker processes (~2.5 s each)
 def test_isolate_process_runs_each_trial_group_in_a_new_worker(tmp_path):
     df = run(backends="numpy", ops="inference", shapes="NC:5", batch_sizes="3",
-             min_trials=2, max_trials=2, isolate="process", out=tmp_path, **FAST)
+             min_trials=2, max_trials=2, out=tmp_path, **{**FAST, "isolate": "process"})
     assert (df["status"] == "ok").all(), df[["backend", "error"]]
     assert (df["trials"] == 2).all() and (df["processes"] == 2).all()
     recs = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len({r["process"] for r in recs}) == 2
+
+
+def test_isolate_workers_spreads_trials_over_long_lived_workers(tmp_path):
+    """Trial k runs in worker k mod W; the rows say how many processes, the interval has the
+    process as its top level, and two points reuse the same W workers (no start per point)."""
+    df = run(backends="cpu,numpy", ops="inference", layouts="NC", shapes="NC:5",
+             batch_sizes="3,4", min_trials=4, max_trials=4, workers=2, out=tmp_path,
+             **{**FAST, "isolate": "workers"})
+    assert (df["status"] == "ok").all(), df[["backend", "error"]]
+    assert (df["trials"] == 4).all() and (df["processes"] == 2).all()
+    assert df["between_process_sd_pct"].notna().all()
+    recs = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    pids = {r["process"] for r in recs}
+    assert len(pids) == 2 and 0 not in pids
+    by_point = {}
+    for r in recs:
+        by_point.setdefault(r["N"], []).append(r["process"])
+    assert all(v[0] != v[1] and v[0] == v[2] for v in by_point.values())
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert meta["timing"]["isolate"] == "workers" and meta["timing"]["workers"] == 2
 
 
 def test_default_and_quick_designs_fit_their_budgets():
@@ -205,6 +265,8 @@ def test_default_and_quick_designs_fit_their_budgets():
     quick = estimate_seconds(make_plan(make_sweep(quick=True)), QUICK)
     assert 0 < full <= 180 and 0 < quick <= 30
     assert FULL.min_trials >= 3 and FULL.max_trials > FULL.min_trials
+    assert FULL.isolate == "workers" and FULL.min_trials >= FULL.workers >= 3
+    assert QUICK.isolate == "none"
 
 
 # --------------------------------------------------------------------------------- backends

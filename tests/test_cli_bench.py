@@ -20,7 +20,7 @@ from .test_harness import NUMPY_FNS, register_throwaway, result_rows
 #: Under the CUDA simulator (tests/conftest.py) the cuda backend is checked but not timed and
 #: torch-cuda is unavailable; on a GPU (NBBN_TEST_GPU=1) both run, so those asserts do not hold.
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-FAST = ["--warmup", "0", "--min-rounds", "3", "--max-time", "0.01", "--min-trials", "2",
+FAST = ["--isolate", "none", "--warmup", "0", "--min-rounds", "3", "--max-time", "0.01", "--min-trials", "2",
         "--max-trials", "2", "--trial-time", "0", "--no-plots"]
 TINY = ["--batch-sizes", "1,4", "--shapes", "NC:5;NCHW:3,2,3"]
 
@@ -185,7 +185,7 @@ def test_interrupt_keeps_points_and_resume_finishes(tmp_path, interrupting_backe
     args = ["--backend", "flaky,numpy", "--op", "inference,forward-train", "--layout", "NC",
             "--batch-sizes", "2,3,4", "--shapes", "5", "--warmup", "0", "--min-rounds", "3",
             "--max-rounds", "3", "--min-trials", "1", "--max-trials", "1", "--no-plots",
-            "--out", tmp_path]
+            "--isolate", "none", "--out", tmp_path]  # flaky lives in this process only
     first = invoke(bench, args)
     assert first.exit_code == 130, first.output
     assert "add --resume" in first.output

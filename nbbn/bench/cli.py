@@ -182,10 +182,14 @@ def _sizes(d):
 @click.option("--trial-time", type=FiniteFloat(0), default=None, metavar="SECONDS",
               help="Sampling time of one trial (after --min-rounds). "
                    f"[default: {FULL.trial_time}; --quick: {QUICK.trial_time}]")
-@click.option("--isolate", type=click.Choice(["none", "process"]), default="none",
-              show_default=True,
-              help="process: every --sets-per-process trials in a fresh worker process "
-                   "(pyperf's way; adds a process start per trial group).")
+@click.option("--isolate", type=click.Choice(["workers", "none", "process"]), default=None,
+              help="Where trials run. workers: in turn in --workers long-lived worker "
+                   "processes, so each interval includes the variance between processes; none: "
+                   "all in this process (intervals then miss that level); process: every "
+                   "--sets-per-process trials in a fresh process (pyperf's way; a process "
+                   "start per trial group). [default: workers; --quick: none]")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help=f"Worker processes with --isolate workers. [default: {FULL.workers}]")
 @click.option("--sets-per-process", type=click.IntRange(1), default=1, show_default=True,
               help="Trials (buffer sets) per worker process with --isolate process.")
 @click.option("--warmup", type=click.IntRange(0), default=None,
@@ -219,7 +223,7 @@ def _sizes(d):
 @click.pass_context
 def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, batch_sizes,
           shapes, baseline, min_rounds, max_rounds, max_time, ci, min_trials, max_trials,
-          trial_time, isolate, sets_per_process, warmup, seed, threads, quick,
+          trial_time, isolate, workers, sets_per_process, warmup, seed, threads, quick,
           out, resume, plots, require_quiet, quiet_timeout, quiet_load, list_only):
     """Sweep, check, time and report kernels against the baselines and a copy.
 
@@ -240,7 +244,7 @@ def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, 
                  caches=_flatten(cache), baseline=baseline, quick=quick, warmup=warmup,
                  min_rounds=min_rounds, max_rounds=max_rounds, max_time=max_time, ci=ci,
                  min_trials=min_trials, max_trials=max_trials, trial_time=trial_time,
-                 isolate=isolate, sets_per_process=sets_per_process,
+                 isolate=isolate, workers=workers, sets_per_process=sets_per_process,
                  seed=seed, threads=threads, out=out, resume=resume, plots=plots,
                  require_quiet=require_quiet, quiet_timeout=quiet_timeout,
                  quiet_load=quiet_load, echo=click.echo, command=command_line(ctx))

@@ -44,8 +44,9 @@ class TimingConfig:
     """How a point is sampled (the runner's stopping rule; :mod:`nbbn.bench.stats`, "Trials").
 
     A point is measured in *trials*: each allocates fresh buffer sets, starts the rotation at a
-    new callable and buffer set, and (``isolate="process"``) runs in a fresh worker process
-    that does ``sets_per_process`` trials. Within a trial, after ``warmup`` untimed rounds,
+    new callable and buffer set, and runs (``isolate="workers"``) in the next of ``workers``
+    long-lived worker processes, or (``isolate="process"``) in a fresh worker process that
+    does ``sets_per_process`` trials, or (``"none"``) here. Within a trial, after ``warmup`` untimed rounds,
     rounds are taken until at least ``min_rounds`` are in and ``trial_time`` seconds have
     passed (or ``max_rounds``/``min_trials`` rounds). Trials are added, after ``min_trials``,
     until every watched ratio's trial interval has a half-width <= ``ci_rel`` of its ratio, or
@@ -64,6 +65,7 @@ class TimingConfig:
     trial_time: float = 0.06
     isolate: str = "none"
     sets_per_process: int = 1
+    workers: int = 4
 
 
 class CallFailed(Exception):

@@ -42,22 +42,31 @@ from .sweep import (
 )
 
 #: Timing of a full run and of --quick (explicit options win over both).
-FULL = TimingConfig()
+#: A full run spreads each point's trials over 4 worker processes: on this project's 2-core
+#: host the process carried more of the variance than the trial within it
+#: (results/reliability/variance), so intervals built in one process did not hold from one run
+#: to the next. --quick stays in-process (its intervals cover the trials of one process only;
+#: its rows say processes = 1).
+FULL = TimingConfig(isolate="workers", workers=4)
 QUICK = TimingConfig(warmup=1, min_rounds=3, max_time=0.05, ci_rel=0.05, bootstrap=300,
-                     min_trials=3, max_trials=3, trial_time=0.01)
+                     min_trials=3, max_trials=3, trial_time=0.01, isolate="none")
 #: Per-point costs of the run-time estimate (seconds): data and reference, each
-#: configuration's check, a worker process's start (imports, JIT cache loads).
-EST_POINT_S, EST_CONFIG_S, EST_PROCESS_S = 0.15, 0.1, 2.5
+#: configuration's check, a worker process's start (imports, JIT cache loads), a worker's
+#: set-up of a point (data, first calls).
+EST_POINT_S, EST_CONFIG_S, EST_PROCESS_S, EST_WORKER_POINT_S = 0.15, 0.1, 2.5, 0.1
 SAMPLES_FILE = "samples.jsonl"
-ISOLATE = ("none", "process")
+ISOLATE = ("workers", "none", "process")
 
 
 def estimate_seconds(plan, timing: TimingConfig) -> float:
     """Upper estimate of a run's wall time from the plan and the timing: per point that runs,
     its sampling budget (``max_time`` plus one more trial and the warm-ups) and its set-up
     (:data:`EST_POINT_S`, :data:`EST_CONFIG_S` per configuration, :data:`EST_PROCESS_S` per
-    worker process with ``--isolate process``)."""
+    worker process with ``--isolate process``; with ``--isolate workers`` their starts once and
+    :data:`EST_WORKER_POINT_S` per worker and point)."""
     total = 0.0
+    if timing.isolate == "workers":
+        total += EST_PROCESS_S * timing.workers
     for g in plan.groups:
         if not g.run:
             continue
@@ -67,6 +76,8 @@ def estimate_seconds(plan, timing: TimingConfig) -> float:
         if timing.isolate == "process":
             procs = -(-timing.max_trials // max(1, timing.sets_per_process))
             total += EST_PROCESS_S * procs
+        elif timing.isolate == "workers":
+            total += EST_WORKER_POINT_S * min(timing.workers, timing.max_trials)
     return total
 
 
@@ -231,7 +242,8 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
         min_rounds: int | None = None, max_rounds: int | None = None,
         max_time: float | None = None, ci: float | None = None, bootstrap: int | None = None,
         min_trials: int | None = None, max_trials: int | None = None,
-        trial_time: float | None = None, isolate: str = "none", sets_per_process: int = 1,
+        trial_time: float | None = None, isolate: str | None = None,
+        sets_per_process: int = 1, workers: int | None = None,
         seed: int = 0, threads: int | None = None, out=None, resume: bool = False,
         plots: bool = True, require_quiet: bool = False, quiet_timeout: float = 120.0,
         quiet_load: float = 0.5, allow_simulator: bool = False, progress: bool | None = None,
@@ -273,18 +285,20 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
         min_trials=base.min_trials if min_trials is None else int(min_trials),
         max_trials=base.max_trials if max_trials is None else int(max_trials),
         trial_time=base.trial_time if trial_time is None else float(trial_time),
-        isolate=str(isolate), sets_per_process=int(sets_per_process),
-        seed=int(seed))
+        isolate=base.isolate if isolate is None else str(isolate),
+        sets_per_process=int(sets_per_process),
+        workers=base.workers if workers is None else int(workers), seed=int(seed))
     vals = (timing.max_time, timing.ci_rel, timing.trial_time)
     if not all(isinstance(v, float) and math.isfinite(v) for v in vals):
         raise HarnessError("bad timing: max_time, ci and trial_time must be finite numbers")
     if timing.min_rounds < 1 or timing.max_rounds < timing.min_rounds or timing.max_time < 0 \
             or not 0 < timing.ci_rel < 1 or timing.warmup < 0 or timing.min_trials < 1 \
             or timing.max_trials < timing.min_trials or timing.trial_time < 0 \
-            or timing.sets_per_process < 1:
+            or timing.sets_per_process < 1 or timing.workers < 1:
         raise HarnessError("bad timing: need min_rounds >= 1, max_rounds >= min_rounds, "
                            "max_time >= 0, 0 < ci < 1, warmup >= 0, min_trials >= 1, "
-                           "max_trials >= min_trials, trial_time >= 0, sets_per_process >= 1")
+                           "max_trials >= min_trials, trial_time >= 0, sets_per_process >= 1, "
+                           "workers >= 1")
     if timing.isolate not in ISOLATE:
         raise HarnessError(f"unknown isolate {timing.isolate!r}; choose from "
                            f"{', '.join(ISOLATE)}")
@@ -337,6 +351,9 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     echo(f"Timing: {timing.min_trials}-{timing.max_trials} trials per point (fresh buffer sets"
          + (f", a fresh process per {timing.sets_per_process} trial(s)"
             if timing.isolate == "process" else "")
+         + (f", taken in turn by {timing.workers} worker processes"
+            if timing.isolate == "workers" else ", all in this process"
+            if timing.isolate == "none" else "")
          + f"), each >= {timing.min_rounds} rounds and {timing.trial_time:g} s after "
          f"{timing.warmup} warm-up round(s); trials added until every ratio's 95% interval is "
          f"within ±{100 * timing.ci_rel:g}% or {timing.max_time:g} s per point; cache "
@@ -378,6 +395,13 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
             "load_before_1m": load_before, "timing": dataclasses.asdict(timing), "sweep": sweep,
             "quiet_required": require_quiet, "estimated_s": est}
     try:
+        if timing.isolate == "workers" and plan.run:
+            from . import worker
+
+            counts = worker.threads()
+            if threads is not None:  # PyTorch's pool too, even if torch is not loaded here yet
+                counts = (counts[0], int(threads))
+            runner.pool = worker.WorkerPool(min(timing.workers, timing.max_trials), counts)
         if show:
             import click
 
@@ -393,6 +417,8 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if runner.pool is not None:
+            runner.pool.close()
         for log in logs:
             log.close()
         restore()

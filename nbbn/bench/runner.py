@@ -56,7 +56,7 @@ COLUMNS = (
     "status", "skip_reason", "error", "passed", "rel_err", "worst_output", "tolerance", "errors",
     "notes",
     "compile_s", "timer", "trials", "processes", "rounds", "converged", "ci_halfwidth_pct_max",
-    "between_trial_sd_pct", "within_trial_sd_pct",
+    "between_process_sd_pct", "between_trial_sd_pct", "within_trial_sd_pct",
     "time_ms_p50", "time_ms_ci_lo", "time_ms_ci_hi", "time_ms_p20", "time_ms_p80", "time_ms_min",
     "noise_pct",
     "copy_ms_p50", "time_over_copy", "time_over_copy_ci_lo", "time_over_copy_ci_hi",
@@ -109,6 +109,9 @@ COLUMN_DOCS = {
     "processes": "worker processes the trials ran in (1: the bench's own)",
     "rounds": "round-robin rounds timed over all trials (one call of each configuration and "
               "each limit callable per round)",
+    "between_process_sd_pct": "sd over worker processes of their mean trial median of "
+                              "log(speed-up) (else log time/copy), ×100 (≈ %); empty with one "
+                              "process",
     "between_trial_sd_pct": "sd of the trial medians of log(speed-up) (else log time/copy), "
                             "×100 (≈ %)",
     "within_trial_sd_pct": "pooled robust sd (1.4826·MAD) of the per-round log ratio within a "
@@ -169,8 +172,10 @@ class Runner:
                  emit_ratio: Callable[[dict], None] | None = None, env: dict | None = None,
                  run_id: str = "", load_before: float | None = None,
                  baseline: str | None = None,
-                 emit_sample: Callable[[dict], None] | None = None):
+                 emit_sample: Callable[[dict], None] | None = None, pool=None):
         self.timing = timing
+        #: The worker processes of ``--isolate workers`` (:class:`.worker.WorkerPool`).
+        self.pool = pool
         self.emit_sample = emit_sample or (lambda r: None)
         self.emit = emit
         self.emit_ratio = emit_ratio or (lambda r: None)
@@ -396,12 +401,16 @@ class Runner:
         procs: list[int] = []
         notes: list[str] = []
         names = None
-        if t.isolate == "process":
+        workers = t.isolate == "workers" and self.pool is not None
+        units = None
+        if t.isolate == "process" or workers:
             state.clear()  # the workers allocate their own: free the checked buffers here
         start = time.monotonic()
         while True:
             first = len(blocks)
-            if t.isolate == "process":
+            if workers:  # trial k in worker k mod W
+                b, names, n, pid = self.pool.run(first, group, list(order), t, first, seed_key)
+            elif t.isolate == "process":
                 from . import worker
 
                 b, names, n, pid = worker.in_new_process(
@@ -416,8 +425,10 @@ class Runner:
             procs += [pid] * len(b)
             notes += [x for x in n if x not in notes]
             elapsed = time.monotonic() - start
+            if len(set(procs)) > 1:
+                units = procs
             if len(blocks) >= t.min_trials:
-                done, _ = stats.trials_converged(blocks, pairs, t.ci_rel, rng)
+                done, _ = stats.trials_converged(blocks, pairs, t.ci_rel, rng, units=units)
                 if done or elapsed >= t.max_time or len(blocks) >= t.max_trials:
                     return blocks, names, notes, procs, done
 
@@ -451,14 +462,16 @@ class Runner:
                     return
         M = len(order)
         boot = self.timing.bootstrap
+        # The process is the interval's top level when the trials ran in several (stats.py).
+        U = procs if len(set(procs)) > 1 else None
         labels = [f"{c.backend}:{c.variant}" for c in order] + lnames
         copies = [M + k for k, n in enumerate(lnames) if n.startswith("copy:")]
         reads = [M + k for k, n in enumerate(lnames) if n.startswith("read:")]
-        copy_ivs = {k: stats.trial_time(blocks, k, seeded(labels[k]), boot) for k in copies}
+        copy_ivs = {k: stats.trial_time(blocks, k, seeded(labels[k]), boot, U) for k in copies}
         best = min(copies, key=lambda k: copy_ivs[k].median)
         copy_iv = copy_ivs[best]
         read = reads[0] if reads else None
-        read_iv = stats.trial_time(blocks, read, seeded(labels[read]), boot) if read else None
+        read_iv = stats.trial_time(blocks, read, seeded(labels[read]), boot, U) if read else None
         itemsize = np.dtype(p.dtype).itemsize
         nbytes = roofline.bytes_moved(p.op, p.numel, p.C, itemsize, fusion=p.fusion)
         nbytes2 = roofline.bytes_moved(p.op, p.numel, p.C, itemsize, two_pass=True,
@@ -469,7 +482,7 @@ class Runner:
         L = len(labels)  # the limit's column in the augmented blocks
         aug = [np.column_stack([T, limits.limit_per_round(
             T[:, best], None if read is None else T[:, read], rb, wb, xb)]) for T in blocks]
-        lim_iv = stats.trial_time(aug, L, seeded("limit"), boot)
+        lim_iv = stats.trial_time(aug, L, seeded("limit"), boot, U)
         limit_name = labels[best] + (f" + {labels[read]}" if read is not None
                                      and p.op is Op.BACKWARD else "")
         ref = self._reference_baseline(order)
@@ -478,13 +491,13 @@ class Runner:
         for i, cfg in enumerate(order):
             row = rows[cfg]
             s = np.concatenate([T[:, i] for T in blocks])
-            t_iv = stats.trial_time(blocks, i, seeded(labels[i]), boot)
-            oc = stats.trial_ratio(blocks, i, best, seeded(labels[i], "copy"), boot)
-            pl = stats.trial_ratio(aug, L, i, seeded("limit", labels[i]), boot)
+            t_iv = stats.trial_time(blocks, i, seeded(labels[i]), boot, U)
+            oc = stats.trial_ratio(blocks, i, best, seeded(labels[i], "copy"), boot, U)
+            pl = stats.trial_ratio(aug, L, i, seeded("limit", labels[i]), boot, U)
             widths = [oc.half_width_rel]
             p20, p80 = np.percentile(s, [20, 80])
             row.update(status="ok", rounds=rounds, trials=len(blocks),
-                       processes=len(set(procs)) if self.timing.isolate == "process" else 1,
+                       processes=len(set(procs)),
                        converged=bool(done),
                        time_ms_p50=t_iv.median * 1e3, time_ms_ci_lo=t_iv.lo * 1e3,
                        time_ms_ci_hi=t_iv.hi * 1e3, time_ms_p20=p20 * 1e3,
@@ -510,20 +523,22 @@ class Runner:
                 row["notes"] = "; ".join(filter(None, [row["notes"], *extra]))
             spread_pair = (best, i)
             if ref is not None and ref != i:
-                sp = stats.trial_ratio(blocks, ref, i, seeded(labels[ref], labels[i]), boot)
+                sp = stats.trial_ratio(blocks, ref, i, seeded(labels[ref], labels[i]), boot, U)
                 row.update(baseline=labels[ref], speedup=sp.median,
                            speedup_ci_lo=sp.lo, speedup_ci_hi=sp.hi)
                 widths.append(sp.half_width_rel)
                 spread_pair = (ref, i)
             row["between_trial_sd_pct"], row["within_trial_sd_pct"] = \
                 stats.trial_spread(blocks, *spread_pair)
+            row["between_process_sd_pct"] = (stats.process_spread(blocks, *spread_pair, U)
+                                              if U is not None else None)
             row["ci_halfwidth_pct_max"] = 100.0 * max(widths)
             row["load_avg_1m"] = output.load_average()
         for i in range(M):
             for j in range(len(labels)):
                 if i == j:
                     continue
-                iv = stats.trial_ratio(blocks, j, i, seeded(labels[j], labels[i]), boot)
+                iv = stats.trial_ratio(blocks, j, i, seeded(labels[j], labels[i]), boot, U)
                 vb, _, vv = labels[j].partition(":")
                 self.emit_ratio({
                     "schema": SCHEMA, "run_id": self.run_id, "backend": order[i].backend,

@@ -110,6 +110,14 @@ def converged(T: np.ndarray, pairs, target: float, rng: np.random.Generator,
 # ("expanded percentile"). tests/test_harness.py checks its coverage by simulation with a known
 # between-trial variance. With one trial the interval is the rounds' bootstrap alone, which
 # says nothing about the trial level: rows carry ``trials`` so a reader can tell.
+#
+# When the trials ran in several worker processes (``--isolate workers``/``process``), the
+# process is the top level (results/reliability/variance: on this host the process carries more
+# variance than the trial within it): a process's value is the mean of its trials' medians,
+# the estimate is the mean over processes, and the bootstrap draws *processes* with
+# replacement (each with its own rounds-resampled value), widened by the factor for n
+# processes. Resampling only the top level is the cluster bootstrap's rule (Davison & Hinkley
+# 1997, §3.8): the lower levels' variance is already inside each process's value.
 
 #: Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -130,29 +138,31 @@ def expansion(n: int) -> float:
     return float(np.sqrt(n / (n - 1)) * t975(n - 1) / Z975)
 
 
-def _log_ratio_blocks(blocks, i: int, j: int) -> list[np.ndarray]:
-    out = []
-    for T in blocks:
+def _log_ratio_blocks(blocks, i: int, j: int, with_index: bool = False):
+    out, kept = [], []
+    for k, T in enumerate(blocks):
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.log(T[:, i] / T[:, j])
         z = z[np.isfinite(z)]
         if z.size:
             out.append(z)
-    return out
+            kept.append(k)
+    return (out, kept) if with_index else out
 
 
 def cluster_ci(groups: list[np.ndarray], rng: np.random.Generator, bootstrap: int = 1000,
-               max_work: int = MAX_WORK) -> Interval:
+               max_work: int = MAX_WORK, units=None) -> Interval:
     """Mean over groups of each group's median, with the expanded two-level bootstrap interval
-    (module section "Trials"); ``groups`` are the trials' values (log ratios). The interval is
-    in the values' units (log): callers exponentiate."""
-    groups = [np.asarray(g, dtype=np.float64) for g in groups if np.size(g)]
+    (module section "Trials"); ``groups`` are the trials' values (log ratios). ``units``, one
+    label per group (the worker process it ran in), makes the process the top level: the
+    estimate is the mean over units of the mean of their trials' medians and units are what
+    the bootstrap draws. The interval is in the values' units (log): callers exponentiate."""
+    keep = [k for k, g in enumerate(groups) if np.size(g)]
+    groups = [np.asarray(groups[k], dtype=np.float64) for k in keep]
     n = len(groups)
     if n == 0:
         nan = float("nan")
         return Interval(nan, nan, nan)
-    meds = np.array([np.median(g) for g in groups])
-    est = float(meds.mean())
     total = sum(g.size for g in groups)
     B = int(max(MIN_RESAMPLES, min(bootstrap, max_work // max(total, 1))))
     # Each trial's median's bootstrap distribution (rounds resampled within the trial) ...
@@ -160,10 +170,20 @@ def cluster_ci(groups: list[np.ndarray], rng: np.random.Generator, bootstrap: in
     for t, g in enumerate(groups):
         idx = rng.integers(0, g.size, size=(B, g.size))
         inner[t] = np.median(g[idx], axis=1)
+    meds = np.array([np.median(g) for g in groups])
+    if units is not None:  # ... averaged over the trials of each unit (process)
+        labels = [units[k] for k in keep]
+        order = list(dict.fromkeys(labels))
+        if len(order) > 1:
+            member = np.array([[lab == u for lab in labels] for u in order], dtype=np.float64)
+            member /= member.sum(axis=1, keepdims=True)
+            inner, meds = member @ inner, member @ meds
+            n = len(order)
+    est = float(meds.mean())
     if n == 1:
         lo, hi = np.percentile(inner[0], [2.5, 97.5])
         return Interval(est, float(lo), float(hi))
-    # ... then trials drawn with replacement, each with one of its inner draws.
+    # ... then units drawn with replacement, each with one of its inner draws.
     pick = rng.integers(0, n, size=(B, n))
     draw = rng.integers(0, B, size=(B, n))
     means = inner[pick, draw].mean(axis=1)
@@ -173,23 +193,31 @@ def cluster_ci(groups: list[np.ndarray], rng: np.random.Generator, bootstrap: in
 
 
 def trial_ratio(blocks, i: int, j: int, rng: np.random.Generator,
-                bootstrap: int = 1000) -> Interval:
-    """Ratio T[:, i]/T[:, j] over trials (``blocks``: one (rounds, callables) array per trial):
-    exp of :func:`cluster_ci` of the per-round log ratios."""
-    iv = cluster_ci(_log_ratio_blocks(blocks, i, j), rng, bootstrap)
+                bootstrap: int = 1000, units=None) -> Interval:
+    """Ratio T[:, i]/T[:, j] over trials (``blocks``: one (rounds, callables) array per trial;
+    ``units``: each trial's process, or None): exp of :func:`cluster_ci` of the per-round log
+    ratios."""
+    groups, kept = _log_ratio_blocks(blocks, i, j, with_index=True)
+    iv = cluster_ci(groups, rng, bootstrap, units=_kept(units, kept))
     return Interval(*(float(np.exp(v)) for v in (iv.median, iv.lo, iv.hi)))
 
 
-def trial_time(blocks, i: int, rng: np.random.Generator, bootstrap: int = 1000) -> Interval:
+def trial_time(blocks, i: int, rng: np.random.Generator, bootstrap: int = 1000,
+               units=None) -> Interval:
     """A callable's own time over trials: exp of :func:`cluster_ci` of log seconds."""
-    groups = []
-    for T in blocks:
+    groups, kept = [], []
+    for k, T in enumerate(blocks):
         v = T[:, i]
         v = v[np.isfinite(v) & (v > 0)]
         if v.size:
             groups.append(np.log(v))
-    iv = cluster_ci(groups, rng, bootstrap)
+            kept.append(k)
+    iv = cluster_ci(groups, rng, bootstrap, units=_kept(units, kept))
     return Interval(*(float(np.exp(v)) for v in (iv.median, iv.lo, iv.hi)))
+
+
+def _kept(units, kept):
+    return None if units is None else [units[k] for k in kept]
 
 
 def trial_spread(blocks, i: int, j: int) -> tuple[float, float]:
@@ -206,13 +234,24 @@ def trial_spread(blocks, i: int, j: int) -> tuple[float, float]:
     return 100.0 * between, 100.0 * within
 
 
+def process_spread(blocks, i: int, j: int, units) -> float:
+    """Standard deviation (%) of the per-process means of the trial medians of the log ratio
+    i over j: the spread the process level adds (NaN with fewer than two processes)."""
+    z, kept = _log_ratio_blocks(blocks, i, j, with_index=True)
+    by: dict = {}
+    for g, k in zip(z, kept, strict=True):
+        by.setdefault(units[k], []).append(float(np.median(g)))
+    means = [np.mean(v) for v in by.values()]
+    return 100.0 * float(np.std(means, ddof=1)) if len(means) > 1 else float("nan")
+
+
 def trials_converged(blocks, pairs, target: float, rng: np.random.Generator,
-                     bootstrap: int = MIN_RESAMPLES) -> tuple[bool, float]:
+                     bootstrap: int = MIN_RESAMPLES, units=None) -> tuple[bool, float]:
     """Whether every ratio of ``pairs`` has a trial interval with relative half-width at most
     ``target``; also the widest seen."""
     worst = 0.0
     for i, j in pairs:
-        w = trial_ratio(blocks, i, j, rng, bootstrap).half_width_rel
+        w = trial_ratio(blocks, i, j, rng, bootstrap, units).half_width_rel
         worst = max(worst, w)
         if w > target:
             return False, worst

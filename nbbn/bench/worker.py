@@ -1,4 +1,16 @@
-"""``--isolate process``: trials in a fresh worker process (pyperf's way).
+"""Trials in other processes: ``--isolate workers`` (the default of a full run) and
+``--isolate process`` (pyperf's way).
+
+``workers``: W long-lived worker processes (:class:`WorkerPool`, started once per run, ``spawn``:
+fresh interpreters with their own heaps) take a point's trials in turn, trial k in worker
+k mod W, one at a time (never two timing at once). Each worker keeps the current point's data
+and allocates fresh buffer sets per trial, so its trials land where *its* heap puts them: the
+process-level variance (buffer placement, the pools' threads, the interpreter's state) is
+sampled W times per point for W process starts per run, not per point. The parent checks every
+configuration first and builds the intervals with the process as the top level
+(:func:`nbbn.bench.stats.cluster_ci`).
+
+``process``: see below.
 
 The parent checks every configuration against the reference (as without isolation), then for
 each group of ``sets_per_process`` trials starts a new process (:func:`in_new_process` running
@@ -44,6 +56,84 @@ def in_new_process(fn, *args):
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
         res = ex.submit(fn, *args).result(timeout=TIMEOUT_S)
+    return _raise_failed(res)
+
+
+class WorkerPool:
+    """``n`` long-lived ``spawn`` worker processes for ``--isolate workers``; worker k runs
+    :func:`pool_trial` calls one at a time. Started all at once (their imports overlap with
+    each other, before any timing), closed by :meth:`close` or as a context manager."""
+
+    def __init__(self, n: int, counts: tuple[int, int | None]):
+        ctx = multiprocessing.get_context("spawn")
+        self._ex = [ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_init_worker,
+                                        initargs=(counts,)) for _ in range(n)]
+        self.pids = [None] * n
+        for f in [ex.submit(_pid) for ex in self._ex]:  # start them now, together
+            f.result(timeout=TIMEOUT_S)
+
+    def __len__(self) -> int:
+        return len(self._ex)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def run(self, k: int, *args):
+        """:func:`pool_trial` in worker ``k mod n``; its result, or its CallFailed raised here."""
+        res = self._ex[k % len(self._ex)].submit(pool_trial, *args).result(timeout=TIMEOUT_S)
+        return _raise_failed(res)
+
+    def close(self) -> None:
+        for ex in self._ex:
+            ex.shutdown(wait=True, cancel_futures=True)
+        self._ex = []
+
+
+def _init_worker(counts) -> None:
+    from . import baselines  # noqa: F401  (registers the baselines)
+
+    set_threads(counts)
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+#: The point a worker holds: (data key, device name) -> (device, data). One point at a time.
+_HELD: dict = {}
+
+
+def pool_trial(group, order, timing, first, seed_key):
+    """One trial of ``group`` in this worker (:class:`WorkerPool`): the point's data built once
+    per point, fresh buffer sets, warm-up rounds untimed (they load the JIT cache on a worker's
+    first call); (blocks, names, notes, pid), or ("failed", index, message)."""
+    import os
+
+    from . import devices
+    from .cases import point_data
+    from .runner import Runner
+
+    key = (group.point.data_key, group.device)
+    if key not in _HELD:
+        _HELD.clear()  # free the previous point's arrays first
+        dev = devices.device(group.device)
+        _HELD[key] = (dev, point_data(group.point))
+    dev, data = _HELD[key]
+    runner = Runner(timing, lambda r: None, env={})
+    try:
+        blocks, names, notes = runner.trials_here(group, dev, data, None, None, order, 1, first,
+                                                  seed_key)
+    except devices.CallFailed as exc:  # not picklable as is: sent back as its parts
+        return ("failed", exc.callable_index, f"{type(exc.exc).__name__}: {exc.exc}")
+    return blocks, names, notes, os.getpid()
+
+
+def _raise_failed(res):
     if res[0] == "failed":
         from .devices import CallFailed
 

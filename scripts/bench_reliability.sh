@@ -6,8 +6,8 @@
 #   scripts/bench_reliability.sh            # run it (about 14 minutes; at most 20 expected)
 #   scripts/bench_reliability.sh --dry-run  # print the commands and the expected times only
 #
-# (a) variance study: three runs of a 6-point subset (cpu, torch-cpu), each point in 3 worker
-#     processes x 2 buffer sets (--isolate process --sets-per-process 2), GAP (30 s) apart;
+# (a) variance study: three runs of a 6-point subset (cpu, torch-cpu), each point's 6 trials in
+#     3 worker processes, 2 each (--isolate workers --workers 3), a quiet gap apart;
 #     `nbbn report variance` splits the variance of log(cpu/torch-cpu) over run > process >
 #     trial > round and gives sigma_run, which the compares below pass as --run-sd.
 # (b) A/A: two runs of the default sweep, GAP apart; nbbn compare between them
@@ -17,7 +17,10 @@
 #     cpu-slowed=cpu; expected: slower on >= 90% of points); the calibration check: the
 #     cpu-slowed over cpu ratio in the same run (expected 1.15).
 # (d) coverage: the share of points whose run-2 speed-up over PyTorch lies inside run 1's 95%
-#     interval, and the median half-width (nbbn report coverage).
+#     interval beside what correct intervals give (~83%), the share whose intervals agree
+#     (target 95%), and the median half-width (nbbn report coverage).
+# Every gap waits for a quiet host (1-minute load < QUIET, 0.5) for at most GAP_MAX (300 s)
+# seconds, and at least GAP_MIN (30 s); protocol.log has the load before and after each step.
 # (e) the --quick run's wall time (target <= 30 s); A/A run 1 is the fresh default sweep, its
 #     estimate and wall time are in its run.json / protocol.log (target <= 3 minutes).
 set -euo pipefail
@@ -25,13 +28,16 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python}
 OUT=${OUT:-results/reliability}
 THREADS=${THREADS:-2}
-GAP=${GAP:-30}
+GAP_MIN=${GAP_MIN:-30}
+GAP_MAX=${GAP_MAX:-300}
+QUIET=${QUIET:-0.5}
+GAP="$PY -c 'import time; from nbbn.output import wait_for_quiet; time.sleep($GAP_MIN); q, l = wait_for_quiet($QUIET, $GAP_MAX, echo=print); print(\"quiet\" if q else \"NOT quiet\", l)'"
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
 
 SUBSET=(-s "NCHW:64,56,56" -s "NHWC:256,14,14" -s "NC:1024" -N 32)
 STUDY=(--backend cpu,torch-cpu --layout NCHW,NHWC,NC --op forward-train,inference
-       --isolate process --sets-per-process 2 --min-trials 6 --max-trials 6 --trial-time 0.1
+       --isolate workers --workers 3 --min-trials 6 --max-trials 6 --trial-time 0.1
        --max-time 10 --threads "$THREADS" --no-plots)
 
 # step name | limit (s) | expected (s) | command
@@ -39,16 +45,18 @@ STEPS=()
 step() { STEPS+=("$1|$2|$3|$4"); }
 for r in 1 2 3; do
   step "study run $r" 240 90 "$PY -m nbbn bench ${STUDY[*]} ${SUBSET[*]} --out $OUT/study-run$r"
-  [[ $r -lt 3 ]] && step "gap" $((GAP + 5)) "$GAP" "sleep $GAP"
+  [[ $r -lt 3 ]] && step "gap" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
 done
 step "variance report" 120 10 "$PY -m nbbn report variance $OUT/study-run1 $OUT/study-run2 $OUT/study-run3 --out $OUT/variance"
 step "A/A run 1" 300 150 "$PY -m nbbn bench --threads $THREADS --no-plots --out $OUT/aa-run1"
-step "gap" $((GAP + 5)) "$GAP" "sleep $GAP"
+step "gap" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
 step "A/A run 2" 300 150 "$PY -m nbbn bench --threads $THREADS --no-plots --out $OUT/aa-run2"
 step "A/A compare" 60 5 "$PY -m nbbn compare $OUT/aa-run1 $OUT/aa-run2 --metric baseline --run-sd \$RUN_SD --csv $OUT/aa-compare.csv"
+step "gap" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
 step "A/B run" 300 150 "$PY -m nbbn bench --backend cpu,cpu-slowed,torch-cpu --threads $THREADS --no-plots --out $OUT/ab-run"
 step "A/B compare" 60 5 "$PY -m nbbn compare $OUT/aa-run1 $OUT/ab-run --rename cpu-slowed=cpu --metric baseline --run-sd \$RUN_SD --csv $OUT/ab-compare.csv"
 step "A/B calibration" 30 2 "$PY scripts/ab_calibration.py $OUT/ab-run"
+step "gap" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
 step "quick timing" 90 30 "time $PY -m nbbn bench --quick --threads $THREADS --no-plots --out $OUT/quick"
 step "coverage" 60 5 "$PY -m nbbn report coverage $OUT/aa-run1 $OUT/aa-run2 --csv $OUT/coverage.csv"
 

@@ -21,8 +21,8 @@ from nbbn.bench.runner import SCHEMA
 from nbbn.bench.sweep import make_plan
 from nbbn.spec import Fusion, Op
 
-FAST = {"isolate": "none", "warmup": 0, "min_rounds": 3, "max_time": 0.01, "trial_time": 0.0, "bootstrap": 200,
-        "plots": False, "progress": False, "echo": lambda s: None}
+FAST = {"isolate": "none", "warmup": 0, "min_rounds": 3, "max_time": 0.01, "trial_time": 0.0,
+        "bootstrap": 200, "plots": False, "progress": False, "echo": lambda s: None}
 
 
 # --------------------------------------------------------------------------------- synthetic
@@ -143,6 +143,26 @@ def _simulated_run(rng, mus, shift=0.0, sd_run=0.01):
         blocks = _trials(rng, mu + shift + rng.normal(0, sd_run), 8, 15, 0.03, 0.03)
         out.append(stats.trial_ratio(blocks, 0, 1, rng, 200))
     return out
+
+
+def test_coverage_report_expects_83pct_inside_and_95pct_agreement(tmp_path):
+    """Two simulated A/A runs with correct intervals (every level inside them): the observed
+    share of run 2 inside run 1's interval is near the *expected* one (~83% for equal widths,
+    not 95%; the expanded two-level bootstrap errs wide, so a little more), and the runs'
+    intervals agree on at least ~95% of points."""
+    from nbbn.bench.variance import coverage
+
+    rng = np.random.default_rng(83)
+    mus = rng.normal(0, 0.3, 300)
+    for k in (1, 2):
+        d = tmp_path / f"run{k}"
+        d.mkdir()
+        _rows(_simulated_run(rng, mus, sd_run=0.0)).to_csv(d / "bench.csv", index=False)
+    table, summ = coverage(tmp_path / "run1", tmp_path / "run2")
+    assert summ["points"] == 300 and len(table) == 300
+    assert 0.78 <= summ["expected_coverage"] <= 0.88
+    assert summ["expected_coverage"] - 0.05 <= summ["coverage"] <= 0.97
+    assert summ["agreement"] >= 0.92
 
 
 def test_compare_simulated_aa_calls_nothing_and_a_15pct_slowdown_is_slower():
@@ -267,6 +287,10 @@ def test_default_and_quick_designs_fit_their_budgets():
     assert FULL.min_trials >= 3 and FULL.max_trials > FULL.min_trials
     assert FULL.isolate == "workers" and FULL.min_trials >= FULL.workers >= 3
     assert QUICK.isolate == "none"
+    quick_backends = make_sweep(quick=True).backends
+    assert "onnxruntime" not in quick_backends and "jax" not in quick_backends
+    assert "onnxruntime" in make_sweep().backends and "cpu" in quick_backends
+    assert "jax" in make_sweep(quick=True, backends="cpu,jax").backends
 
 
 # --------------------------------------------------------------------------------- backends

@@ -20,8 +20,8 @@ from .test_harness import NUMPY_FNS, register_throwaway, result_rows
 #: Under the CUDA simulator (tests/conftest.py) the cuda backend is checked but not timed and
 #: torch-cuda is unavailable; on a GPU (NBBN_TEST_GPU=1) both run, so those asserts do not hold.
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-FAST = ["--isolate", "none", "--warmup", "0", "--min-rounds", "3", "--max-time", "0.01", "--min-trials", "2",
-        "--max-trials", "2", "--trial-time", "0", "--no-plots"]
+FAST = ["--isolate", "none", "--warmup", "0", "--min-rounds", "3", "--max-time", "0.01",
+        "--min-trials", "2", "--max-trials", "2", "--trial-time", "0", "--no-plots"]
 TINY = ["--batch-sizes", "1,4", "--shapes", "NC:5;NCHW:3,2,3"]
 
 

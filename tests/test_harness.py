@@ -38,8 +38,8 @@ from nbbn.spec import Fusion, Layout, Op
 NUMPY_FNS = {Op.FORWARD_TRAIN: baselines.np_forward_train, Op.BACKWARD: baselines.np_backward,
              Op.INFERENCE: baselines.np_inference}
 #: Light timing for tests: never a wall-clock assertion on these.
-FAST = {"isolate": "none", "warmup": 0, "min_rounds": 3, "max_time": 0.01, "min_trials": 2, "max_trials": 2,
-        "trial_time": 0.0, "bootstrap": 200, "plots": False, "progress": False,
+FAST = {"isolate": "none", "warmup": 0, "min_rounds": 3, "max_time": 0.01, "min_trials": 2,
+        "max_trials": 2, "trial_time": 0.0, "bootstrap": 200, "plots": False, "progress": False,
         "echo": lambda s: None}
 NC, NCHW, NHWC = Layout.NC, Layout.NCHW, Layout.NHWC
 

@@ -312,6 +312,11 @@ BASELINES = (
 _OPT_IN = {"cpu-slowed"}
 
 
+def peer_names() -> frozenset[str]:
+    """The peers users would pick instead of PyTorch (:mod:`.peers`): left out of --quick."""
+    return frozenset(b.name for b in peers.PEERS)
+
+
 def opt_in() -> frozenset[str]:
     """Backends never in a default sweep (name them with --backend)."""
     return frozenset(_OPT_IN)

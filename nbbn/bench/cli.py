@@ -441,7 +441,8 @@ def report_variance(run_dirs, ratio, out):
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Per point: both speed-ups, run 1's interval, inside or not.")
 def report_coverage(run1, run2, csv_path):
-    """A/A check: the share of points whose speed-up in RUN2 lies inside RUN1's 95% interval,
+    """A/A check: the share of points whose speed-up in RUN2 lies inside RUN1's 95% interval
+    (and what correct intervals would give), the share whose two intervals agree (target 95%),
     and RUN1's median half-width."""
     from .compare import NotOurs
     from .variance import coverage
@@ -452,6 +453,8 @@ def report_coverage(run1, run2, csv_path):
         raise click.ClickException(str(exc)) from None
     if csv_path is not None:
         table.to_csv(csv_path, index=False)
-    click.echo(f"coverage {summ['inside']}/{summ['points']} = {summ['coverage']:.1%}; median "
-               f"half-width {summ['median_half_width_pct']:.2f}%; sd of the change "
-               f"{summ['sd_change_pct']:.2f}%")
+    click.echo(f"coverage {summ['inside']}/{summ['points']} = {summ['coverage']:.1%} "
+               f"(expected {summ['expected_coverage']:.1%} if the intervals are right); runs "
+               f"agree {summ['agree']}/{summ['points']} = {summ['agreement']:.1%} (expected "
+               f"95%); median half-width {summ['median_half_width_pct']:.2f}%; sd of the "
+               f"change {summ['sd_change_pct']:.2f}%")

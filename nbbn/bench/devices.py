@@ -46,12 +46,12 @@ class TimingConfig:
     A point is measured in *trials*: each allocates fresh buffer sets, starts the rotation at a
     new callable and buffer set, and runs (``isolate="workers"``) in the next of ``workers``
     long-lived worker processes, or (``isolate="process"``) in a fresh worker process that
-    does ``sets_per_process`` trials, or (``"none"``) here. Within a trial, after ``warmup`` untimed rounds,
-    rounds are taken until at least ``min_rounds`` are in and ``trial_time`` seconds have
-    passed (or ``max_rounds``/``min_trials`` rounds). Trials are added, after ``min_trials``,
-    until every watched ratio's trial interval has a half-width <= ``ci_rel`` of its ratio, or
-    ``max_time`` seconds of sampling have passed, or ``max_trials`` trials are in.
-    ``bootstrap``: resamples for the final intervals; ``seed``: their generator's seed."""
+    does ``sets_per_process`` trials, or (``"none"``) here. Within a trial, after ``warmup``
+    untimed rounds, rounds are taken until at least ``min_rounds`` are in and ``trial_time``
+    seconds have passed (or ``max_rounds``/``min_trials`` rounds). Trials are added, after
+    ``min_trials``, until every watched ratio's trial interval has a half-width <= ``ci_rel``
+    of its ratio, or ``max_time`` seconds of sampling have passed, or ``max_trials`` trials are
+    in. ``bootstrap``: resamples for the final intervals; ``seed``: their generator's seed."""
 
     warmup: int = 1
     min_rounds: int = 5

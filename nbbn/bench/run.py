@@ -200,9 +200,11 @@ def make_sweep(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=Non
                                    "--shapes and --batch-sizes")
             named = NAMED_SWEEPS[sweep]
         d = named.defaults if named else {}
+        # --quick leaves out the peers (ONNX Runtime, JAX): their imports and per-shape
+        # compilation cost more than the whole smoke run's timing; name them to include them.
+        skip = baselines.opt_in() | (baselines.peer_names() if quick else frozenset())
         backends_t = _names(backends, "backend", registry.backend_names()) \
-            or d.get("backends") or tuple(b for b in registry.backend_names()
-                                          if b not in baselines.opt_in())
+            or d.get("backends") or tuple(b for b in registry.backend_names() if b not in skip)
         ops_t = tuple(Op(o) for o in (_names(ops, "op", [o.value for o in Op])
                                       or [o.value for o in Op]))
         dtypes_t = _names(dtypes, "dtype", ["float32", "float64"]) or d.get("dtypes") \

@@ -20,8 +20,13 @@ so trials pay until σ²_run dominates; σ_run (no run's trials can see it) is w
 
 **Coverage** (``nbbn report coverage RUN1 RUN2``): the fraction of points whose speed-up in RUN2
 lies inside RUN1's 95% interval, and the median relative half-width -- the A/A check of the
-intervals (two independent correct 95% intervals of one quantity: a point estimate falls inside
-the other's interval about 83-95% of the time, depending on how wide each is).
+intervals. Two independent correct 95% intervals of one quantity do *not* hold each other's
+estimate 95% of the time: with log half-widths h1, h2 (so standard errors h/1.96), run 2's
+estimate lies inside run 1's interval with probability 2Φ(1.96·h1/√(h1² + h2²)) − 1, 83.4% for
+equal widths. So the report gives, beside the observed coverage, that *expected* coverage
+(the mean of this probability over the points) and a second check whose target is 95%: the
+runs *agree* when |log s2 − log s1| ≤ √(h1² + h2²) (the difference's own 95% interval holds 0).
+Both hold only if the intervals carry every level of variance that differs between two runs.
 """
 
 from __future__ import annotations
@@ -144,6 +149,12 @@ def markdown(run_dirs, ratio: str, comp: pd.DataFrame, summ: pd.DataFrame) -> st
     return "\n".join(lines)
 
 
+def _normal_cdf(x):
+    from math import erf, sqrt
+
+    return np.vectorize(lambda v: 0.5 * (1 + erf(v / sqrt(2))))(np.asarray(x, dtype=float))
+
+
 def coverage(run1, run2, baseline_kind: str = "kernel") -> tuple[pd.DataFrame, dict]:
     """Per kernel row in both runs: run 2's speed-up inside run 1's interval? (module)."""
     a, b = load_results(run1), load_results(run2)
@@ -155,12 +166,20 @@ def coverage(run1, run2, baseline_kind: str = "kernel") -> tuple[pd.DataFrame, d
     m = m[m["backend"].isin(a.loc[a["kind"] == baseline_kind, "backend"].unique())] \
         if "kind" in a.columns else m
     inside = (m["speedup_2"] >= m["speedup_ci_lo_1"]) & (m["speedup_2"] <= m["speedup_ci_hi_1"])
-    m = m.assign(inside=inside,
+    h1 = (np.log(m["speedup_ci_hi_1"]) - np.log(m["speedup_ci_lo_1"])) / 2
+    h2 = (np.log(m["speedup_ci_hi_2"]) - np.log(m["speedup_ci_lo_2"])) / 2
+    both = np.sqrt(h1 ** 2 + h2 ** 2)
+    agree = np.abs(np.log(m["speedup_2"]) - np.log(m["speedup_1"])) <= both
+    expected = 2 * _normal_cdf(stats.Z975 * h1 / both) - 1
+    m = m.assign(inside=inside, agree=agree, expected_inside=expected,
                  half_width_pct_1=100 * (m["speedup_ci_hi_1"] - m["speedup_ci_lo_1"]) / 2
                  / m["speedup_1"],
                  change_pct=100 * (m["speedup_2"] / m["speedup_1"] - 1))
     summ = {"points": int(len(m)), "inside": int(inside.sum()),
             "coverage": float(inside.mean()) if len(m) else float("nan"),
+            "expected_coverage": float(expected.mean()) if len(m) else float("nan"),
+            "agree": int(agree.sum()),
+            "agreement": float(agree.mean()) if len(m) else float("nan"),
             "median_half_width_pct": float(m["half_width_pct_1"].median()) if len(m) else
             float("nan"),
             "sd_change_pct": float(m["change_pct"].std()) if len(m) > 1 else float("nan")}

@@ -409,7 +409,8 @@ class Runner:
         while True:
             first = len(blocks)
             if workers:  # trial k in worker k mod W
-                b, names, n, pid = self.pool.run(first, group, list(order), t, first, seed_key)
+                b, names, n, pid = self.pool.run(first, pool_trial, group, list(order), t, first,
+                                                 seed_key)
             elif t.isolate == "process":
                 from . import worker
 
@@ -569,6 +570,31 @@ def worker_trials(group, order, timing, n, first, seed_key, threads):
     runner = Runner(timing, lambda r: None, env={})
     try:
         blocks, names, notes = runner.trials_here(group, dev, data, None, None, order, n, first,
+                                                  seed_key)
+    except devices.CallFailed as exc:  # not picklable as is: sent back as its parts
+        return ("failed", exc.callable_index, f"{type(exc.exc).__name__}: {exc.exc}")
+    return blocks, names, notes, os.getpid()
+
+
+#: The point a ``--isolate workers`` worker holds: (data key, device name) -> (device, data).
+_HELD: dict = {}
+
+
+def pool_trial(group, order, timing, first, seed_key):
+    """One trial of ``group`` in a ``--isolate workers`` worker (:class:`.worker.WorkerPool`):
+    the point's data built once per point and worker, fresh buffer sets, warm-up rounds untimed
+    (they load the JIT cache on a worker's first call); (blocks, names, notes, pid), or
+    ("failed", index, message)."""
+    import os
+
+    key = (group.point.data_key, group.device)
+    if key not in _HELD:
+        _HELD.clear()  # free the previous point's arrays first
+        _HELD[key] = (devices.device(group.device), point_data(group.point))
+    dev, data = _HELD[key]
+    runner = Runner(timing, lambda r: None, env={})
+    try:
+        blocks, names, notes = runner.trials_here(group, dev, data, None, None, order, 1, first,
                                                   seed_key)
     except devices.CallFailed as exc:  # not picklable as is: sent back as its parts
         return ("failed", exc.callable_index, f"{type(exc.exc).__name__}: {exc.exc}")

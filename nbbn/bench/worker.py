@@ -61,8 +61,8 @@ def in_new_process(fn, *args):
 
 class WorkerPool:
     """``n`` long-lived ``spawn`` worker processes for ``--isolate workers``; worker k runs
-    :func:`pool_trial` calls one at a time. Started all at once (their imports overlap with
-    each other, before any timing), closed by :meth:`close` or as a context manager."""
+    :func:`nbbn.bench.runner.pool_trial` calls one at a time. Started all at once (their
+    imports overlap, before any timing), closed by :meth:`close` or as a context manager."""
 
     def __init__(self, n: int, counts: tuple[int, int | None]):
         ctx = multiprocessing.get_context("spawn")
@@ -81,9 +81,10 @@ class WorkerPool:
     def __exit__(self, *exc):
         self.close()
 
-    def run(self, k: int, *args):
-        """:func:`pool_trial` in worker ``k mod n``; its result, or its CallFailed raised here."""
-        res = self._ex[k % len(self._ex)].submit(pool_trial, *args).result(timeout=TIMEOUT_S)
+    def run(self, k: int, fn, *args):
+        """``fn(*args)`` (``fn`` importable by name: :func:`nbbn.bench.runner.pool_trial`) in
+        worker ``k mod n``; its result, or its CallFailed raised here."""
+        res = self._ex[k % len(self._ex)].submit(fn, *args).result(timeout=TIMEOUT_S)
         return _raise_failed(res)
 
     def close(self) -> None:
@@ -102,35 +103,6 @@ def _pid() -> int:
     import os
 
     return os.getpid()
-
-
-#: The point a worker holds: (data key, device name) -> (device, data). One point at a time.
-_HELD: dict = {}
-
-
-def pool_trial(group, order, timing, first, seed_key):
-    """One trial of ``group`` in this worker (:class:`WorkerPool`): the point's data built once
-    per point, fresh buffer sets, warm-up rounds untimed (they load the JIT cache on a worker's
-    first call); (blocks, names, notes, pid), or ("failed", index, message)."""
-    import os
-
-    from . import devices
-    from .cases import point_data
-    from .runner import Runner
-
-    key = (group.point.data_key, group.device)
-    if key not in _HELD:
-        _HELD.clear()  # free the previous point's arrays first
-        dev = devices.device(group.device)
-        _HELD[key] = (dev, point_data(group.point))
-    dev, data = _HELD[key]
-    runner = Runner(timing, lambda r: None, env={})
-    try:
-        blocks, names, notes = runner.trials_here(group, dev, data, None, None, order, 1, first,
-                                                  seed_key)
-    except devices.CallFailed as exc:  # not picklable as is: sent back as its parts
-        return ("failed", exc.callable_index, f"{type(exc.exc).__name__}: {exc.exc}")
-    return blocks, names, notes, os.getpid()
 
 
 def _raise_failed(res):

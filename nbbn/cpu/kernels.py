@@ -109,6 +109,14 @@ from ..fold import FOLD_ULPS  # noqa: E402  (the rule is stated once, in nbbn.fo
 DIRECT_MAX = 8.0
 
 
+# The helpers below are plain @njit functions, not ``inline="always"``: Numba's IR-level inlining
+# re-types every helper inside every kernel (and again in its serial twin), which made the CPU
+# kernels take 77 s of CPU to compile per x dtype; compiled once and linked, the helpers are
+# still inlined by LLVM at -O3 where it pays, and a dtype compiles in 33 s (2-core host,
+# `precompile([float32], mixed=False)`, cold cache). results/cpu-kernels/inline.md has the
+# paired speed comparison of the two.
+
+
 def twin(fn):
     """(parallel, serial) dispatchers of one kernel body. The serial one is a copy of the Python
     function under another qualified name, so Numba's on-disk cache (keyed by name, not by
@@ -125,7 +133,7 @@ def twin(fn):
 # --------------------------------------------------------------------------------------------
 # Per-channel scalar math
 # --------------------------------------------------------------------------------------------
-@njit(inline="always")
+@njit
 def _finish(s1, s2, shift, m):
     """μ and biased σ² from the shifted sums s1 = Σ(x − K), s2 = Σ(x − K)² over m values."""
     d = s1 / m
@@ -135,14 +143,14 @@ def _finish(s1, s2, shift, m):
     return shift + d, var
 
 
-@njit(inline="always")
+@njit
 def _far(mean, var, shift):
     """True when the shift was far enough from μ that the sums should be taken again."""
     d = mean - shift
     return d * d > RESHIFT * var
 
 
-@njit(inline="always")
+@njit
 def _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rvar, save_mean,
                    save_invstd, mean64, var64):
     """Saved and running statistics of channel c; returns (α = γ·invstd, β, invstd)."""
@@ -161,7 +169,7 @@ def _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rv
     return g * invstd, b, invstd
 
 
-@njit(inline="always")
+@njit
 def _train_coefficients(t, j, c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rvar,
                         save_mean, save_invstd, mean64, var64):
     """:func:`_train_channel` of channel c into t[0:4, j] = (h, l, α, β − f·α) of x's dtype,
@@ -173,7 +181,7 @@ def _train_coefficients(t, j, c, mean, var, m, eps, gamma, beta, flags, momentum
     t[3, j] = b - f * t[2, j]  # with α as stored (see _split)
 
 
-@njit(inline="always")
+@njit
 def _infer_channel(c, rvar, gamma, beta, flags, eps):
     """Inference coefficients of channel c: (α = γ·invstd, β, invstd = 1/√(σ²_pop + ε)), for
     y = (x − μ_pop)·α + β."""
@@ -182,7 +190,7 @@ def _infer_channel(c, rvar, gamma, beta, flags, eps):
     return alpha, (np.float64(beta[c]) if flags & HAS_BETA else 0.0), invstd
 
 
-@njit(inline="always")
+@njit
 def _infer_coefficients(rmean, rvar, gamma, beta, coef, t, flags, eps):
     """``coef`` (3, C) = (μ, α, β) from the population statistics (unless COEF_GIVEN: then the
     caller's, whose σ is unknown, so the split form), and t[0:4, c] = (h, l, α, β − f·α)."""
@@ -198,7 +206,7 @@ def _infer_coefficients(rmean, rvar, gamma, beta, coef, t, flags, eps):
         t[3, c] = coef[2, c] - f * t[2, c]  # with α as stored (see _split)
 
 
-@njit(inline="always")
+@njit
 def _fold(sx, m, mu_saved, precision):
     """δ = Σ(x − μ̃)/m when it is within FOLD_ULPS ulps of μ̃ (in a dtype of ``precision``
     significand bits), else 0: the part of the batch mean that rounding μ̃ left out."""
@@ -208,7 +216,7 @@ def _fold(sx, m, mu_saved, precision):
     return delta if abs(delta) <= FOLD_ULPS * ulp else 0.0
 
 
-@njit(inline="always")
+@njit
 def _grad_coefficients(t, j, c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags,
                        precision, dgamma, dbeta):
     """:func:`_grad_channel` of channel c into t[:, j] = (h, l, k1, k2, k3) of x's dtype for
@@ -224,7 +232,7 @@ def _grad_coefficients(t, j, c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma,
     t[4, j] = k3 - f * t[3, j]  # with k2 as stored (see _split)
 
 
-@njit(inline="always")
+@njit
 def _grad_channel(c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags, precision,
                   dgamma, dbeta):
     """dγ, dβ of channel c and (k1, k2, k3, μ) for dx = k1·g + k2·(x − μ) + k3, with μ = μ̃ + δ
@@ -241,7 +249,7 @@ def _grad_channel(c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags, pre
     return k1, k2, -k1 * sdy / m, mu + delta
 
 
-@njit(inline="always")
+@njit
 def _split(t, c, mu, sigma):
     """How the elementwise passes subtract μ from x in x's dtype; returns the part of μ to fold
     into the additive coefficient (the caller subtracts it times the multiplier of x − μ).
@@ -276,7 +284,7 @@ def _split(t, c, mu, sigma):
     return 0.0
 
 
-@njit(inline="always")
+@njit
 def _direct(t, C, flags):
     """flags with DIRECT set when every channel of t (4+, W) took the direct form."""
     for c in range(C):
@@ -289,7 +297,7 @@ def _direct(t, C, flags):
 # Row loops shared by the layouts. A "row" is a 1-D contiguous slice; coefficient vectors are
 # indexed like the row (NC: per column) or are scalars (NCHW: one channel per row).
 # --------------------------------------------------------------------------------------------
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
     """a1 += Σ(x − shift), a2 += Σ(x − shift)² column-wise over rows [r0, r1) of x (R, W).
     Four row streams, one per quarter of the rows, each walking its quarter in order: every
@@ -320,7 +328,7 @@ def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
             a2[j] += d * d
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _span_apply_vec(xf, yf, rf, o, n, h, lo, a, b, flags):
     """yf[o + i] = ((xf[o + i] − h[i]) − l[i])·a[i] + b[i], then + rf[o + i] (RESIDUAL) and
     max(·, 0) (RELU), for i < n, in x's dtype; h, l, a, b (see :func:`_split`) are arrays of x's
@@ -350,7 +358,7 @@ def _span_apply_vec(xf, yf, rf, o, n, h, lo, a, b, flags):
             yf[j] = ((xf[j] - h[i]) - lo[i]) * a[i] + b[i]
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _span_direct_vec(xf, yf, rf, o, n, a, b, flags):
     """:func:`_span_apply_vec` in the direct form, y = x·a + b (``o`` unsigned)."""
     if flags & RESIDUAL:
@@ -374,7 +382,7 @@ def _span_direct_vec(xf, yf, rf, o, n, a, b, flags):
             yf[j] = xf[j] * a[i] + b[i]
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _span_apply(xf, yf, rf, o, n, h, lo, a, b, flags):
     """:func:`_span_apply_vec` with scalar coefficients of x's dtype (one channel per run:
     NCHW; a run can be as short as 49 values). The offsets are
@@ -404,7 +412,7 @@ def _span_apply(xf, yf, rf, o, n, h, lo, a, b, flags):
             yf[j] = ((xf[j] - h) - lo) * a + b
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
     """Column-wise Σg, Σg·(x − μ̃), Σ(x − μ̃) over rows [r0, r1) with g = dy, or g = dy·[y > 0]
     written to dz (RELU)."""
@@ -459,7 +467,7 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
                 a3[j] += d
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _span_dx_vec(gf, xf, df, o, n, h, lo, k1, k2, k3, flags):
     """df[o + i] = k1[i]·g + k2[i]·((x − h[i]) − l[i]) + k3[i] over the run [o, o + n), in x's
     dtype, coefficient arrays indexed like the run; DIRECT: every h = l = 0, not read."""
@@ -474,7 +482,7 @@ def _span_dx_vec(gf, xf, df, o, n, h, lo, k1, k2, k3, flags):
             df[j] = k1[i] * gf[j] + k2[i] * ((xf[j] - h[i]) - lo[i]) + k3[i]
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _span_dx(gf, xf, df, o, n, h, lo, k1, k2, k3):
     """:func:`_span_dx_vec` with scalar coefficients (one channel per run: NCHW; the direct
     form is h = l = 0, as in :func:`_span_apply`)."""
@@ -487,13 +495,13 @@ def _span_dx(gf, xf, df, o, n, h, lo, k1, k2, k3):
 # --------------------------------------------------------------------------------------------
 # NC family: x is (M, C); rows are processed L at a time as wide rows of W = L·C values.
 # --------------------------------------------------------------------------------------------
-@njit(inline="always")
+@njit
 def _chunk(M, K, k):
     """Rows [r0, r1) of chunk k of K (a function of the shape only)."""
     return (M * k) // K, (M * (k + 1)) // K
 
 
-@njit(inline="always")
+@njit
 def _wide(a, r0, r1, L):
     """Rows [r0, r0 + L·R) of the (M, C) array ``a`` as R wide rows of L·C values, and the first
     row left over (R = (r1 − r0) // L)."""
@@ -503,7 +511,7 @@ def _wide(a, r0, r1, L):
     return flat[r0 * C:(r0 + R * L) * C].reshape(R, L * C), r0 + R * L
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _nc_chunk_sums(x, r0, r1, L, wshift, a1, a2):
     """Shifted sums of rows [r0, r1) into the W-long lanes a1, a2 (zeroed here)."""
     a1[:] = 0.0
@@ -513,7 +521,7 @@ def _nc_chunk_sums(x, r0, r1, L, wshift, a1, a2):
     _rows_shifted_sums(x, tail, r1, wshift, a1, a2)  # leftover rows use lanes 0..C−1
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _merge(part, q, C, L, acc):
     """acc[c] = Σ over chunks k, then lanes, of part[k, q, lane·C + c] (lane j holds channel
     j mod C), in that fixed order; chunk-major, so every pass is a unit-stride vector add."""
@@ -526,7 +534,7 @@ def _merge(part, q, C, L, acc):
                 acc[c] += p[c]
 
 
-@njit(inline="always")
+@njit
 def _tile(v, C, L):
     """v[j] = v[j mod C] for j ≥ C (a per-channel vector repeated over the L lanes)."""
     for j in range(C, L * C):
@@ -575,7 +583,7 @@ def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean
         _nc_apply_rows(x, y, res, r0, r1, L, t, flags)
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _nc_apply_rows(x, y, res, r0, r1, L, t, flags):
     """Rows [r0, r1): y = ((x − h) − l)·a + b (+ res, ReLU), as wide rows of W = L·C values,
     then the leftover rows. The rows are contiguous: flat unsigned offsets, coefficient rows
@@ -654,7 +662,7 @@ def nc_backward(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta,
             _nc_dx_rows(dy, x, dx, r0, r1, L, t, flags)
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _nc_dx_rows(g, x, dx, r0, r1, L, t, flags):
     """dx = k1·g + k2·((x − h) − l) + k3 over rows [r0, r1), wide rows first (flat offsets, as
     :func:`_nc_apply_rows`)."""
@@ -678,7 +686,7 @@ def _nc_dx_rows(g, x, dx, r0, r1, L, t, flags):
 # --------------------------------------------------------------------------------------------
 # NCHW: x is (N, C, S). Channel groups (one region) or fixed chunks of positions (few channels).
 # --------------------------------------------------------------------------------------------
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _span_shifted(xf, o, n, k):
     """Σ(x − k), Σ(x − k)² over the run [o, o + n) of a flat array."""
     s1 = 0.0
@@ -691,7 +699,7 @@ def _span_shifted(xf, o, n, k):
     return s1, s2
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _span_grad_sums(gf, xf, yf, zf, o, n, mu, relu):
     """Σg, Σg·(x − μ̃), Σ(x − μ̃) over the run [o, o + n) (g = dy·[y > 0] written to zf under a
     ReLU)."""
@@ -719,12 +727,12 @@ def _span_grad_sums(gf, xf, yf, zf, o, n, mu, relu):
     return s1, s2, s3
 
 
-@njit(inline="always")
+@njit
 def _flat(a):
     return a.reshape(a.size)
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _group_sums(xf, N, C, S, c0, c1, sh, t1, t2):
     """Shifted sums of channels [c0, c1) over all N rows, streaming x[n, c0:c1, :] (contiguous);
     channel c's total is Σ over n, in order, of its run sums."""
@@ -778,12 +786,12 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
                                 tg[3, i], flags)
 
 
-@njit(inline="always")
+@njit
 def _positions(m, K, k):
     return (m * k) // K, (m * (k + 1)) // K
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _segment_shifted(xf, C, S, c, p0, p1, k):
     """Shifted sums of channel c over its positions [p0, p1) (position p = n·S + s)."""
     s1 = 0.0
@@ -853,7 +861,7 @@ def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invs
                        t[3, c], flags)
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _segment_apply(xf, yf, rf, C, S, c, p0, p1, h, lo, a, b, flags):
     p = p0
     while p < p1:
@@ -926,7 +934,7 @@ def nchw_backward_grouped(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgam
                                  tg[4, i])
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=_FM)
 def _segment_grad_sums(gf, xf, yf, zf, C, S, c, p0, p1, mu, relu):
     s1 = 0.0
     s2 = 0.0

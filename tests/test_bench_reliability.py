@@ -350,3 +350,35 @@ def test_peer_baselines_on_tiny_shapes(peer, mods):
         assert set(ran["op"]) == {"inference", "forward-train", "backward"}
     f64 = ran[ran["dtype"] == "float64"]
     assert f64["passed"].all()
+
+
+def test_rounds_call_each_callable_once_in_random_orders():
+    """Every round holds each callable once; the orders vary, so every callable follows every
+    other (no fixed neighbour as in a rotation); the same offset gives the same orders."""
+    from nbbn.bench.devices import TimingConfig
+    from nbbn.bench.runner import Runner
+
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def time_sequence(self, fns):
+            self.seen += [fn() for fn in fns]
+            return np.ones(len(fns)) * 1e-6, []
+
+    M, K = 4, 3
+    calls = [[(lambda m=m, k=k: (m, k)) for k in range(K)] for m in range(M)]
+    timing = TimingConfig(warmup=0, min_rounds=60, trial_time=0.0, min_trials=1)
+    orders = []
+    for _ in range(2):
+        dev = Recorder()
+        T, _ = Runner(timing, lambda r: None, env={})._sample(dev, calls, K, 60, offset=11)
+        assert T.shape == (60, M)
+        rounds = [dev.seen[r * M:(r + 1) * M] for r in range(60)]
+        assert all(sorted(m for m, _ in rnd) == list(range(M)) for rnd in rounds)
+        ks = [k for _, k in dev.seen]
+        assert ks == [(11 + j) % K for j in range(len(ks))]  # buffer sets taken in turn
+        orders.append([tuple(m for m, _ in rnd) for rnd in rounds])
+        follows = {(a[0], b[0]) for rnd in rounds for a, b in zip(rnd, rnd[1:], strict=False)}
+        assert follows == {(a, b) for a in range(M) for b in range(M) if a != b}
+    assert orders[0] == orders[1] and len(set(orders[0])) > 5

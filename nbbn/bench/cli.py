@@ -174,8 +174,8 @@ def _sizes(d):
               help="Stop a point when every paired ratio's 95% interval has a half-width at "
                    f"most this fraction of it. [default: {FULL.ci_rel}]")
 @click.option("--min-trials", type=click.IntRange(1), default=None,
-              help="Independent trials per point at least (fresh buffer sets, new rotation "
-                   f"start). [default: {FULL.min_trials}; --quick: {QUICK.min_trials}]")
+              help="Independent trials per point at least (fresh buffer sets, new random "
+                   f"call orders). [default: {FULL.min_trials}; --quick: {QUICK.min_trials}]")
 @click.option("--max-trials", type=click.IntRange(1), default=None,
               help=f"Trials per point at most. [default: {FULL.max_trials}; --quick: "
                    f"{QUICK.max_trials}]")

@@ -43,8 +43,8 @@ from .. import output
 class TimingConfig:
     """How a point is sampled (the runner's stopping rule; :mod:`nbbn.bench.stats`, "Trials").
 
-    A point is measured in *trials*: each allocates fresh buffer sets, starts the rotation at a
-    new callable and buffer set, and runs (``isolate="workers"``) in the next of ``workers``
+    A point is measured in *trials*: each allocates fresh buffer sets, draws new random call
+    orders, starts at a new buffer set, and runs (``isolate="workers"``) in the next of ``workers``
     long-lived worker processes, or (``isolate="process"``) in a fresh worker process that
     does ``sets_per_process`` trials, or (``"none"``) here. Within a trial, after ``warmup``
     untimed rounds, rounds are taken until at least ``min_rounds`` are in and ``trial_time``

@@ -163,7 +163,7 @@ def summary_markdown(df: pd.DataFrame, command: str, meta: dict | None = None) -
             f"Timing: the configurations of a point and the limit callables (copies, read "
             f"stream) are timed round-robin in one loop (paired rounds; starting callable "
             f"rotated each round), in {t.get('min_trials')}-{t.get('max_trials')} independent "
-            f"trials (fresh buffer sets, new rotation start"
+            f"trials (fresh buffer sets, new random call orders"
             + (f", a fresh worker process per {t.get('sets_per_process')} trial(s)"
                if t.get("isolate") == "process" else "")
             + f"), each {t.get('warmup')} warm-up round(s) then at least "

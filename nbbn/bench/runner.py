@@ -13,8 +13,9 @@ device):
    outside nbbn's tolerance but within :data:`BASELINE_SLACK` of it is timed with a note
    (``passed`` False: its accuracy is its own);
 3. the passing configurations and a copy of x's bytes are timed **round-robin in one loop**:
-   round r calls every one of them once, starting at callable ``r mod M`` (A B C, B C A, C A B,
-   ...), each call on the next buffer set; ``warmup`` untimed rounds first;
+   every round calls each of them once, in a fresh random order (seeded; not a rotation A B C,
+   B C A, ..., where each callable keeps its neighbour: :meth:`Runner._sample`), each call
+   on the next buffer set; ``warmup`` untimed rounds first;
 4. rounds are added in growing batches until every paired ratio (each configuration over the
    copy; each kernel over each baseline) has a 95% interval of half-width <= ``ci_rel`` of
    itself, or ``max_time`` has passed, after at least ``min_rounds`` (:mod:`.stats`);
@@ -104,7 +105,7 @@ COLUMN_DOCS = {
     "compile_s": "wall time of the first call alone: JIT compile or cache load plus one run",
     "timer": "perf_counter_ns (host), cuda-events-blocking (GPU time, launch gaps excluded), "
              "cuda-events (--call api: gaps included), wall-simulator",
-    "trials": "independent trials (fresh buffer sets, new rotation start; with --isolate "
+    "trials": "independent trials (fresh buffer sets, new random call orders; with --isolate "
               "process a fresh worker process per --sets-per-process trials)",
     "processes": "worker processes the trials ran in (1: the bench's own)",
     "rounds": "round-robin rounds timed over all trials (one call of each configuration and "
@@ -301,26 +302,32 @@ class Runner:
                                          if order[i].backend in names else len(names), i))
 
     def _sample(self, dev, calls: list[list], K: int, min_rounds: int, offset: int = 0):
-        """One trial's round-robin samples: T[r, i] seconds, and notes. Round r starts at
-        callable ``(r + offset) mod M``; the buffer sets are taken in turn from set
-        ``offset mod K``. Rounds are added until ``min_rounds`` are in and ``trial_time`` has
-        passed (or ``max_rounds`` / ``min_trials`` rounds)."""
+        """One trial's round-robin samples: T[r, i] seconds, and notes. Every round calls the
+        M callables once each in a fresh random order (a generator seeded by ``offset``); the
+        buffer sets are taken in turn from set ``offset mod K``. Rounds are added until
+        ``min_rounds`` are in and ``trial_time`` has passed (or ``max_rounds`` / ``min_trials``
+        rounds).
+
+        Why random and not a rotation (A B C, B C A, ...): a rotation keeps the cyclic order, so
+        a callable nearly always follows the same neighbour and inherits its after-effects --
+        a thread pool still spinning or gone to sleep, the caches it left. Round 3's A/B run
+        measured cpu-slowed (cpu + a busy-wait of 15% of each call) at only 1.076x cpu, and in
+        the rotation it always ran right after cpu: the suspected cause (results/reliability
+        has the calibration measured with random orders). A random order turns carry-over into
+        noise shared by every pair instead of a bias of one."""
         t = self.timing
         M = len(calls)
         g = offset
-        done_rounds = offset
+        order_rng = np.random.default_rng(offset)
 
         def schedule(n_rounds: int):
-            nonlocal g, done_rounds
+            nonlocal g
             fns, idx = [], []
             for _ in range(n_rounds):
-                start = done_rounds % M
-                for j in range(M):
-                    m = (start + j) % M
+                for m in order_rng.permutation(M):
                     fns.append(calls[m][g % K])
                     idx.append(m)
                     g += 1
-                done_rounds += 1
             return fns, np.asarray(idx)
 
         def timed(fns, idx):

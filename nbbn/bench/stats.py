@@ -1,7 +1,7 @@
 """Paired statistics of one point's round-robin samples: within one trial (below), over trials
 (section "Trials": what the rows carry) and the variance components of the study.
 
-The runner times the M callables of a point in rounds (A B C, B C A, C A B, ...): sample
+The runner times the M callables of a point in rounds (each once, in a random order): sample
 ``T[r, i]`` is callable i's time in round r. Every ratio is taken per round, so the drift and the
 neighbours' load that a round met hit both sides of it alike:
 
@@ -94,7 +94,7 @@ def converged(T: np.ndarray, pairs, target: float, rng: np.random.Generator,
 # ---------------------------------------------------------------------------------------------
 # Trials: the interval built at the level that varies (Kalibera & Jones 2013; pyperf)
 #
-# A point is measured in n independent *trials* (fresh buffer sets, a new rotation start, with
+# A point is measured in n independent *trials* (fresh buffer sets, new random call orders, with
 # ``--isolate process`` a fresh worker process). Trial t gives R_t paired rounds. For the ratio
 # i over j:
 #

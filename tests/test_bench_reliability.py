@@ -323,9 +323,9 @@ def test_cpu_slowed_is_opt_in_and_checked_like_a_backend():
     assert set(df["variant"]) == {"auto"}
 
 
-@pytest.mark.parametrize("peer,mods", [
-    ("onnxruntime", ("onnxruntime", "onnx")),
-    pytest.param("jax", ("jax", "jaxlib"), marks=pytest.mark.slow)])  # importing jax: ~5 s
+@pytest.mark.slow  # importing onnxruntime + onnx or jax + jaxlib: 5-15 s of the fast tier
+@pytest.mark.parametrize("peer,mods", [("onnxruntime", ("onnxruntime", "onnx")),
+                                       ("jax", ("jax", "jaxlib"))])
 def test_peer_baselines_on_tiny_shapes(peer, mods):
     missing = [m for m in mods if importlib.util.find_spec(m) is None]
     if missing:

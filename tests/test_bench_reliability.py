@@ -382,3 +382,18 @@ def test_rounds_call_each_callable_once_in_random_orders():
         follows = {(a[0], b[0]) for rnd in rounds for a, b in zip(rnd, rnd[1:], strict=False)}
         assert follows == {(a, b) for a in range(M) for b in range(M) if a != b}
     assert orders[0] == orders[1] and len(set(orders[0])) > 5
+
+
+def test_a_workers_point_data_has_the_parents_inputs():
+    """A worker builds its point without the reference outputs, from the same seed: the inputs
+    it times are the ones the parent checked, for every op and fusion."""
+    from nbbn.bench.cases import point_data
+
+    plan = make_plan(make_sweep(quick=True, fusions="none,relu,add-relu"))
+    groups = {(g.point.op, g.point.fusion, g.point.layout): g for g in plan.groups}
+    assert len(groups) >= 9
+    for g in groups.values():
+        a, b = point_data(g.point), point_data(g.point, reference_outputs=False)
+        assert a.inputs.keys() == b.inputs.keys()
+        for k in a.inputs:
+            assert np.array_equal(a.inputs[k], b.inputs[k]), (g.point, k)

@@ -86,8 +86,11 @@ def _channel_blocks(p: Point):
         yield slice(c0, c1), tuple(idx)
 
 
-def point_data(p: Point) -> PointData:
-    """Inputs and float64 reference of a point (see the module docstring)."""
+def point_data(p: Point, reference_outputs: bool = True) -> PointData:
+    """Inputs and float64 reference of a point (see the module docstring). A worker process
+    that only times (``--isolate workers``) passes ``reference_outputs=False``: the same inputs
+    (same seed; a backward's saved statistics still come from the reference forward), no
+    reference outputs (``refs`` then hold uninitialized arrays)."""
     rng = np.random.default_rng(point_seed(p))
     dt = np.dtype(p.dtype)
     C, ca = p.C, p.channel_axis
@@ -110,14 +113,15 @@ def point_data(p: Point) -> PointData:
         rm, rv = randn(C, 0.0, 0.1), (1.0 + rng.random(C)).astype(dt)
         inputs = {"x": x, "gamma": gamma, "beta": beta, "running_mean": rm, "running_var": rv}
         var = np.empty(C)
-        for cs, xs in _channel_blocks(p):
+        for cs, xs in _channel_blocks(p) if reference_outputs else ():
             y, mean, invstd, v = reference.forward_train(
                 x[xs], gamma[cs], beta[cs], EPS, channel_axis=ca, relu=fusion.relu,
                 residual=None if residual is None else residual[xs])
             full["y"][xs], vec["save_mean"][cs], vec["save_invstd"][cs], var[cs] = \
                 y, mean, invstd, v
-        rm1, rv1 = reference.running_update(rm, rv, vec["save_mean"], var, p.m, MOMENTUM)
-        running = {"running_mean": rm1, "running_var": rv1}
+        if reference_outputs:
+            rm1, rv1 = reference.running_update(rm, rv, vec["save_mean"], var, p.m, MOMENTUM)
+            running = {"running_mean": rm1, "running_var": rv1}
     elif p.op is Op.BACKWARD:
         dy = randn(p.x_shape, 0.1, 0.5)
         save_mean, save_invstd = np.empty(C, dt), np.empty(C, dt)
@@ -129,6 +133,8 @@ def point_data(p: Point) -> PointData:
             save_mean[cs], save_invstd[cs] = mean, invstd
             if y_in is not None:
                 y_in[xs] = yb
+            if not reference_outputs:
+                continue
             kw = {"channel_axis": ca, "relu": fusion.relu,
                   "y": None if y_in is None else y_in[xs]}
             outs = reference.backward(dy[xs], x[xs], save_mean[cs], save_invstd[cs], gamma[cs],
@@ -146,7 +152,7 @@ def point_data(p: Point) -> PointData:
         rm = randn(C, -2.3, 0.05)
         rv = (0.25 * (1.0 + 0.2 * rng.random(C))).astype(dt)
         inputs = {"x": x, "running_mean": rm, "running_var": rv, "gamma": gamma, "beta": beta}
-        for cs, xs in _channel_blocks(p):
+        for cs, xs in _channel_blocks(p) if reference_outputs else ():
             full["y"][xs] = reference.inference(
                 x[xs], rm[cs], rv[cs], gamma[cs], beta[cs], EPS, channel_axis=ca,
                 relu=fusion.relu, residual=None if residual is None else residual[xs])

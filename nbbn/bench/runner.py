@@ -597,7 +597,8 @@ def pool_trial(group, order, timing, first, seed_key):
     key = (group.point.data_key, group.device)
     if key not in _HELD:
         _HELD.clear()  # free the previous point's arrays first
-        _HELD[key] = (devices.device(group.device), point_data(group.point))
+        _HELD[key] = (devices.device(group.device),
+                      point_data(group.point, reference_outputs=False))
     dev, data = _HELD[key]
     runner = Runner(timing, lambda r: None, env={})
     try:

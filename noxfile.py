@@ -64,7 +64,8 @@ def bench(session):
     Paired figures with intervals: ``nbbn bench``.
     """
     _install(session, "test")
-    session.run("python", "-m", "pytest", "benchmarks", "--benchmark-autosave",
+    # -n 0: pytest-benchmark times nothing on xdist workers (pyproject addopts has -n auto).
+    session.run("python", "-m", "pytest", "benchmarks", "-n", "0", "--benchmark-autosave",
                 "--benchmark-json=.benchmarks/latest.json", *session.posargs)
 
 

@@ -4,9 +4,10 @@ CUDA kernels are tested under Numba's CUDA simulator unless NBBN_TEST_GPU=1 asks
 GPU. The simulator must be chosen before Numba is first imported, hence here, at the very top.
 
 Tiers: ``python -m pytest`` runs the fast tier (``-m "not slow"`` in pyproject's addopts);
-``python -m pytest -m slow`` the exhaustive one. Both start compiling the CPU kernels -- the
-suite's largest cost from a cold Numba cache -- in two background processes, one per x dtype
-(:func:`nbbn.cpu.precompile`), while the tests that need no CPU kernel (the CUDA simulator's,
+``python -m pytest -m slow`` the exhaustive one, both on pytest-xdist workers (``-n auto``).
+Both start compiling the CPU kernels -- the suite's largest cost from a cold Numba cache -- in
+two background processes, one per x dtype (:func:`nbbn.cpu.precompile`), once per session (the
+xdist controller starts them), while the tests that need no CPU kernel (the CUDA simulator's,
 pure-Python ones) run first; the first test that needs them waits, and every test after that
 loads machine code from the on-disk cache (a warm cache makes the warm-up a two-second load).
 """
@@ -72,28 +73,109 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=_needs_cpu_kernels)
 
 
+# ---------------------------------------------------------------------------------------------
+# The warm-up. Without pytest-xdist (``-n 0``) this process starts it after collection and keeps
+# the Popen handles. With xdist (pyproject's addopts: ``-n auto``) the controller starts it at
+# session start -- once for all workers -- and each warm-up process writes a status file when
+# done; the workers get the folder through ``workerinput`` and wait on the files.
+
+#: How long a test waits for the warm-up before failing (a compile of every kernel is ~1 min).
+WARMUP_TIMEOUT_S = 900.0
+_DTYPES = ("float32", "float64")
+# Vectors in x's dtype only: the few tests that mix vector dtypes compile their specializations
+# themselves (the summary lists them), and the two processes stay even.
+_WARMUP_CODE = """\
+import sys, traceback
+status = "failed"
+try:
+    import numpy as np
+    from nbbn.cpu import precompile
+    precompile([np.dtype(sys.argv[1])], mixed=False)
+    status = "ok"
+except BaseException:
+    traceback.print_exc()
+finally:
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w") as f:
+            f.write(status)
+"""
+
+
+def _xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _xdist_controller(config) -> bool:
+    return not _xdist_worker(config) and bool(getattr(config.option, "numprocesses", None))
+
+
+def _warmup_wanted(config) -> bool:
+    return not config.option.collectonly and os.environ.get("NBBN_NO_WARMUP") != "1"
+
+
+def _start_warmup(status_dir: Path | None = None) -> None:
+    _WARMUP["t0"], _WARMUP["wall0"] = time.perf_counter(), time.time()
+    _WARMUP["procs"] = {
+        dt: subprocess.Popen([sys.executable, "-c", _WARMUP_CODE, dt,
+                              *([str(status_dir / f"{dt}.status")] if status_dir else [])],
+                             cwd=ROOT)
+        for dt in _DTYPES}
+
+
+def pytest_sessionstart(session):
+    """xdist controller: start the warm-up before the workers collect."""
+    config = session.config
+    if _xdist_controller(config) and _warmup_wanted(config):
+        import tempfile
+
+        status_dir = Path(tempfile.mkdtemp(prefix="nbbn-warmup-"))
+        _WARMUP["dir"] = status_dir
+        _start_warmup(status_dir)
+
+
+
+
 def pytest_collection_finish(session):
-    """Start compiling the CPU kernels, one process per x dtype, without waiting: the first
-    test that needs them waits (:func:`pytest_runtest_setup`)."""
-    needs = [i for i in session.items if _needs_cpu_kernels(i)]
-    if not needs or session.config.option.collectonly or os.environ.get("NBBN_NO_WARMUP") == "1":
+    """Without xdist: start compiling the CPU kernels, one process per x dtype, without
+    waiting: the first test that needs them waits (:func:`pytest_runtest_setup`)."""
+    config = session.config
+    if _xdist_worker(config):
+        d = config.workerinput.get("nbbn_warmup_dir")
+        if d is not None:
+            _WARMUP["wait_dir"] = Path(d)
         return
-    # Vectors in x's dtype only: the few tests that mix vector dtypes compile their
-    # specializations themselves (the summary lists them), and the two processes stay even.
-    code = ("import sys, numpy as np; from nbbn.cpu import precompile; "
-            "precompile([np.dtype(sys.argv[1])], mixed=False)")
-    _WARMUP["t0"] = time.perf_counter()
-    _WARMUP["procs"] = {dt: subprocess.Popen([sys.executable, "-c", code, dt], cwd=ROOT)
-                        for dt in ("float32", "float64")}
+    if _xdist_controller(config):
+        return
+    needs = [i for i in session.items if _needs_cpu_kernels(i)]
+    if needs and _warmup_wanted(config):
+        _start_warmup()
+
+
+def _wait_files(folder: Path) -> None:
+    deadline = time.monotonic() + WARMUP_TIMEOUT_S
+    for dt in _DTYPES:
+        f = folder / f"{dt}.status"
+        while not f.exists() or not f.read_text():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {dt} CPU kernels' warm-up did not finish in "
+                                   f"{WARMUP_TIMEOUT_S:g} s ({f} missing)")
+            time.sleep(0.1)
+        if f.read_text() != "ok":
+            raise RuntimeError(f"compiling the {dt} CPU kernels failed (see the log above)")
 
 
 def pytest_runtest_setup(item):
-    procs = _WARMUP.pop("procs", None)
-    if procs is None or not _needs_cpu_kernels(item):
-        if procs is not None:
-            _WARMUP["procs"] = procs
+    if not _needs_cpu_kernels(item):
         return
     waited = time.perf_counter()
+    folder = _WARMUP.pop("wait_dir", None)
+    if folder is not None:  # an xdist worker
+        _wait_files(folder)
+        _WARMUP["waited"] = time.perf_counter() - waited
+        return
+    procs = _WARMUP.pop("procs", None)
+    if procs is None:
+        return
     for dt, p in procs.items():
         if p.wait() != 0:
             raise RuntimeError(f"compiling the {dt} CPU kernels failed (exit {p.returncode})")
@@ -101,23 +183,64 @@ def pytest_runtest_setup(item):
     _WARMUP["waited"] = time.perf_counter() - waited
 
 
+def _missed_kernels() -> dict:
+    """CPU kernels this process compiled itself (a cache miss: a specialization
+    :func:`nbbn.cpu.precompile` does not cover). Kernels only: the private helpers (``_name``)
+    have no cache of their own and compile with whichever kernel specialization needs them."""
+    kernels = sys.modules.get("nbbn.cpu.kernels")
+    if kernels is None:
+        return {}
+    return {name: sum(d.stats.cache_misses.values()) for name, d in vars(kernels).items()
+            if hasattr(d, "stats") and hasattr(d, "signatures")
+            and not name.startswith("_") and sum(d.stats.cache_misses.values())}
+
+
+def pytest_sessionfinish(session):
+    config = session.config
+    if _xdist_worker(config):
+        config.workeroutput["nbbn_missed"] = _missed_kernels()
+        config.workeroutput["nbbn_waited"] = _WARMUP.get("waited", 0.0)
+    elif "dir" in _WARMUP:  # the controller: when each warm-up finished (its status file)
+        for dt, p in _WARMUP.pop("procs", {}).items():
+            p.wait()
+            f = _WARMUP["dir"] / f"{dt}.status"
+            if f.exists():  # seconds from the warm-up's start to its status file's write
+                _WARMUP[dt] = f.stat().st_mtime - _WARMUP["wall0"]
+
+
+_MISSED: dict = {}
+
+try:  # xdist's own hooks: pytest refuses a conftest hook it does not know
+    import xdist  # noqa: F401
+except ImportError:
+    pass
+else:
+    def pytest_configure_node(node):
+        """xdist controller: tell each worker where the warm-up writes its status."""
+        if "dir" in _WARMUP:
+            node.workerinput["nbbn_warmup_dir"] = str(_WARMUP["dir"])
+
+    def pytest_testnodedown(node, error):
+        """xdist controller: gather what each worker compiled itself and how long it waited."""
+        out = getattr(node, "workeroutput", {})
+        for k, n in out.get("nbbn_missed", {}).items():
+            _MISSED[k] = _MISSED.get(k, 0) + n
+        _WARMUP["waited"] = max(_WARMUP.get("waited", 0.0), out.get("nbbn_waited", 0.0))
+
+
 def pytest_terminal_summary(terminalreporter):
-    """The warm-up's times, and any CPU kernel the tests still compiled themselves (a cache miss
-    in this process: a specialization :func:`nbbn.cpu.precompile` does not cover)."""
+    """The warm-up's times, and any CPU kernel the tests still compiled themselves."""
+    if _xdist_worker(terminalreporter.config):
+        return
     done = {k: v for k, v in _WARMUP.items() if k.startswith("float")}
     if done:
+        where = "the xdist workers" if "dir" in _WARMUP else "the first tests"
         terminalreporter.write_line(
-            "Numba warm-up of the CPU kernels, two processes beside the first tests: "
+            f"Numba warm-up of the CPU kernels, two processes beside {where}: "
             + ", ".join(f"{dt} done at {s:.1f} s" for dt, s in done.items())
             + f"; the first CPU test waited {_WARMUP.get('waited', 0.0):.1f} s")
-    kernels = sys.modules.get("nbbn.cpu.kernels")
-    if kernels is not None:
-        # Kernels only: the private helpers (``_name``) have no cache of their own and compile
-        # with whichever kernel specialization needs them.
-        missed = {name: sum(d.stats.cache_misses.values()) for name, d in vars(kernels).items()
-                  if hasattr(d, "stats") and hasattr(d, "signatures")
-                  and not name.startswith("_") and sum(d.stats.cache_misses.values())}
-        if missed:
-            terminalreporter.write_line(
-                "CPU kernels compiled by the tests themselves (not by the warm-up): "
-                + ", ".join(f"{k} ×{n}" for k, n in sorted(missed.items())))
+    missed = _MISSED or _missed_kernels()
+    if missed:
+        terminalreporter.write_line(
+            "CPU kernels compiled by the tests themselves (not by the warm-up): "
+            + ", ".join(f"{k} ×{n}" for k, n in sorted(missed.items())))

@@ -100,8 +100,9 @@ import sys; sys.exit(0 if cuda.detect() else 1)'"
 fi
 
 if want tests; then
-    step pytest_gpu "$B_TESTS" env NBBN_TEST_GPU=1 "$PY" -m pytest -m "not slow" -q -rs \
-        -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
+    # -o addopts=...: the device's python has no pytest-xdist, and pyproject's addopts say -n auto.
+    step pytest_gpu "$B_TESTS" env NBBN_TEST_GPU=1 "$PY" -m pytest -o addopts="--strict-markers" \
+        -m "not slow" -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
         $(ls tests/test_cuda*.py | grep -v test_cuda_ptx.py)
 fi
 

@@ -122,17 +122,6 @@ def _start_warmup(status_dir: Path | None = None) -> None:
         for dt in _DTYPES}
 
 
-def pytest_sessionstart(session):
-    """xdist controller: start the warm-up before the workers collect."""
-    config = session.config
-    if _xdist_controller(config) and _warmup_wanted(config):
-        import tempfile
-
-        status_dir = Path(tempfile.mkdtemp(prefix="nbbn-warmup-"))
-        _WARMUP["dir"] = status_dir
-        _start_warmup(status_dir)
-
-
 
 
 def pytest_collection_finish(session):
@@ -195,6 +184,7 @@ def _missed_kernels() -> dict:
             and not name.startswith("_") and sum(d.stats.cache_misses.values())}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which sends workeroutput to the controller
 def pytest_sessionfinish(session):
     config = session.config
     if _xdist_worker(config):
@@ -210,22 +200,36 @@ def pytest_sessionfinish(session):
 
 _MISSED: dict = {}
 
-try:  # xdist's own hooks: pytest refuses a conftest hook it does not know
-    import xdist  # noqa: F401
-except ImportError:
-    pass
-else:
+class _XdistHooks:
+    """xdist's own hooks, registered only when the xdist plugin is active (pytest refuses a
+    hook it has no specification for: ``-p no:xdist``, or xdist not installed)."""
+
+    @staticmethod
     def pytest_configure_node(node):
-        """xdist controller: tell each worker where the warm-up writes its status."""
+        """Controller: tell each worker where the warm-up writes its status."""
         if "dir" in _WARMUP:
             node.workerinput["nbbn_warmup_dir"] = str(_WARMUP["dir"])
 
+    @staticmethod
     def pytest_testnodedown(node, error):
-        """xdist controller: gather what each worker compiled itself and how long it waited."""
+        """Controller: gather what each worker compiled itself and how long it waited."""
         out = getattr(node, "workeroutput", {})
         for k, n in out.get("nbbn_missed", {}).items():
             _MISSED[k] = _MISSED.get(k, 0) + n
         _WARMUP["waited"] = max(_WARMUP.get("waited", 0.0), out.get("nbbn_waited", 0.0))
+
+
+def pytest_configure(config):
+    """xdist controller: start the warm-up now, before xdist starts the workers (its
+    ``pytest_sessionstart``) and hands them its status folder (:class:`_XdistHooks`)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    config.pluginmanager.register(_XdistHooks(), "nbbn-xdist-hooks")
+    if _xdist_controller(config) and _warmup_wanted(config):
+        import tempfile
+
+        _WARMUP["dir"] = Path(tempfile.mkdtemp(prefix="nbbn-warmup-"))
+        _start_warmup(_WARMUP["dir"])
 
 
 def pytest_terminal_summary(terminalreporter):

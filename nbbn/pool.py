@@ -84,7 +84,8 @@ def _env_max_bytes() -> int:
     try:
         n = int(v)
     except ValueError:
-        raise ValueError(f"NBBN_POOL_MAX_BYTES must be an integer number of bytes, got {v!r}")
+        raise ValueError(f"NBBN_POOL_MAX_BYTES must be an integer number of bytes, got {v!r}") \
+            from None
     if n < 0:
         raise ValueError(f"NBBN_POOL_MAX_BYTES must be ≥ 0, got {n}")
     return n

@@ -2,12 +2,12 @@
 
 Why: an allocating call writes into fresh memory. glibc serves an allocation above its mmap
 threshold (dynamic, at most 32 MiB on 64-bit Linux) with a fresh ``mmap`` and returns it with
-``munmap`` on free, so each call of a big allocating call pays a page fault per page and the
-kernel's zeroing of every page -- one more write pass over the output before the kernel's own
-(on this project's host a 64 MiB array costs ~3× a refill of a preallocated one even with the
-2 MiB pages NumPy asks for, ~12× without them). A preallocated ``out=`` avoids it; so does an
-arena like ONNX Runtime's, and so does this pool: the CPU backend asks :func:`empty` for its
-x-sized outputs (y, dx, dz) and gets a buffer an earlier call returned and its caller has let go.
+``munmap`` on free, so every big allocating call pays a page fault per page (per 2 MiB page
+with the transparent huge pages NumPy asks for) and the operating system's zeroing of every page:
+one more write pass over the output before the kernel's own. A preallocated ``out=`` avoids it;
+so does an arena like ONNX Runtime's, and so does this pool: the CPU backend asks :func:`empty`
+for its x-sized outputs (y, dx, dz) and gets a buffer an earlier call returned and its caller
+has let go.
 
 When a buffer is free
 ---------------------
@@ -33,11 +33,15 @@ call instead of faulting. Keep the array alive while its address is in use, or o
 Bounds and opt-out
 ------------------
 * Only requests of at least ``min_bytes`` (default 1 MiB) are pooled. Below it the pool's lookup
-  (a lock and a dict probe, ~1 µs) is not worth it: glibc serves such sizes from its free lists
-  once its threshold has adapted, and the call itself is short.
+  (a lock, a dict probe, a reference count per candidate) is a visible part of a short call, and
+  glibc serves such sizes from its free lists once its threshold has adapted. From 1 MiB up the
+  lookup is small beside the call, and it still pays where the allocator maps such sizes afresh
+  (glibc before its threshold adapts or with ``MALLOC_MMAP_THRESHOLD_`` set, musl).
 * The pool holds at most ``max_bytes`` (default 1 GiB, or an eighth of the physical memory if
   that is less; ``NBBN_POOL_MAX_BYTES``), counting buffers in use by callers as well as free
-  ones. A request that would exceed it first evicts free buffers, least recently used first; if
+  ones: room for the outputs of a forward and backward step over a few of the largest arrays
+  one passes (16 of 4096×4096 float32), and what an idle process keeps at most. A request
+  that would exceed it first evicts free buffers, least recently used first; if
   the buffers callers still hold leave no room, it is served by a plain ``np.empty`` the pool does
   not keep (keeping the buffers a training loop will ask for again, in order, rather than
   thrashing them).

@@ -102,13 +102,25 @@ _GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 class _Buf:
     """A buffer the pool holds: the owning array, its size, when it was last handed out."""
 
-    __slots__ = ("base", "key", "nbytes", "tick")
+    __slots__ = ("base", "key", "nbytes", "shape", "strides", "tick")
 
     def __init__(self, base: np.ndarray, key: tuple, tick: int):
         self.base = base
         self.key = key
         self.nbytes = base.nbytes
+        self.shape = base.shape
+        self.strides = base.strides
         self.tick = tick
+
+
+def _intact(b: _Buf) -> bool:
+    """Whether the array is still as ``np.empty`` made it: a caller may have changed the very
+    object in place before dropping it (``y.shape = -1``, ``y.flags.writeable = False``,
+    ``y.resize(..., refcheck=False)``, ``y.dtype = ...``); such a buffer is forgotten, not
+    handed out."""
+    a = b.base
+    return (a.shape == b.shape and a.strides == b.strides and a.dtype == b.key[1]
+            and a.flags.writeable)
 
 
 def _refs(b: _Buf) -> int:
@@ -156,8 +168,11 @@ def empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
         s["tick"] += 1
         bufs = _bufs.get(key)
         if bufs:
-            for b in bufs:
+            for b in tuple(bufs):
                 if _free(b):
+                    if not _intact(b):
+                        _forget(b)
+                        continue
                     b.tick = s["tick"]
                     _counts["hits"] += 1
                     return b.base  # a reference taken under the lock: no other thread sees it free

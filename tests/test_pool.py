@@ -141,6 +141,41 @@ def test_a_buffer_in_a_reference_cycle_waits_for_the_collector():
     assert not np.shares_memory(b, c) and _hits() == 1
 
 
+def _set_shape(a):
+    a.shape = (-1,)
+
+
+def _set_strides(a):
+    a.strides = (4, 16)
+
+
+def _set_dtype(a):
+    a.dtype = np.int32
+
+
+CHANGES = {
+    "shape assigned": _set_shape,
+    "strides assigned": _set_strides,
+    "dtype assigned": _set_dtype,
+    "made read-only": lambda a: a.setflags(write=False),
+    "resized without the reference check": lambda a: a.resize((64,), refcheck=False),
+}
+
+
+@pytest.mark.parametrize("how", list(CHANGES))
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_an_array_changed_in_place_is_forgotten_not_reused(how):
+    """What the caller did to the very array before dropping it does not come back: the buffer
+    is dropped from the pool, and the next request gets a new array as np.empty makes it."""
+    a = pool.empty((4, 8), F32)
+    CHANGES[how](a)
+    del a
+    b = pool.empty((4, 8), F32)
+    assert (b.shape, b.strides, b.dtype, b.flags.writeable) == ((4, 8), (32, 4), F32, True)
+    s = _stats()
+    assert s["hits"] == 0 and s["buffers"] == 1
+
+
 def test_request_kinds_are_kept_apart():
     a = pool.empty((4, 8), F32)
     del a

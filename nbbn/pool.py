@@ -134,8 +134,9 @@ _FREE_REFS = _refs(_Buf(np.empty(0), (), 0))
 
 
 def _free(b: _Buf) -> bool:
-    """Whether no one but the pool holds the buffer (no strong and no weak reference)."""
-    return _refs(b) == _FREE_REFS and not weakref.getweakrefcount(b.base)
+    """Whether no one but the pool holds the buffer (no strong and no weak reference). The
+    count is taken by the same expression as in :func:`_refs`, which calibrated it."""
+    return sys.getrefcount(b.base) == _FREE_REFS and not weakref.getweakrefcount(b.base)
 
 
 _lock = threading.Lock()
@@ -143,6 +144,9 @@ _bufs: dict[tuple, list[_Buf]] = {}  # (shape, dtype) → the buffers of that re
 _state = {"enabled": _GIL and _env_enabled(), "max_bytes": _env_max_bytes(),
           "min_bytes": DEFAULT_MIN_BYTES, "held": 0, "tick": 0}
 _counts = {"hits": 0, "misses": 0, "untracked": 0, "evictions": 0}
+#: Requests of at least this many bytes are pooled: min_bytes, or infinity when the pool is off
+#: (one comparison decides, on every call).
+_threshold: float = DEFAULT_MIN_BYTES if _state["enabled"] else math.inf
 
 
 def _after_fork():  # a lock held by another thread at fork() would stay held in the child
@@ -160,30 +164,51 @@ def empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
     on and the request is at least ``min_bytes``, else a new one (kept by the pool for reuse when
     there is room under ``max_bytes``). The array returned owns its memory (``base is None``),
     exactly as ``np.empty``'s does."""
-    s = _state
-    if not s["enabled"] or math.prod(shape) * dtype.itemsize < s["min_bytes"]:
+    if math.prod(shape) * dtype.itemsize < _threshold:  # small, or the pool is off: one test
         return np.empty(shape, dtype)
+    return _take(shape, dtype)
+
+
+def _take(shape: tuple, dtype: np.dtype) -> np.ndarray:
     key = (shape, dtype)
     with _lock:
-        s["tick"] += 1
+        _state["tick"] += 1
+        b = _find_free(key)
+        if b is None:
+            return _new(key)
+        b.tick = _state["tick"]
+        _counts["hits"] += 1
+        return b.base  # a reference taken under the lock: no other thread can find it free now
+
+
+def _find_free(key) -> _Buf | None:
+    """A free, unchanged buffer of ``key``, or None; changed free ones are forgotten on the way
+    (the lock is held)."""
+    bufs = _bufs.get(key)
+    while bufs:
+        for b in bufs:
+            if _free(b):
+                break
+        else:
+            return None
+        if _intact(b):
+            return b
+        _forget(b)
         bufs = _bufs.get(key)
-        if bufs:
-            for b in tuple(bufs):
-                if _free(b):
-                    if not _intact(b):
-                        _forget(b)
-                        continue
-                    b.tick = s["tick"]
-                    _counts["hits"] += 1
-                    return b.base  # a reference taken under the lock: no other thread sees it free
-        _counts["misses"] += 1
-        base = np.empty(shape, dtype)
-        if s["held"] + base.nbytes > s["max_bytes"] and not _trim(s["max_bytes"] - base.nbytes):
-            _counts["untracked"] += 1
-            return base
-        _bufs.setdefault(key, []).append(_Buf(base, key, s["tick"]))
-        s["held"] += base.nbytes
+    return None
+
+
+def _new(key) -> np.ndarray:
+    """A miss (the lock is held): a new array, kept when it fits under ``max_bytes``."""
+    s = _state
+    _counts["misses"] += 1
+    base = np.empty(*key)
+    if s["held"] + base.nbytes > s["max_bytes"] and not _trim(s["max_bytes"] - base.nbytes):
+        _counts["untracked"] += 1
         return base
+    _bufs.setdefault(key, []).append(_Buf(base, key, s["tick"]))
+    s["held"] += base.nbytes
+    return base
 
 
 def _trim(limit: int) -> bool:
@@ -216,20 +241,23 @@ def configure(enabled: bool | None = None, max_bytes: int | None = None,
     ``configure(**previous)`` restores them. ``enabled=False`` also releases every buffer the
     pool holds; a smaller ``max_bytes`` evicts free buffers (least recently used first), then
     forgets buffers still in use by callers (they keep them) until the pool fits."""
+    global _threshold
+    for name, v in (("max_bytes", max_bytes), ("min_bytes", min_bytes)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"{name} must be an int ≥ 0, got {v!r}")
+    if enabled and not _GIL:
+        raise RuntimeError("nbbn.pool needs the GIL: on a free-threaded build reference counts "
+                           "do not tell whether a buffer is still in use")
     with _lock:
         s = _state
-        previous = {"enabled": s["enabled"], "max_bytes": s["max_bytes"],
-                    "min_bytes": s["min_bytes"]}
+        previous = {k: s[k] for k in ("enabled", "max_bytes", "min_bytes")}
         if enabled is not None:
-            if enabled and not _GIL:
-                raise RuntimeError("nbbn.pool needs the GIL: on a free-threaded build reference "
-                                   "counts do not tell whether a buffer is still in use")
             s["enabled"] = bool(enabled)
-        for name, v in (("max_bytes", max_bytes), ("min_bytes", min_bytes)):
-            if v is not None:
-                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                    raise ValueError(f"{name} must be an int ≥ 0, got {v!r}")
-                s[name] = v
+        if max_bytes is not None:
+            s["max_bytes"] = max_bytes
+        if min_bytes is not None:
+            s["min_bytes"] = min_bytes
+        _threshold = s["min_bytes"] if s["enabled"] else math.inf
         if not s["enabled"]:
             _clear()
         elif not _trim(s["max_bytes"]):

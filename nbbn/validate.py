@@ -511,6 +511,9 @@ def check_overlap(written, read, outputs=()) -> None:
 
 _NC_PERM = (0, 1)
 _TRAIN_OUT = ("y", "save_mean", "save_invstd")
+#: Backward's output names without and with a ReLU (op_outputs, looked up once: its Enum
+#: conversions cost a microsecond per call).
+_BACKWARD_OUT = {False: op_outputs(_Op.BACKWARD, "none"), True: op_outputs(_Op.BACKWARD, "relu")}
 _CF4 = (0, 1, 2, 3)
 
 
@@ -587,7 +590,7 @@ def backward_args(dy, x, save_mean, save_invstd, gamma, out, channel_axis=1, rel
         _like_x(y, "y", g, on_dev)
     outs = None
     if out is not None:
-        names = op_outputs(_Op.BACKWARD, "relu" if relu else "none")
+        names = _BACKWARD_OUT[relu]
         outs = _outputs(out, names, g, on_dev)
         check_overlap(tuple(zip(names, outs, strict=True)),
                       (("dy", dy), ("x", x), ("y", y if relu else None), ("save_mean", save_mean),

@@ -331,6 +331,14 @@ def test_configure_returns_previous_settings_and_checks_values():
             pool.configure(max_bytes=bad)
 
 
+def test_a_refused_configure_changes_nothing():
+    before = {k: v for k, v in pool.stats().items() if k in ("enabled", "max_bytes", "min_bytes")}
+    with pytest.raises(ValueError, match="min_bytes"):
+        pool.configure(enabled=False, max_bytes=5, min_bytes=-1)
+    after = {k: v for k, v in pool.stats().items() if k in ("enabled", "max_bytes", "min_bytes")}
+    assert after == before
+
+
 def test_clear_returns_what_it_held():
     a = pool.empty((4, 8), F32)
     assert pool.clear() == a.nbytes

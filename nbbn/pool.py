@@ -32,11 +32,14 @@ call instead of faulting. Keep the array alive while its address is in use, or o
 
 Bounds and opt-out
 ------------------
-* Only requests of at least ``min_bytes`` (default 1 MiB) are pooled. Below it the pool's lookup
-  (a lock, a dict probe, a reference count per candidate) is a visible part of a short call, and
-  glibc serves such sizes from its free lists once its threshold has adapted. From 1 MiB up the
-  lookup is small beside the call, and it still pays where the allocator maps such sizes afresh
-  (glibc before its threshold adapts or with ``MALLOC_MMAP_THRESHOLD_`` set, musl).
+* Only requests of at least ``min_bytes`` (default 4 MiB) are pooled. A pooled request costs a
+  lock, a dict probe and a reference count per candidate, a fraction of a microsecond more than
+  ``np.empty``: a visible part of a 1 MiB call, a negligible one from 4 MiB. Below 32 MiB
+  glibc, once its threshold has adapted, serves a repeated size from its free lists without new
+  faults, so there the pool gains nothing on glibc; it still gains where the allocator maps
+  such sizes afresh (glibc before its threshold adapts or with ``MALLOC_MMAP_THRESHOLD_`` set;
+  allocators that always map big blocks). 4 MiB is also where NumPy starts asking for 2 MiB
+  pages: below it, a fresh array faults in 4 KiB pages.
 * The pool holds at most ``max_bytes`` (default 1 GiB, or an eighth of the physical memory if
   that is less; ``NBBN_POOL_MAX_BYTES``), counting buffers in use by callers as well as free
   ones: room for the outputs of a forward and backward step over a few of the largest arrays
@@ -66,7 +69,7 @@ import numpy as np
 __all__ = ["clear", "configure", "empty", "stats"]
 
 #: Requests below this many bytes are served by np.empty (see the module docstring).
-DEFAULT_MIN_BYTES = 1 << 20
+DEFAULT_MIN_BYTES = 4 << 20
 
 
 def _default_max_bytes() -> int:
@@ -172,13 +175,19 @@ def empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
 def _take(shape: tuple, dtype: np.dtype) -> np.ndarray:
     key = (shape, dtype)
     with _lock:
-        _state["tick"] += 1
-        b = _find_free(key)
-        if b is None:
-            return _new(key)
-        b.tick = _state["tick"]
-        _counts["hits"] += 1
-        return b.base  # a reference taken under the lock: no other thread can find it free now
+        tick = _state["tick"] = _state["tick"] + 1
+        for b in _bufs.get(key, ()):
+            # _free and _intact, inlined (this runs on every pooled call); the count is taken by
+            # the same expression as in _refs, which calibrated _FREE_REFS.
+            if sys.getrefcount(b.base) == _FREE_REFS and not weakref.getweakrefcount(b.base):
+                if not _intact(b):
+                    b = _find_free(key)  # forgets the changed ones; the rest are looked at again
+                    if b is None:
+                        break
+                b.tick = tick
+                _counts["hits"] += 1
+                return b.base  # a reference taken under the lock: no other thread can find it free
+        return _new(key)
 
 
 def _find_free(key) -> _Buf | None:

@@ -175,6 +175,8 @@ def empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
 def _take(shape: tuple, dtype: np.dtype) -> np.ndarray:
     key = (shape, dtype)
     with _lock:
+        if not _state["enabled"]:  # turned off since empty() read the threshold
+            return np.empty(shape, dtype)
         tick = _state["tick"] = _state["tick"] + 1
         for b in _bufs.get(key, ()):
             # _free and _intact, inlined (this runs on every pooled call); the count is taken by

@@ -103,7 +103,8 @@ _GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class _Buf:
-    """A buffer the pool holds: the owning array, its size, when it was last handed out."""
+    """A buffer the pool holds: the owning array, its key, size, shape and strides as made (see
+    :func:`_intact`), and when it was last handed out."""
 
     __slots__ = ("base", "key", "nbytes", "shape", "strides", "tick")
 
@@ -131,8 +132,9 @@ def _refs(b: _Buf) -> int:
     return sys.getrefcount(b.base)
 
 
-#: _refs of a buffer only the pool holds, measured by the same code on this interpreter (3.14's
-#: borrowed stack references make it one less than 3.11's, for instance).
+#: _refs of a buffer only the pool holds, measured by the same code on this interpreter rather
+#: than assumed (what sys.getrefcount reports for the same references may differ between CPython
+#: versions; its documentation warns of borrowed references).
 _FREE_REFS = _refs(_Buf(np.empty(0), (), 0))
 
 

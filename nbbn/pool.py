@@ -145,6 +145,12 @@ def _free(b: _Buf) -> bool:
 
 
 _lock = threading.Lock()
+#: The thread that holds _lock. Python code can run inside the pool's critical section on the
+#: same thread -- a finalizer (``__del__``, weakref.finalize) run by the garbage collector when
+#: the pool allocates -- and a finalizer that calls nbbn would wait for the lock forever: such a
+#: nested request is served by np.empty (and configure/clear/stats raise), see :func:`_enter`.
+_holder: int | None = None
+_get_ident = threading.get_ident
 _bufs: dict[tuple, list[_Buf]] = {}  # (shape, dtype) → the buffers of that request
 _state = {"enabled": _GIL and _env_enabled(), "max_bytes": _env_max_bytes(),
           "min_bytes": DEFAULT_MIN_BYTES, "held": 0, "tick": 0}
@@ -155,8 +161,40 @@ _threshold: float = DEFAULT_MIN_BYTES if _state["enabled"] else math.inf
 
 
 def _after_fork():  # a lock held by another thread at fork() would stay held in the child
-    global _lock
+    global _lock, _holder
     _lock = threading.Lock()
+    _holder = None
+
+
+def _enter() -> bool:
+    """Take the lock; False (lock not taken) when this thread holds it already (a finalizer
+    running inside the pool)."""
+    global _holder
+    me = _get_ident()
+    if not _lock.acquire(blocking=False):
+        if _holder == me:
+            return False
+        _lock.acquire()
+    _holder = me
+    return True
+
+
+def _leave() -> None:
+    global _holder
+    _holder = None
+    _lock.release()
+
+
+class _Locked:
+    """``with _Locked():`` -- the lock for configure, clear and stats; RuntimeError when called
+    from inside the pool on the same thread (a finalizer), where waiting would never end."""
+
+    def __enter__(self):
+        if not _enter():
+            raise RuntimeError("nbbn.pool was called from a finalizer run inside the pool")
+
+    def __exit__(self, *exc):
+        _leave()
 
 
 if hasattr(os, "register_at_fork"):
@@ -176,13 +214,15 @@ def empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
 
 def _take(shape: tuple, dtype: np.dtype) -> np.ndarray:
     key = (shape, dtype)
-    with _lock:
+    if not _enter():  # a finalizer run inside the pool: not pooled
+        return np.empty(shape, dtype)
+    try:
         if not _state["enabled"]:  # turned off since empty() read the threshold
             return np.empty(shape, dtype)
         tick = _state["tick"] = _state["tick"] + 1
         for b in _bufs.get(key, ()):
-            # _free and _intact, inlined (this runs on every pooled call); the count is taken by
-            # the same expression as in _refs, which calibrated _FREE_REFS.
+            # _free, inlined (this runs on every pooled call); the count is taken by the same
+            # expression as in _refs, which calibrated _FREE_REFS.
             if sys.getrefcount(b.base) == _FREE_REFS and not weakref.getweakrefcount(b.base):
                 if not _intact(b):
                     b = _find_free(key)  # forgets the changed ones; the rest are looked at again
@@ -192,6 +232,8 @@ def _take(shape: tuple, dtype: np.dtype) -> np.ndarray:
                 _counts["hits"] += 1
                 return b.base  # a reference taken under the lock: no other thread can find it free
         return _new(key)
+    finally:
+        _leave()
 
 
 def _find_free(key) -> _Buf | None:
@@ -261,7 +303,7 @@ def configure(enabled: bool | None = None, max_bytes: int | None = None,
     if enabled and not _GIL:
         raise RuntimeError("nbbn.pool needs the GIL: on a free-threaded build reference counts "
                            "do not tell whether a buffer is still in use")
-    with _lock:
+    with _Locked():
         s = _state
         previous = {k: s[k] for k in ("enabled", "max_bytes", "min_bytes")}
         if enabled is not None:
@@ -291,7 +333,7 @@ def _clear() -> int:
 def clear() -> int:
     """Release every buffer the pool holds (callers keep the ones they hold); returns the bytes
     the pool held. The hit and miss counts are kept."""
-    with _lock:
+    with _Locked():
         return _clear()
 
 
@@ -301,7 +343,7 @@ def stats() -> dict:
     ``untracked`` (misses the pool could not keep under ``max_bytes``), ``evictions``;
     ``buffers`` and ``bytes_held`` (all the pool holds), ``bytes_free`` (the part no caller holds
     now, reusable)."""
-    with _lock:
+    with _Locked():
         all_bufs = [b for bufs in _bufs.values() for b in bufs]
         free = sum(b.nbytes for b in all_bufs if _free(b))
         return {"enabled": _state["enabled"], "max_bytes": _state["max_bytes"],

@@ -407,3 +407,41 @@ def test_a_cast_memoryview_holds_the_buffer():
     m = memoryview(a).cast("B")
     del a
     assert not np.shares_memory(np.frombuffer(m, np.uint8), pool.empty((4, 8), F32))
+
+
+def test_a_finalizer_that_runs_inside_the_pool_does_not_deadlock(monkeypatch):
+    """The garbage collector can run a finalizer while the pool holds its lock (when the pool
+    allocates); a finalizer that asks the pool for a buffer gets a plain array instead of
+    waiting forever for the lock its own thread holds. Run in a thread, so a hang fails."""
+    got = {}
+
+    class Finalized:
+        def __del__(self):
+            got["array"] = pool.empty((4, 8), F32)
+            try:
+                pool.stats()
+            except RuntimeError as e:
+                got["stats"] = str(e)
+
+    real_empty = np.empty
+
+    def empty_collecting(*a, **k):  # what an allocation may do: run the collector
+        gc.collect()
+        return real_empty(*a, **k)
+
+    def work():
+        cycle = [Finalized()]
+        cycle.append(cycle)
+        del cycle
+        got["outer"] = pool.empty((2, 16), F32)  # a miss: allocates inside the lock
+
+    gc.collect()
+    monkeypatch.setattr(np, "empty", empty_collecting)
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    monkeypatch.undo()
+    assert not t.is_alive(), "deadlocked"
+    assert got["array"].shape == (4, 8) and got["outer"].shape == (2, 16)
+    assert "finalizer" in got["stats"]
+    assert _stats()["buffers"] == 1  # only the outer request was kept

@@ -1,6 +1,9 @@
 """nbbn: batch-normalization kernels written with Numba (parallel CPU and CUDA)."""
 
-from . import _backends  # noqa: F401  (registers the built-in backends; imports no kernels yet)
+from . import (
+    _backends,  # noqa: F401  (registers the built-in backends; imports no kernels yet)
+    pool,  # nbbn.pool: configure, clear, stats of the CPU backend's output pool
+)
 from .api import batch_norm_backward, batch_norm_infer, batch_norm_train
 from .layer import BatchNorm
 from .registry import BackendUnavailable, availability
@@ -18,4 +21,5 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_infer",
     "batch_norm_train",
+    "pool",
 ]

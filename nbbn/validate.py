@@ -320,6 +320,27 @@ def _layout_words(g: Geometry) -> str:
     return "C-contiguous"
 
 
+_FULL = frozenset(("y", "dx", "dz"))
+
+
+def _numpy_output_ok(o: np.ndarray, full: bool, g: Geometry) -> bool:
+    """True when a NumPy output certainly passes :func:`_outputs`' checks: its shape, x's dtype
+    (float32/float64: the per-channel outputs' too), writeable, and C-contiguous where that is
+    the layout asked for (x-shaped outputs of an x whose axes are in memory order; per-channel
+    ones). NumPy's contiguity flags ignore the strides of length-1 axes, as
+    :func:`contiguous_in` does. False sends the output through the full checks, which say
+    what is wrong."""
+    if o.dtype is not g.dtype or g.dtype.itemsize == 2:
+        return False
+    if full:
+        if o.shape != g.shape or not g.identity_perm:
+            return False
+    elif o.shape != (g.C,):
+        return False
+    f = o.flags
+    return f.writeable and f.c_contiguous
+
+
 def _outputs(out, names: tuple[str, ...], g: Geometry, on_device: bool):
     """Check preallocated outputs: a tuple of len(names) arrays (or one array for one output).
     x-shaped outputs must be laid out in memory as the kernels see x (``g.perm``)."""
@@ -337,9 +358,11 @@ def _outputs(out, names: tuple[str, ...], g: Geometry, on_device: bool):
     if len(outs) != len(names):
         raise ValueError(f"out must hold {len(names)} arrays {names}, got {len(outs)}")
     for o, name in zip(outs, names, strict=True):
+        full = name in _FULL
+        if type(o) is np.ndarray and not on_device and _numpy_output_ok(o, full, g):
+            continue  # the common case, decided from a few attributes
         label = f"out[{name}]"
         meta = array_meta(o, label)
-        full = name in ("y", "dx", "dz")
         shape = g.shape if full else (g.C,)
         if meta.shape != shape:
             raise ValueError(f"{label} must have shape {shape}, got {meta.shape}")
@@ -488,6 +511,9 @@ def check_overlap(written, read, outputs=()) -> None:
 
 _NC_PERM = (0, 1)
 _TRAIN_OUT = ("y", "save_mean", "save_invstd")
+#: Backward's output names without and with a ReLU (op_outputs, looked up once: its Enum
+#: conversions cost a microsecond per call).
+_BACKWARD_OUT = {False: op_outputs(_Op.BACKWARD, "none"), True: op_outputs(_Op.BACKWARD, "relu")}
 _CF4 = (0, 1, 2, 3)
 
 
@@ -528,6 +554,8 @@ def train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
             raise ValueError("running_mean and running_var must be given together")
         for v, name in ((running_mean, "running_mean"), (running_var, "running_var")):
             channel_vector(v, name, C)
+            if type(v) is np.ndarray and v.flags.writeable:
+                continue  # the common case
             meta = array_meta(v, name)
             if not meta.writeable:
                 why = f" ({meta.readonly_why})" if meta.readonly_why else ""
@@ -562,7 +590,7 @@ def backward_args(dy, x, save_mean, save_invstd, gamma, out, channel_axis=1, rel
         _like_x(y, "y", g, on_dev)
     outs = None
     if out is not None:
-        names = op_outputs(_Op.BACKWARD, "relu" if relu else "none")
+        names = _BACKWARD_OUT[relu]
         outs = _outputs(out, names, g, on_dev)
         check_overlap(tuple(zip(names, outs, strict=True)),
                       (("dy", dy), ("x", x), ("y", y if relu else None), ("save_mean", save_mean),

@@ -12,7 +12,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "nbbn"
 CORE = {"spec", "validate", "registry", "reference", "tolerances", "fold", "seeds", "output",
-        "api", "layer", "_backends", "__init__"}
+        "api", "layer", "_backends", "pool", "__init__"}
 TOOLS = {"bench", "accuracy", "paper", "distributed"}
 DEPRECATED = {"harness", "study"}  # one-release aliases of `python -m` entry points
 

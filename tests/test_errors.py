@@ -137,6 +137,12 @@ def test_read_only_running_stats_rejected():
         nbbn.batch_norm_train(X, running_mean=rm, running_var=np.ones(C))
 
 
+def _read_only(shape):
+    a = np.empty(shape, np.float32)
+    a.flags.writeable = False
+    return a
+
+
 @pytest.mark.parametrize("out, exc, match", [
     ((np.empty((4, 3, 2), np.float32), np.empty(3, np.float32)), ValueError, "out must hold 3"),
     ((np.empty((4, 3, 3), np.float32), np.empty(3, np.float32), np.empty(3, np.float32)),
@@ -145,10 +151,34 @@ def test_read_only_running_stats_rejected():
      TypeError, r"out\[y\] must have dtype"),
     ((np.empty((4, 3, 2), np.float32, order="F"), np.empty(3, np.float32),
       np.empty(3, np.float32)), ValueError, r"out\[y\] must have the memory layout"),
+    # Per-argument checks behind the common case's shortcut (validate._numpy_output_ok)
+    ((_read_only((4, 3, 2)), np.empty(3, np.float32), np.empty(3, np.float32)), ValueError,
+     r"out\[y\] must be writeable"),
+    ((np.empty((4, 3, 2), np.float32), np.empty(6, np.float32)[::2], np.empty(3, np.float32)),
+     ValueError, r"out\[save_mean\] must be contiguous"),
+    ((np.empty((4, 3, 2), np.float32), np.empty(3, np.float32), np.empty(3, np.float64)),
+     TypeError, r"out\[save_invstd\] must have dtype"),
+    ((np.empty((4, 3, 2), np.float32), np.empty(4, np.float32), np.empty(3, np.float32)),
+     ValueError, r"out\[save_mean\] must have shape"),
+    ((np.empty((4, 3, 2), np.float32), _read_only(3), np.empty(3, np.float32)), ValueError,
+     r"out\[save_mean\] must be writeable"),
+    ((np.empty((4, 3, 2), np.float32).astype(">f4"), np.empty(3, np.float32),
+      np.empty(3, np.float32)), TypeError, r"out\[y\] must have dtype"),
 ])
 def test_bad_out(out, exc, match):
     with pytest.raises(exc, match=match):
         nbbn.batch_norm_train(X, out=out)
+
+
+def test_out_with_any_stride_on_a_length_one_axis_is_accepted():
+    """NumPy's contiguity flags and the full check agree that a length-1 axis's stride does not
+    matter: the shortcut accepts what the full check accepts."""
+    x = np.linspace(-1, 1, 4 * 3).astype(np.float32).reshape(1, 3, 4)
+    y = np.lib.stride_tricks.as_strided(np.empty(12, np.float32), (1, 3, 4), (999, 16, 4))
+    sm, si = np.empty(3, np.float32), np.empty(3, np.float32)
+    got = nbbn.batch_norm_train(x, out=(y, sm, si))
+    assert got[0] is y
+    np.testing.assert_array_equal(y, nbbn.batch_norm_train(x)[0])
 
 
 def test_inputs_are_not_modified():

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import registry
+from .. import pool, registry
 from ..fold import fold_precision
 from ..spec import Fusion, Layout, Op, inverse_perm
 from . import kernels as K
@@ -224,14 +224,15 @@ def _kview(a, geom, name: str) -> np.ndarray:
 
 def _alloc(geom, out):
     """(array returned to the caller, kernel view) of an x-shaped output in x's memory layout;
-    ``out`` is a validated preallocated array or None."""
+    ``out`` is a validated preallocated array or None. A new one comes from :mod:`nbbn.pool`
+    (a big buffer an earlier call returned and its caller dropped, else ``np.empty``)."""
     if out is None:
         if geom.identity_perm:
-            buf = np.empty(geom.shape, dtype=geom.dtype)
+            buf = pool.empty(geom.shape, geom.dtype)
             if len(geom.shape) == 2:
                 return buf, buf
             return buf, buf.reshape(geom.kernel_shape)
-        buf = np.empty(geom.memory_shape, dtype=geom.dtype)
+        buf = pool.empty(geom.memory_shape, geom.dtype)
         return buf.transpose(inverse_perm(geom.perm)), buf.reshape(geom.kernel_shape)
     buf = out if geom.identity_perm else out.transpose(geom.perm)
     view = buf.reshape(geom.kernel_shape)

@@ -269,7 +269,19 @@ def environment() -> dict:
         "platform": f"{platform.system()} {platform.machine()}",
         **cache_sizes(),
         "cudasim": bool(numba.config.ENABLE_CUDASIM),
+        "output_pool": _pool_setting(),
     }
+
+
+def _pool_setting() -> str:
+    """The CPU output pool as a run met it (nbbn.pool): allocating calls (``--call api``)
+    of at least min_bytes reuse dropped outputs when it is on."""
+    from . import pool
+
+    s = pool.stats()
+    if not s["enabled"]:
+        return "off"
+    return f"on (>= {s['min_bytes']} B, max {s['max_bytes']} B)"
 
 
 # ---------------------------------------------------------------------------------------------

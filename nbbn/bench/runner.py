@@ -70,7 +70,7 @@ COLUMNS = (
     "load_before_1m", "load_avg_1m",
     "nbbn_version", "numba_version", "numpy_version", "torch_version", "python_version",
     "threads", "torch_threads", "cpu", "cpu_count", "platform", "cache_l1d_bytes",
-    "cache_l2_bytes", "cache_l3_bytes", "cudasim", "device_name",
+    "cache_l2_bytes", "cache_l3_bytes", "cudasim", "output_pool", "device_name",
 )
 
 COLUMN_DOCS = {
@@ -158,6 +158,8 @@ COLUMN_DOCS = {
     "cpu": "CPU model", "cpu_count": "logical CPUs", "platform": "OS and machine",
     "cache_l1d_bytes": "L1 data cache per core", "cache_l2_bytes": "L2 cache per core",
     "cache_l3_bytes": "shared L3 cache", "cudasim": "Numba's CUDA simulator was on",
+    "output_pool": "nbbn's CPU output pool (nbbn.pool) as the run met it: off, or on with its "
+                   "threshold and cap (--call api outputs at least that big are reused)",
 }
 
 

@@ -214,8 +214,8 @@ def forward_terms(count: int, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndar
 _U32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
 _ONE = np.uint64(1)
-#: Words of one scratch big integer: ≥ the 28 the variance's aligned difference can need.
-_W = 32
+#: Words of one scratch big integer: ≥ the 27 the variance's aligned difference can need.
+_W = 40
 #: Words of a row's magnitude: 3 words of limbs 1..3 and a 64-bit top (limb 0 + carries).
 _MAGW = K + 1
 #: Bits between the larger operand's lowest bit and a far smaller operand's highest bit beyond
@@ -227,51 +227,86 @@ _NORM_WORDS = 5
 
 
 @njit(cache=True)
-def _deposit_kernel(terms, rows):
-    """rows[r] ← the row of Σ_t terms[t, r] (the format of the module docstring; a term
-    v = mant·2^(e − 53), frexp's 53-bit mant, lands in bins b, b + 1, b + 2 of its LSB's bit
-    position p = e − 53 + BIAS, b = p // 32; idx = the highest b + 2 of a nonzero term)."""
-    T, R = terms.shape
-    for r in range(R):
-        for j in range(ROW):
-            rows[r, j] = 0
-        bad = False
-        idx = EMPTY
-        for t in range(T):
-            v = terms[t, r]
-            if not math.isfinite(v):
-                bad = True
-            elif v != 0.0:
-                e = math.frexp(v)[1]
-                b = (e - 53 + BIAS) // 32
-                if b + 2 > idx:
-                    idx = b + 2
-        if bad:
+def _deposit_row(v, T, rows, r):
+    """rows[r] ← the row of Σ v[0:T] (the format of the module docstring): a term
+    v = mant·2^(e − 53) (frexp's 53-bit mant) lands in bins b, b + 1, b + 2 of its LSB's bit
+    position p = e − 53 + BIAS, b = p // 32; idx = the highest b + 2 of a nonzero term."""
+    for j in range(ROW):
+        rows[r, j] = 0
+    idx = EMPTY
+    for t in range(T):
+        if not math.isfinite(v[t]):
             rows[r, 0] = NONFINITE
+            return
+    for t in range(T):
+        if v[t] != 0.0:
+            b = (math.frexp(v[t])[1] - 53 + BIAS) // 32
+            if b + 2 > idx:
+                idx = b + 2
+    rows[r, 0] = idx
+    for t in range(T):
+        x = v[t]
+        if x == 0.0:
             continue
-        rows[r, 0] = idx
+        f, e = math.frexp(abs(x))
+        mant = np.int64(f * 9007199254740992.0)  # f·2^53: exact
+        p = e - 53 + BIAS
+        b = p // 32
+        s = p - 32 * b
+        hi = mant >> (32 - s)
+        c0 = (mant << s) & 0xFFFFFFFF  # low 32 bits (the shift may wrap past bit 63)
+        c1 = hi & 0xFFFFFFFF
+        c2 = hi >> 32
+        if x < 0:
+            c0, c1, c2 = -c0, -c1, -c2
+        j = idx - b  # the limb of bin b; bins b + 1, b + 2 go to limbs j − 1, j − 2 ≥ 0
+        if j < K:
+            rows[r, 1 + j] += c0
+        if j - 1 < K:
+            rows[r, j] += c1
+        if j - 2 < K:
+            rows[r, j - 1] += c2
+
+
+@njit(cache=True)
+def _deposit_kernel(terms, rows):
+    """rows[r] ← the row of Σ_t terms[t, r]."""
+    T, R = terms.shape
+    v = np.empty(T)
+    for r in range(R):
         for t in range(T):
-            v = terms[t, r]
-            if v == 0.0:
-                continue
-            f, e = math.frexp(abs(v))
-            mant = np.int64(f * 9007199254740992.0)  # f·2^53: exact
-            p = e - 53 + BIAS
-            b = p // 32
-            s = p - 32 * b
-            hi = mant >> (32 - s)
-            c0 = (mant << s) & 0xFFFFFFFF  # low 32 bits (the shift may wrap past bit 63)
-            c1 = hi & 0xFFFFFFFF
-            c2 = hi >> 32
-            if v < 0:
-                c0, c1, c2 = -c0, -c1, -c2
-            j = idx - b  # the limb of bin b; bins b + 1, b + 2 go to limbs j − 1, j − 2 ≥ 0
-            if j < K:
-                rows[r, 1 + j] += c0
-            if j - 1 < K:
-                rows[r, j] += c1
-            if j - 2 < K:
-                rows[r, j - 1] += c2
+            v[t] = terms[t, r]
+        _deposit_row(v, T, rows, r)
+
+
+@njit(cache=True)
+def _two_prod_kernel(a, b):
+    """:func:`_two_prod` on scalars (IEEE operations, no contraction: the same bits)."""
+    p = a * b
+    t = 134217729.0 * a
+    ah = t - (t - a)
+    al = a - ah
+    t = 134217729.0 * b
+    bh = t - (t - b)
+    bl = b - bh
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+@njit(cache=True)
+def _forward_kernel(count, mean, m2, rows):
+    """rows[c] ← S1's terms of channel c, rows[C + c] ← S2's (:func:`forward_terms`)."""
+    C = mean.shape[0]
+    n = float(count)
+    v = np.empty(5)
+    for c in range(C):
+        mu = mean[c]
+        v[0], v[1] = _two_prod_kernel(n, mu)
+        _deposit_row(v, 2, rows, c)
+        q, qe = _two_prod_kernel(mu, mu)
+        v[0] = m2[c]
+        v[1], v[2] = _two_prod_kernel(n, q)
+        v[3], v[4] = _two_prod_kernel(n, qe)
+        _deposit_row(v, 5, rows, C + c)
 
 
 @njit(cache=True)
@@ -330,10 +365,11 @@ def _nbits(w, n):
     for i in range(n - 1, -1, -1):
         x = w[i]
         if x != 0:
-            k = 0
-            while x != 0:
-                x >>= _ONE
-                k += 1
+            k = 1
+            for step in (16, 8, 4, 2, 1):  # binary search for the top bit of a 32-bit word
+                if x >> np.uint64(step) != 0:
+                    x >>= np.uint64(step)
+                    k += step
             return 32 * i + k
     return 0
 
@@ -411,10 +447,10 @@ def _mul(a, na, b, nb, out):
 
 @njit(cache=True)
 def _shl(src, n, s, out):
-    """out ← src[0:n]·2^s (out zeroed to _W words first); returns the words it may use."""
-    for i in range(out.shape[0]):
-        out[i] = 0
+    """out[0:n + s//32 + 1] ← src[0:n]·2^s; returns that length."""
     ws = s >> 5
+    for i in range(n + ws + 1):
+        out[i] = 0
     bs = np.uint64(s & 31)
     for i in range(n):
         v = src[i]
@@ -451,6 +487,8 @@ def _signed_sum(sa, a, na, ea, sb, b, nb, eb, x, tmp):
     strictly between x and x + 1 units)."""
     la = _nbits(a, na)
     lb = _nbits(b, nb)
+    na = (la + 31) // 32
+    nb = (lb + 31) // 32
     if la == 0:
         sa = 0
     if lb == 0:
@@ -476,7 +514,13 @@ def _signed_sum(sa, a, na, ea, sb, b, nb, eb, x, tmp):
             x[i] -= _ONE
         return sbig, n, ebig - _FAR, True
     e0 = min(ebig, esmall)
-    n = max(_shl(big, nbig, ebig - e0, x), _shl(small, nsmall, esmall - e0, tmp))
+    nx = _shl(big, nbig, ebig - e0, x)
+    nt = _shl(small, nsmall, esmall - e0, tmp)
+    n = max(nx, nt)
+    for i in range(nx, n):
+        x[i] = 0
+    for i in range(nt, n):
+        tmp[i] = 0
     if sbig == ssmall:
         _add_to(x, tmp, n, 1)
         return sbig, n, e0, False
@@ -494,21 +538,22 @@ def _signed_sum(sa, a, na, ea, sb, b, nb, eb, x, tmp):
 
 @njit(cache=True)
 def _normalize(x, n, e, sticky, tmp):
-    """Bring x[0:n]·2^e to 129…160 bits in x[0:5] (words 5… zeroed): shift up (only when not
-    sticky: exact) or drop whole low words into the sticky flag. Returns (e, sticky)."""
+    """Bring x[0:n]·2^e to 129…160 bits in x[0:5]: shift up (only when not sticky: exact) or
+    drop whole low words into the sticky flag. Returns (e, sticky)."""
     L = _nbits(x, n)
+    n = (L + 31) // 32
     if L < _NORM_BITS:
         s = _NORM_BITS - L
-        _shl(x, n, s, tmp)
-        for i in range(x.shape[0]):
+        _shl(x, n, s, tmp)  # ≥ 5 words written
+        for i in range(_NORM_WORDS):
             x[i] = tmp[i]
         return e - s, sticky
-    k = (L - 1) // 32 + 1 - _NORM_WORDS
+    k = n - _NORM_WORDS
     for i in range(k):
         if x[i] != 0:
             sticky = True
-    for i in range(x.shape[0]):
-        x[i] = x[i + k] if i + k < n and i < _NORM_WORDS else 0
+    for i in range(_NORM_WORDS):
+        x[i] = x[i + k]
     return e + 32 * k, sticky
 
 
@@ -572,8 +617,8 @@ def _mean_var_kernel(r1, r2, n, mean, var):
         if s1 == 0:
             mean[c] = 0.0
         else:
-            for i in range(_W):
-                x[i] = m1[i] if i < _MAGW else 0
+            for i in range(_MAGW):
+                x[i] = m1[i]
             e, sticky = _normalize(x, _MAGW, e1, False, tmp)
             sticky = _divide(x, d) or sticky
             mean[c] = _round(x, _NORM_WORDS, e, sticky, s1 < 0)
@@ -585,8 +630,11 @@ def _mean_var_kernel(r1, r2, n, mean, var):
             var[c] = 0.0
             continue
         e, sticky = _normalize(x, nx, e, sticky, tmp)
-        sticky = _divide(x, d) or sticky
-        sticky = _divide(x, d) or sticky
+        if d < 65536:
+            sticky = _divide(x, d * d) or sticky
+        else:
+            sticky = _divide(x, d) or sticky
+            sticky = _divide(x, d) or sticky
         v = _round(x, _NORM_WORDS, e, sticky, False)
         var[c] = v if sign > 0 else (-0.0 if v == 0.0 else 0.0)
 
@@ -602,6 +650,15 @@ def deposit(terms) -> np.ndarray:
     v = np.ascontiguousarray(np.atleast_2d(np.asarray(terms, dtype=np.float64)))
     rows = np.empty((v.shape[1], ROW), np.int64)
     _deposit_kernel(v, rows)
+    return rows
+
+
+def forward_rows(count: int, mean: np.ndarray, m2: np.ndarray) -> np.ndarray:
+    """The (2·C, ROW) rows of a rank's S1 terms (rows 0…C−1) and S2 terms (rows C…2C−1):
+    ``deposit`` of :func:`forward_terms`, in one compiled pass."""
+    mean = np.ascontiguousarray(mean, dtype=np.float64)
+    rows = np.empty((2 * mean.shape[0], ROW), np.int64)
+    _forward_kernel(int(count), mean, np.ascontiguousarray(m2, dtype=np.float64), rows)
     return rows
 
 

@@ -39,15 +39,16 @@ decodes to NaN (the sign of an infinity is not kept).
 
 Overflow: a sum whose correctly rounded value exceeds the float64 range decodes to ±inf.
 
-Implementations. :func:`deposit`, :func:`combine_rows` (the body of the MPI user op),
-:func:`to_float` and :func:`mean_var` are Numba kernels (``cache=True``, one specialization
-each). The decoding kernels round with a small fixed-size big integer (32-bit words in uint64,
-schoolbook products, division by the count, a word at a time) instead of Python integers; see
-:func:`_mean_var_kernel` for how they stay exact. :func:`deposit_reference`,
-:func:`combine_rows_reference`, :func:`to_float_reference` and :func:`mean_var_reference` are the
-first implementations (NumPy and Python integers), kept as the specification: the tests check
-that both give the same bits, and :func:`mean_var` falls back to its reference for a count
-n ≥ 2^32 (the kernel divides by n one 32-bit word at a time).
+Implementations. :func:`deposit`, :func:`forward_rows` (a rank's forward terms and their rows in
+one pass), :func:`combine_rows` (the body of the MPI user op), :func:`to_float` and
+:func:`mean_var` are Numba kernels (``cache=True``, one specialization each). The decoding
+kernels round with a small fixed-size big integer (32-bit words in uint64, schoolbook products,
+division by the count a word at a time) instead of Python integers; :func:`_mean_var_kernel`
+says why that stays exact. :func:`deposit_reference`, :func:`combine_rows_reference`,
+:func:`to_float_reference` and :func:`mean_var_reference` are the first implementations (NumPy
+and Python integers), kept as the specification: the tests check that both give the same bits,
+and :func:`mean_var` falls back to its reference for a count n ≥ 2^32 (the kernel divides by n
+one 32-bit word at a time).
 """
 
 from __future__ import annotations

@@ -302,12 +302,12 @@ def _forward_kernel(count, mean, m2, rows):
     for c in range(C):
         mu = mean[c]
         v[0], v[1] = _two_prod_kernel(n, mu)
-        _deposit_row(v, 2, rows, c)
+        _deposit_row(v, np.int64(2), rows, c)
         q, qe = _two_prod_kernel(mu, mu)
         v[0] = m2[c]
         v[1], v[2] = _two_prod_kernel(n, q)
         v[3], v[4] = _two_prod_kernel(n, qe)
-        _deposit_row(v, 5, rows, C + c)
+        _deposit_row(v, np.int64(5), rows, C + c)
 
 
 @njit(cache=True)
@@ -421,7 +421,7 @@ def _round(w, n, e, sticky, neg):
     lsb = t - 52 if t >= -1022 else -1074
     drop = lsb - e
     if drop <= 0:
-        r = math.ldexp(float(_window(w, n, 0)), e)
+        r = math.ldexp(float(_window(w, n, np.int64(0))), e)
     else:
         m = _window(w, n, drop)
         if _bit(w, n, drop - 1) and (sticky or (m & 1) != 0 or _below(w, n, drop - 1)):
@@ -503,10 +503,10 @@ def _signed_sum(sa, a, na, ea, sb, b, nb, eb, x, tmp):
         big, nbig, ebig, sbig = b, nb, eb, sb
         small, nsmall, esmall, ssmall, lsmall = a, na, ea, sa, la
     if ssmall == 0:
-        n = _shl(big, nbig, 0, x)
+        n = _shl(big, nbig, np.int64(0), x)
         return sbig, n, ebig, False
     if esmall + lsmall <= ebig - _FAR:
-        n = _shl(big, nbig, _FAR, x)
+        n = _shl(big, nbig, np.int64(_FAR), x)
         if ssmall != sbig:
             i = 0
             while x[i] == 0:  # x − 1: borrow through the zero words (x ≥ 2^_FAR)
@@ -523,15 +523,15 @@ def _signed_sum(sa, a, na, ea, sb, b, nb, eb, x, tmp):
     for i in range(nt, n):
         tmp[i] = 0
     if sbig == ssmall:
-        _add_to(x, tmp, n, 1)
+        _add_to(x, tmp, n, np.int64(1))
         return sbig, n, e0, False
     c = _compare(x, tmp, n)
     if c == 0:
         return 0, 0, 0, False
     if c > 0:
-        _add_to(x, tmp, n, -1)
+        _add_to(x, tmp, n, np.int64(-1))
         return sbig, n, e0, False
-    _add_to(tmp, x, n, -1)
+    _add_to(tmp, x, n, np.int64(-1))
     for i in range(n):
         x[i] = tmp[i]
     return ssmall, n, e0, False
@@ -577,13 +577,15 @@ def _to_float_kernel(rows, out):
     """out[r] ← row r's value I·2^(32·(idx − K + 1) − BIAS), correctly rounded (NaN for
     NONFINITE)."""
     w = np.zeros(_MAGW, np.uint64)
+    magw = np.int64(_MAGW)  # not literals: one specialization of each helper
+    no = rows.shape[0] < 0
     for r in range(rows.shape[0]):
         idx = rows[r, 0]
         if idx >= NONFINITE:
             out[r] = np.nan
             continue
         s = _magnitude(rows, r, w)
-        out[r] = 0.0 if s == 0 else _round(w, _MAGW, 32 * (idx - K + 1) - BIAS, False, s < 0)
+        out[r] = 0.0 if s == 0 else _round(w, magw, 32 * (idx - K + 1) - BIAS, no, s < 0)
 
 
 @njit(cache=True)
@@ -602,6 +604,8 @@ def _mean_var_kernel(r1, r2, n, mean, var):
     buf = np.zeros((6, _W), np.uint64)
     m1, m2, ba, bb, x, tmp = buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]
     nn = np.zeros(1, np.uint64)
+    magw, normw = np.int64(_MAGW), np.int64(_NORM_WORDS)  # not literals: one specialization
+    no = n < 0  # False, not a literal                       # of each helper
     d = np.uint64(n)
     nn[0] = d
     for c in range(r1.shape[0]):
@@ -620,11 +624,11 @@ def _mean_var_kernel(r1, r2, n, mean, var):
         else:
             for i in range(_MAGW):
                 x[i] = m1[i]
-            e, sticky = _normalize(x, _MAGW, e1, False, tmp)
+            e, sticky = _normalize(x, magw, e1, no, tmp)
             sticky = _divide(x, d) or sticky
-            mean[c] = _round(x, _NORM_WORDS, e, sticky, s1 < 0)
-        na = _mul(m2, _MAGW, nn, 1, ba)
-        nb = _mul(m1, _MAGW, m1, _MAGW, bb)
+            mean[c] = _round(x, normw, e, sticky, s1 < 0)
+        na = _mul(m2, magw, nn, np.int64(1), ba)
+        nb = _mul(m1, magw, m1, magw, bb)
         sign, nx, e, sticky = _signed_sum(s2, ba, na, e2, -1 if s1 != 0 else 0, bb, nb, 2 * e1,
                                           x, tmp)
         if sign == 0:
@@ -636,7 +640,7 @@ def _mean_var_kernel(r1, r2, n, mean, var):
         else:
             sticky = _divide(x, d) or sticky
             sticky = _divide(x, d) or sticky
-        v = _round(x, _NORM_WORDS, e, sticky, False)
+        v = _round(x, normw, e, sticky, no)
         var[c] = v if sign > 0 else (-0.0 if v == 0.0 else 0.0)
 
 

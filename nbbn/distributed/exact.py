@@ -577,8 +577,8 @@ def _to_float_kernel(rows, out):
     """out[r] ← row r's value I·2^(32·(idx − K + 1) − BIAS), correctly rounded (NaN for
     NONFINITE)."""
     w = np.zeros(_MAGW, np.uint64)
-    magw = np.int64(_MAGW)  # not literals: one specialization of each helper
-    no = rows.shape[0] < 0
+    magw = np.int64(_MAGW)  # non-literal constants (see _mean_var_kernel)
+    no = rows.shape[0] < 0  # False
     for r in range(rows.shape[0]):
         idx = rows[r, 0]
         if idx >= NONFINITE:
@@ -604,8 +604,9 @@ def _mean_var_kernel(r1, r2, n, mean, var):
     buf = np.zeros((6, _W), np.uint64)
     m1, m2, ba, bb, x, tmp = buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]
     nn = np.zeros(1, np.uint64)
-    magw, normw = np.int64(_MAGW), np.int64(_NORM_WORDS)  # not literals: one specialization
-    no = n < 0  # False, not a literal                       # of each helper
+    # non-literal constants, so each helper compiles once (a literal argument specializes it)
+    magw, normw = np.int64(_MAGW), np.int64(_NORM_WORDS)
+    no = n < 0  # False
     d = np.uint64(n)
     nn[0] = d
     for c in range(r1.shape[0]):
@@ -668,8 +669,11 @@ def forward_rows(count: int, mean: np.ndarray, m2: np.ndarray) -> np.ndarray:
 
 
 def combine_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    """out ← a ∘ b, row by row (out may be a or b; C-contiguous int64 (R, ROW) arrays): idx =
-    max, limbs aligned to it and added."""
+    """out ← a ∘ b, row by row (out may be a or b; int64 (R, ROW) arrays): idx = max, limbs
+    aligned to it and added."""
+    if not a.shape == b.shape == out.shape or a.ndim != 2 or a.shape[1] != ROW:
+        raise ValueError(f"combine_rows needs three (R, {ROW}) arrays, got {a.shape}, "
+                         f"{b.shape}, {out.shape}")
     _combine_kernel(a, b, out)
 
 
@@ -701,9 +705,10 @@ def mean_var(s1_rows: np.ndarray, s2_rows: np.ndarray, n: int) -> tuple[np.ndarr
 # ------------------------------------------------------------------------------ the MPI op
 
 def _user_op(inmem, inoutmem, datatype) -> None:
-    a = np.frombuffer(inmem, dtype=np.int64).reshape(-1, ROW)
+    """MPI calls this once per application of the op (a reduction step, or a segment of one),
+    with two buffers of the same whole number of rows: one call into the compiled combine."""
     b = np.frombuffer(inoutmem, dtype=np.int64).reshape(-1, ROW)
-    combine_rows(a, b, b)
+    _combine_kernel(np.frombuffer(inmem, dtype=np.int64).reshape(-1, ROW), b, b)
 
 
 _MPI_OBJECTS: dict = {}

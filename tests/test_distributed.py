@@ -404,6 +404,123 @@ def test_exact_rows_non_finite_and_empty():
     assert got[0] == 3.0 and np.isnan(got[1]) and got[2] == 0.0
 
 
+def _awkward_floats(rng, shape):
+    """float64 over the whole range: 60% random magnitudes 1e-320 … 1e308 (subnormals
+    included), the rest ±0, the extreme normals and subnormals, powers of two, NaN, ±inf."""
+    v = rng.standard_normal(shape) * 10.0 ** rng.integers(-320, 308, shape)
+    special = np.array([0.0, -0.0, 5e-324, -5e-324, 2.2250738585072014e-308,
+                        2.225073858507201e-308, -1.7976931348623157e308, 1.7976931348623157e308,
+                        1.0, -2.0 ** 1023, 2.0 ** -1022, 3.0, np.nan, np.inf, -np.inf])
+    pick = rng.random(shape) < 0.4
+    v[pick] = rng.choice(special, pick.sum())
+    return v
+
+
+def _rows_from_ints(items, rng):
+    """Rows [idx, limbs] holding I·2^(32·(idx − K + 1) − BIAS) for (idx, I) pairs, |I| < 2^158,
+    with the limbs left unnormalized (a random carry moved between each pair of limbs)."""
+    from nbbn.distributed import exact
+
+    rows = np.zeros((len(items), exact.ROW), np.int64)
+    for r, (idx, i) in enumerate(items):
+        mag = abs(i)
+        limbs = [mag >> 96] + [(mag >> (32 * k)) & 0xFFFFFFFF for k in (2, 1, 0)]
+        for k in range(3, 0, -1):
+            t = int(rng.integers(-2 ** 20, 2 ** 20))
+            limbs[k] += t << 32
+            limbs[k - 1] -= t
+        rows[r] = [idx] + [-limb if i < 0 else limb for limb in limbs]
+    return rows
+
+
+def _same_bits(a, b) -> bool:
+    return np.array_equal(np.asarray(a, np.float64).view(np.int64),
+                          np.asarray(b, np.float64).view(np.int64))
+
+
+def test_compiled_exact_rows_match_the_reference():
+    """The Numba kernels (deposit, forward_rows, combine_rows, to_float, mean_var) give the bits
+    of the NumPy / Python-integer references on awkward inputs: subnormals, ±0, 600 decades,
+    NaN/±inf, header rows (idx = any int64), exact ties, overflow to ±inf, sums that cancel to
+    zero or below it, counts on both sides of 2^16 and 2^32."""
+    from nbbn.distributed import exact
+
+    rng = np.random.default_rng(2025)
+    for T in (1, 2, 5):
+        v = _awkward_floats(rng, (T, 500))
+        assert np.array_equal(exact.deposit(v), exact.deposit_reference(v)), T
+    for count in (0, 1, 7, 3 ** 30):
+        mean, m2 = _awkward_floats(rng, (2, 300))
+        with np.errstate(all="ignore"):
+            s1, s2 = exact.forward_terms(count, mean, m2)
+        ref = np.concatenate([exact.deposit_reference(s1), exact.deposit_reference(s2)])
+        assert np.array_equal(exact.forward_rows(count, mean, m2), ref), count
+
+    # raw rows: idx over the grid and past it (overflow), limbs up to ±2^62, header rows
+    R = 600
+    raw = np.zeros((R, exact.ROW), np.int64)
+    raw[:, 0] = rng.integers(-1, 80, R)
+    raw[:, 1:] = (rng.integers(-2 ** 31, 2 ** 31, (R, exact.K))
+                  << rng.integers(0, 32, (R, exact.K)))
+    raw[::9, 1:] = 0
+    raw[5::17, 0] = exact.NONFINITE
+    header = np.zeros((40, exact.ROW), np.int64)
+    header[:, 0] = np.concatenate([rng.integers(-2 ** 63, 2 ** 63 - 1, 20, dtype=np.int64),
+                                   rng.normal(size=20).view(np.int64)])
+    header[::4, 1] = rng.integers(0, 1000, 10)
+    deposited = exact.deposit(_awkward_floats(rng, (3, R + 40)))
+    a = np.concatenate([raw, header])
+    b = np.concatenate([deposited[:R], header[::-1]])
+    for out_is in ("new", "a", "b"):
+        want = np.empty_like(a)
+        exact.combine_rows_reference(a, b, want)
+        x, y = a.copy(), b.copy()
+        out = {"new": np.empty_like(a), "a": x, "b": y}[out_is]
+        exact.combine_rows(x, y, out)
+        assert np.array_equal(out, want), out_is
+
+    # ties (54 significant bits ending in 1), normal and subnormal, both signs
+    ties = []
+    for _ in range(200):
+        idx = int(rng.integers(1, 70))
+        top = int(rng.integers(54, 150))
+        i = ((1 << 53) + 2 * int(rng.integers(0, 2 ** 52)) + 1) << (top - 54)
+        ties.append((idx, -i if rng.random() < 0.5 else i))
+    for idx in (2, 3, 4):  # subnormal results, ties at odd multiples of 2^−1075
+        for _ in range(20):
+            e = 32 * (idx - exact.K + 1) - exact.BIAS
+            i = (2 * int(rng.integers(0, 2 ** 40)) + 1) << (-1075 - e)
+            ties.append((idx, i))
+    ties = _rows_from_ints(ties, rng)
+    for rows in (raw, deposited, ties):
+        got, want = exact.to_float(rows), exact.to_float_reference(rows)
+        assert _same_bits(got, want)
+    assert np.isinf(exact.to_float(raw)).any()  # the overflow path ran
+
+    # (S1, S2) pairs: random rows, ranks' real terms, exact cancellation, tiny negatives
+    s1_rows, s2_rows = raw[:300], raw[300:600]
+    rank_rows = [exact.forward_rows(n_r, 1e4 + rng.standard_normal(8), rng.random(8))
+                 for n_r in (5, 17, 1, 300)]
+    real = _tree(rank_rows, rng)
+    # S2 = S1²/n exactly, n = 3: S1 = 21·2^e1, S2 = 147·2^(2·e1) as I2·2^e2, e2 ≤ 2·e1
+    e1 = 32 * (40 - exact.K + 1) - exact.BIAS
+    idx2 = (2 * e1 + exact.BIAS) // 32 + exact.K - 1
+    e2 = 32 * (idx2 - exact.K + 1) - exact.BIAS
+    zero_var = _rows_from_ints([(40, 21), (idx2, 147 << (2 * e1 - e2))], rng)
+    # S1 tiny, S2 = 0, and S1 = 0, S2 tiny negative: a negative numerator whose quotient
+    # underflows
+    tiny_neg = _rows_from_ints([(0, 12345), (-1, 0), (-1, 0), (0, -(1 << 90))], rng)
+    cases = [(s1_rows, s2_rows), (real[:8], real[8:]), (zero_var[:1], zero_var[1:]),
+             (tiny_neg[:2], tiny_neg[2:])]
+    assert exact.mean_var(zero_var[:1], zero_var[1:], 3)[1][0] == 0.0
+    for n in (1, 2, 3, 255, 65535, 65536, 2 ** 31 + 1, 2 ** 32 - 1, 2 ** 32 + 3):
+        for r1, r2 in cases:
+            got, want = exact.mean_var(r1, r2, n), exact.mean_var_reference(r1, r2, n)
+            assert _same_bits(got[0], want[0]) and _same_bits(got[1], want[1]), n
+    mean, var = exact.mean_var(tiny_neg[:2], tiny_neg[2:], 3)
+    assert (var == 0.0).all() and np.signbit(var).all()  # max(−0.0, 0.0) is −0.0 in Python
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_exact_statistics_against_chan_merge(dtype):
     """The exact combine's (μ, σ²) against the rational truth of the ranks' rounded partials

@@ -11,8 +11,9 @@ One collective whose every rank contributes ``m`` bytes on P ranks costs::
 
 t0 is the per-call software cost (mpi4py, Python, buffer set-up; measured at P = 1), α the
 latency per step, β the time per byte. The exact allreduce (``allreduce_exact``: nbbn's rows
-and its Python user operation) adds γ·m·⌈log2 P⌉, the combine's time per byte at each step
-(measured in-process here: an upper bound for ring algorithms, which combine ~m bytes in all).
+and its user operation, a Python function around a Numba kernel) adds γ·m·⌈log2 P⌉, the
+combine's time per byte at each step (measured in-process here: an upper bound for ring
+algorithms, which combine ~m bytes in all).
 
 Fitting: per family, non-negative least squares of the measured median times (the slowest
 rank's, per call) on the three columns (1, ⌈log2 P⌉, m·f(P)). The host's shared-memory path is
@@ -289,7 +290,7 @@ def _markdown(meas, fits, gamma, ext, meta) -> str:
         f"{meta['load_after']:.2f} after; wall time {meta['wall_s']:.0f} s.",
         "",
         "Model: t = t0 + α·⌈log2 P⌉ + β·m·f(P), f = P − 1 (allgather), 2(P − 1)/P (allreduce); "
-        "the exact allreduce adds γ·m·⌈log2 P⌉ (its Python combine). Method and sources: the "
+        "the exact allreduce adds γ·m·⌈log2 P⌉ (its combine, the user op). Method and sources: the "
         "docstring of `nbbn/distributed/costmodel.py`, and docs/distributed.md.",
         "",
         "## Measured (median of the slowest rank's time per call)",

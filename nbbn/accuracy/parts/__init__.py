@@ -2,9 +2,9 @@
 
 * ``LETTER`` (its key in ``--parts`` and its place in the report), ``NAME`` (the other key, and
   the progress bar's label), ``TITLE`` (its section's heading: ``## (LETTER) TITLE``);
-* ``run(ctx: RunContext) -> None`` computes, saves its tidy tables with ``ctx.save(name, df)``
-  and its skips with ``ctx.skip(rows)`` (each row: part, item, reason);
-  (:class:`nbbn.accuracy.common.RunContext`);
+* ``run(ctx)`` computes, saves its tidy tables with ``ctx.save(name, df)`` and its skips with
+  ``ctx.skip(rows)`` (each row: part, item, reason); ``ctx`` is a
+  :class:`nbbn.accuracy.common.RunContext`, the command's options;
 * ``findings(tables) -> list[str]``: its key findings, one Markdown paragraph each, read off the
   saved tables only (``tables``: every table the command saved, by name);
 * ``report(tables) -> list[str]``: the Markdown lines of its section of ``report.md`` below the

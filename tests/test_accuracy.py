@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -626,21 +627,40 @@ def test_cli_no_peers_and_parts_by_letter(tmp_path):
     assert not (out / "sampling.csv").exists()
 
 
-def test_a_registered_part_runs_and_reports(tmp_path, monkeypatch):
-    """Adding a part is one registry entry: the command runs it, saves its table, puts its
-    findings and section in report.md (the distributed part d is added this way)."""
+def test_every_part_has_the_one_interface():
+    """Each part is a module with LETTER, NAME, TITLE, run, findings, report and plots, listed
+    once in PARTS in the report's (letter) order."""
     from nbbn.accuracy import parts
 
-    monkeypatch.setitem(parts.PARTS, "z", parts.Part(
-        "z", "dummy", "a test part", run=f"{__name__}:_dummy_run",
-        report=f"{__name__}:_dummy_report"))
+    letters = [p.LETTER for p in parts.PARTS]
+    assert letters == sorted(set(letters)) == ["a", "b", "c", "d", "e"]
+    assert len({p.NAME for p in parts.PARTS}) == len(parts.PARTS)
+    for p in parts.PARTS:
+        assert isinstance(p.TITLE, str) and p.TITLE
+        for fn in ("run", "findings", "report", "plots"):
+            assert callable(getattr(p, fn)), f"{p.__name__}.{fn}"
+        assert p.findings({}) == [] and p.report({}) == [] and p.plots({}, Path(".")) == []
+
+
+def test_an_added_part_runs_and_reports(tmp_path, monkeypatch):
+    """Adding a part is one module and one entry in PARTS: the command runs it, saves its table,
+    puts its findings and section in report.md (the distributed part d is added this way)."""
+    import types
+
+    from nbbn.accuracy import parts
+
+    dummy = types.ModuleType("dummy_part")
+    dummy.LETTER, dummy.NAME, dummy.TITLE = "z", "dummy", "A dummy part"
+    dummy.run, dummy.findings, dummy.report = _dummy_run, _dummy_findings, _dummy_report
+    dummy.plots = lambda tables, out: []
+    monkeypatch.setattr(parts, "PARTS", (*parts.PARTS, dummy))
     assert parse_parts("z") == ["dummy"] and parse_parts("dummy,a") == ["rounding", "dummy"]
     out = tmp_path / "z"
     res = CliRunner().invoke(accuracy, ["--parts", "z", "--no-plots", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert pd.read_csv(out / "dummy.csv")["value"].tolist() == [3]
     md = (out / "report.md").read_text()
-    assert "- dummy finding: 3" in md and "## (z) dummy" in md and "part z" in md
+    assert "- dummy finding: 3" in md and "## (z) A dummy part" in md and "part z" in md
 
 
 def _dummy_run(ctx):
@@ -648,11 +668,12 @@ def _dummy_run(ctx):
     ctx.skip([{"part": "dummy", "item": "nothing", "reason": "a test"}])
 
 
-def _dummy_report(tables):
-    from nbbn.accuracy.parts import Section
+def _dummy_findings(tables):
+    return [f"dummy finding: {int(tables['dummy']['value'].iloc[0])}"]
 
-    v = int(tables["dummy"]["value"].iloc[0])
-    return Section([f"dummy finding: {v}"], ["## (z) dummy", ""])
+
+def _dummy_report(tables):
+    return ["dummy section", ""]
 
 
 def test_cli_group_has_accuracy():

@@ -13,10 +13,14 @@ outputs and gradients, in nbbn and in the batch norms people run?
   train–inference gap;
 * :mod:`.gradients`  -- part (e): rounding error of dx, dγ, dβ (nbbn backends, the emulated
   pre-fold nbbn backward, PyTorch autograd, Flax jax.vjp);
-* :mod:`.parts`      -- the registry of parts (a letter each; d is reserved for distributed
-  statistics), :mod:`.runners` their run functions;
-* :mod:`.report`, :mod:`.summary`, :mod:`.figures` -- tables, findings, figures, report.md;
-* :mod:`.commands`   -- the click command ``accuracy``.
+* :mod:`.across_ranks` -- part (d): statistics across processes (nbbn.distributed);
+* :mod:`.parts`      -- the parts as the command sees them: one module each (a rounding,
+  b sampling, c estimators, d distributed, e gradients), one interface (``run``, ``findings``,
+  ``report``, ``plots``), in the ordered tuple ``PARTS``;
+* :mod:`.common` (``RunContext``, populations, sizes), :mod:`.report` (tables, names, the
+  findings' phrases) and :mod:`.figures` (plot helpers) -- shared by the parts;
+* :mod:`.summary`    -- report.md: header, the practitioner's findings and table, the parts';
+* :mod:`.cli`        -- the click command ``accuracy``.
 
 The naive algorithm exists only here; nbbn's kernels never use it.
 """

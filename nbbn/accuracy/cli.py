@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..output import command_line
 from . import parts as _parts
-from .common import StudyError, environment, parse_distributions, parse_sizes
+from .common import RunContext, StudyError, environment, parse_distributions, parse_sizes
 
 
 class _OneLineError(click.ClickException):
@@ -36,12 +36,12 @@ class _Command(click.Command):
 
 
 def parse_parts(text: str | None) -> list[str]:
-    """Comma-separated parts, by letter or name (None: all registered parts); returns names in
-    the registry's order."""
-    registered = _parts.ordered()
+    """Comma-separated parts, by letter or name (None: every part); returns names in the
+    report's order (:data:`nbbn.accuracy.parts.PARTS`)."""
+    registered = _parts.PARTS
     if text is None:
-        return [p.name for p in registered]
-    aliases = {k: p.name for p in registered for k in (p.key, p.name)}
+        return [p.NAME for p in registered]
+    aliases = {k: p.NAME for p in registered for k in (p.LETTER, p.NAME)}
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if not names:
         raise StudyError(f"--parts is empty; choose from {_parts.choices()}")
@@ -49,7 +49,7 @@ def parse_parts(text: str | None) -> list[str]:
         if n not in aliases:
             raise StudyError(f"unknown part {n!r}; choose from {_parts.choices()}")
     chosen = {aliases[n] for n in names}
-    return [p.name for p in registered if p.name in chosen]
+    return [p.NAME for p in registered if p.NAME in chosen]
 
 
 def _writable_dir(out: str) -> Path:
@@ -162,16 +162,16 @@ def accuracy(ctx, quick, out, parts, distributions, sizes, seed, activations, no
         tables[name] = df
         write_table(df, out_dir, name)
 
-    run_ctx = _parts.RunContext(
+    run_ctx = RunContext(
         quick=quick, sizes=size_list, seed=seed_value, distributions=dists, activations=acts,
         peers=not no_peers, save=save, skip=skipped.extend, progress=_Progress,
         echo=lambda text: click.echo(text, err=True), meta=meta, out=out_dir,
         plots=not no_plots)
-    chosen = [p for p in _parts.ordered() if p.name in part_list]
+    chosen = [p for p in _parts.PARTS if p.NAME in part_list]
     for part in chosen:
         t0 = time.perf_counter()
-        _parts.load(part.run)(run_ctx)
-        timings[part.key] = time.perf_counter() - t0
+        part.run(run_ctx)
+        timings[part.LETTER] = time.perf_counter() - t0
 
     skipped_df = pd.DataFrame(skipped, columns=["part", "item", "reason"])
     write_table(skipped_df, out_dir, "skipped")
@@ -183,8 +183,7 @@ def accuracy(ctx, quick, out, parts, distributions, sizes, seed, activations, no
 
         plt, note = pyplot()
         if plt is not None:  # each part draws its own figures (part d: with distributed.md)
-            paths = [p for part in chosen if part.plots
-                     for p in _parts.load(part.plots)(out_dir, tables)]
+            paths = [p for part in chosen for p in part.plots(tables, out_dir)]
             figures = [p.name for p in paths if p is not None]
     if note:
         click.echo(note, err=True)

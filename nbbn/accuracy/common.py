@@ -1,4 +1,5 @@
-"""Shared pieces of the accuracy study: seeding, populations, size parsing, environment columns.
+"""Shared pieces of the accuracy study: seeding, populations, size parsing, environment columns,
+and what every part's ``run`` gets (:class:`RunContext`; the peers, loaded once per command).
 
 Seeding: every configuration draws from its own ``numpy.random.Generator`` seeded by
 ``SeedSequence(seed, spawn_key=crc32 of each part of the configuration's key)``, so a
@@ -11,9 +12,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .. import output as _output
 
@@ -127,3 +131,43 @@ def parse_sizes(text: str | None) -> list[int] | None:
 def environment(seed: int) -> dict:
     """Columns added to every row: the seed, then :func:`nbbn.output.short_environment`."""
     return {"seed": seed, **_output.short_environment()}
+
+
+# ------------------------------------------------------------------------------ running a part
+
+@dataclass
+class RunContext:
+    """What a part's ``run`` gets: the command's options, and where its results go."""
+
+    quick: bool
+    sizes: list[int] | None
+    seed: int
+    distributions: list[str]
+    activations: object | None
+    peers: bool
+    save: Callable[[str, pd.DataFrame], None]
+    skip: Callable[[list[dict]], None]
+    progress: Callable[[str, int, str], AbstractContextManager]
+    echo: Callable[[str], None]
+    #: the output folder (for parts that write files of their own) and whether to draw plots
+    out: Path = Path(".")
+    plots: bool = True
+    #: facts for the report's header (e.g. the versions of the peers that ran)
+    meta: dict = field(default_factory=dict)
+
+
+def load_peers_once(ctx: RunContext, part: str):
+    """The peers to run (loaded once per command) and their skip rows."""
+    if not ctx.peers:
+        return [], [{"part": part, "item": "peers", "reason": "--no-peers"}]
+    if "_peers" not in ctx.meta:
+        from .peers import load_peers, versions
+
+        peers, skipped = load_peers(part="peers")
+        ctx.meta["_peers"] = (peers, skipped)
+        ctx.meta["peer_versions"] = versions(peers)
+        ctx.meta["peer_how"] = {p.name: p.how for p in peers}
+        ctx.skip(skipped)
+        ctx.echo("peers: " + (", ".join(p.name for p in peers) or "none")
+                 + "".join(f"; skipped {s['item']}: {s['reason']}" for s in skipped))
+    return ctx.meta["_peers"][0], []

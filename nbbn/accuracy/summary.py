@@ -71,7 +71,7 @@ def _header(meta: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
         L += [""]
     L += ["Tidy tables beside this file (CSV and JSON, one row per point, environment in every "
           "row): " + ", ".join(f"`{k}.csv`" for k in tables) + ". Formulas: the docstrings of "
-          "`nbbn/study/{algorithms,rounding,peers,sampling,estimators,gradients}.py`.", ""]
+          "`nbbn/accuracy/{algorithms,rounding,peers,sampling,estimators,gradients}.py`.", ""]
     return L
 
 

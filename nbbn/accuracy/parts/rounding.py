@@ -79,7 +79,7 @@ def report(tables: dict[str, pd.DataFrame]) -> list[str]:
          "registered statistics function, invstd and y from its forward-train kernel, on x "
          "viewed as NC (m, 1) and NCHW (N, 1, 1, S)) and the peers (`torch-cpu`, "
          "`flax-fast-var`, `flax-two-pass`, `numpy`, and on a GPU `torch-cuda`, `cupy`; "
-         "`nbbn/study/peers.py` says how each is called; NumPy's NC and NCHW rows hold x in "
+         "`nbbn/accuracy/peers.py` says how each is called; NumPy's NC and NCHW rows hold x in "
          "both of 2 channels so that the reduction axis is strided, as in real data). "
          "Reference: double-double (≈106-bit) sums, deviations and squares of the same data, "
          "checked against exact rational arithmetic in the tests. ε = 1e-5. `mean_in_sd` is "

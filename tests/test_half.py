@@ -5,9 +5,12 @@ float32 value NumPy / ml_dtypes give and encodes back to the same bits; float32 
 nearest even as NumPy's float16 cast and ml_dtypes' bfloat16 cast do (ties, subnormals,
 overflow, ±inf, NaN). These compile only two tiny loops, not the kernels.
 
-A couple of public-API calls run the kernels on half data (one serial NC specialization per
-format); the full op × layout × variant × fusion matrix is the conformance suite's slow tier
-(tests/test_conformance.py).
+Kernel tests: each half dtype is a specialization set of its own (seconds of compilation per
+kernel on a cold cache), and the test session's warm-up compiles none of them. So the fast tier
+runs two float16 inference calls that share one specialization (NC, serial, float32 vectors);
+forward-train and backward on both formats, and ``precompile`` of the half dtypes, are in the
+exhaustive tier, with the full op × layout × variant × fusion matrix in
+tests/test_conformance.py.
 """
 
 from __future__ import annotations
@@ -98,6 +101,52 @@ def test_float32_rounds_to_nearest_even_like_numpy(dtype, view):
     np.testing.assert_array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
 
 
+def _f16_infer(x, gamma, beta, residual=None, relu=False):
+    """Inference on a small float16 NC x with float32 vectors and population statistics μ = 0,
+    σ² = 1: the fast tier's one half specialization (NC_INFER serial, int16 bits, float32
+    vectors)."""
+    C = x.shape[1]
+    return nbbn.batch_norm_infer(x, np.zeros(C, np.float32), np.ones(C, np.float32),
+                                 np.asarray(gamma, np.float32), np.asarray(beta, np.float32),
+                                 residual=residual, relu=relu, backend="cpu")
+
+
+def test_float16_inference_fused():
+    """float16 y = ReLU(x·γ + β + residual) within 2u of the float64 reference, in x's dtype."""
+    rng = np.random.default_rng(4)
+    x = (1.0 + rng.standard_normal((37, 5))).astype(F16)
+    res = rng.standard_normal(x.shape).astype(F16)
+    gamma, beta = np.linspace(0.5, 1.5, 5), np.linspace(-1, 1, 5)
+    y = _f16_infer(x, gamma, beta, residual=res, relu=True)
+    assert y.dtype == F16 and y.shape == x.shape
+    want = ref.inference(x, np.zeros(5), np.ones(5), gamma.astype(np.float32),
+                         beta.astype(np.float32), residual=res, relu=True)
+    assert rel_err(y, want) <= tolerance("y", F16)
+
+
+def test_float16_stores_round_to_nearest_even():
+    """The kernels' float16 stores against NumPy's rounding of the same float32 values: with
+    γ = 0 and mean 0, y = β (a float32 coefficient, rounded once at the store) and y = β +
+    residual carries half values through unchanged (±inf, NaN, subnormals)."""
+    vals = np.array([1.0, 1.00048828125, 1.00146484375, -2.0009765625, 65519.0, 65520.0,
+                     3e-8, 2.0**-25, -(2.0**-24) * 1.5, 1e-3], np.float32)
+    x = np.zeros((vals.size, 1), F16)
+    x[0, 0], x[1, 0] = 1.0, -1.0
+    for b in vals:
+        y = _f16_infer(x, [0.0], [b])
+        want = np.float32(b).astype(F16)
+        assert y.view(np.uint16)[0, 0] == np.array(want).view(np.uint16), b
+    halves = np.array([1.0, -np.inf, np.inf, np.nan, 6e-8, -6e-8, 65504.0], F16)
+    res = np.zeros((vals.size, 1), F16)
+    res[:halves.size, 0] = halves
+    y = _f16_infer(x, [0.0], [0.0], residual=res)
+    got, want = y.view(np.uint16)[:, 0], res.view(np.uint16)[:, 0]
+    nan = np.isnan(res[:, 0])
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    assert np.isnan(y[nan, 0]).all()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, view", FORMATS)
 def test_half_x_through_the_public_api(dtype, view):
     """forward-train, inference and backward with ReLU on a small NC half x (the serial
@@ -134,3 +183,13 @@ def test_half_x_through_the_public_api(dtype, view):
     assert yi.dtype == dtype
     assert rel_err(yi, ref.inference(x, rm, rv, gamma, beta, residual=res)) \
         <= tolerance("y", dtype)
+
+
+@pytest.mark.slow
+def test_precompile_accepts_the_half_dtypes():
+    """A service can warm up the half kernels (the test warm-up does not)."""
+    from nbbn.cpu import precompile
+
+    dtypes = [F16] + ([BF16] if BF16 is not None else [])
+    n = precompile(dtypes, mixed=False, layouts=(Layout.NC,), ops=(Op.INFERENCE,))
+    assert n == 2 * len(dtypes)  # rows and serial per dtype

@@ -71,7 +71,10 @@ Work split and memory passes (S bytes per element)
         ``range``), for calls too small to pay a parallel region's wake-up (a few µs).
 
 Arguments: per-channel inputs (γ, β, saved and running statistics) arrive in their own dtype and
-are widened to float64 where read; x-shaped arrays in x's dtype.
+are widened to float64 where read; x-shaped arrays in x's dtype, or, for float16 and bfloat16,
+as their raw bits (int16 and uint16 views), read and written through :func:`ld` and :func:`st`
+(the storage codec below): every "x's dtype" of this docstring is then float32, the compute
+dtype, and each stored value is a float32 result rounded once to nearest even.
 Absent optional arrays are empty arrays and a ``flags`` bit says whether they are present.
 """
 
@@ -144,13 +147,13 @@ DIRECT_MAX = 8.0
 _U32 = np.uint32
 
 
-@njit
+@njit(cache=True)
 def bf16_decode(b):
     """float32 of bfloat16 bits ``b``: the bits are float32's top half, ``b << 16``; exact."""
     return _U32((_U32(b) & _U32(0xFFFF)) << _U32(16)).view(np.float32)
 
 
-@njit
+@njit(cache=True)
 def bf16_encode(v):
     """bfloat16 bits (uint32 < 2¹⁶) of float32(v), rounded to nearest even: add 0x7FFF plus the
     lowest kept bit and truncate (carries into the exponent give the next binade or ±inf, which
@@ -166,7 +169,7 @@ def bf16_encode(v):
     return (u + _U32(0x7FFF) + ((u >> _U32(16)) & _U32(1))) >> _U32(16)
 
 
-@njit
+@njit(cache=True)
 def f16_decode(b):
     """float32 of float16 bits ``b`` (sign s, 5-bit exponent e, 10-bit fraction f), exact:
     e = 31: ±inf or NaN (fraction kept); 0 < e < 31: rebias the exponent by 127 − 15 = 112;
@@ -184,7 +187,7 @@ def f16_decode(b):
     return _U32(u).view(np.float32)
 
 
-@njit
+@njit(cache=True)
 def f16_encode(v):
     """float16 bits (uint32 < 2¹⁶) of float32(v), rounded to nearest even, on |v|'s bits a:
 

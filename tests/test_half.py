@@ -167,6 +167,11 @@ def test_half_x_through_the_public_api(dtype, view):
     assert rel_err(sm, emean) <= tolerance("save_mean", dtype)
     assert rel_err(si, einvstd) <= tolerance("save_invstd", dtype)
     assert rel_err(rv, 0.5 + 0.5 * evar * 37 / 36) <= tolerance("running_var", dtype)
+    out = (np.empty_like(x), np.empty(5, np.float32), np.empty(5, np.float32))
+    got = nbbn.batch_norm_train(x, gamma, beta, relu=True, out=out, backend="cpu")
+    assert all(g is o for g, o in zip(got, out, strict=True))
+    np.testing.assert_array_equal(out[0].view(np.uint16), y.view(np.uint16))
+    np.testing.assert_array_equal(out[1], sm)
 
     dy = rng.standard_normal(x.shape).astype(dtype)
     dx, dg, db, dz = nbbn.batch_norm_backward(dy, x, sm, si, gamma, relu=True, y=y,

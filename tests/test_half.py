@@ -49,16 +49,39 @@ def _encode(values, bits):
         K.st(bits, i, values[i])
 
 
+@njit
+def _decode_encode_f16_bits(bits, values, back):
+    """:func:`_decode_encode` through the float16 bit manipulation (the kernels' path on a CPU
+    without F16C), whatever this CPU has."""
+    for i in range(bits.size):
+        v = K.f16_decode(bits[i])
+        values[i] = v
+        back[i] = np.int16(K.f16_encode(v))
+
+
+@njit
+def _encode_f16_bits(values, bits):
+    for i in range(values.size):
+        bits[i] = np.int16(K.f16_encode(values[i]))
+
+
+#: (format, bits view, decode-encode loop, encode loop): the kernels' codec for both formats,
+#: and float16's bit manipulation on its own (the kernels use F16C where the CPU has it).
+CODECS = [pytest.param(*p.values, _decode_encode, _encode, id=p.id, marks=p.marks)
+          for p in FORMATS] + [
+    pytest.param(F16, np.int16, _decode_encode_f16_bits, _encode_f16_bits, id="float16-bits")]
+
+
 def _all_patterns(view):
     return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(view)
 
 
-@pytest.mark.parametrize("dtype, view", FORMATS)
-def test_every_bit_pattern_decodes_exactly_and_encodes_back(dtype, view):
+@pytest.mark.parametrize("dtype, view, decode_encode, encode", CODECS)
+def test_every_bit_pattern_decodes_exactly_and_encodes_back(dtype, view, decode_encode, encode):
     bits = _all_patterns(view)
     values = np.empty(bits.size, np.float32)
     back = np.empty_like(bits)
-    _decode_encode(bits, values, back)
+    decode_encode(bits, values, back)
     want = bits.view(dtype).astype(np.float32)  # NumPy / ml_dtypes widening: exact
     nan = np.isnan(want)
     assert np.isnan(values[nan]).all()
@@ -88,11 +111,11 @@ def _awkward_float32(dtype):
     return np.concatenate([finite.astype(np.float32), near, extra, rand])
 
 
-@pytest.mark.parametrize("dtype, view", FORMATS)
-def test_float32_rounds_to_nearest_even_like_numpy(dtype, view):
+@pytest.mark.parametrize("dtype, view, decode_encode, encode", CODECS)
+def test_float32_rounds_to_nearest_even_like_numpy(dtype, view, decode_encode, encode):
     x = _awkward_float32(dtype)
     bits = np.empty(x.size, view)
-    _encode(x, bits)
+    encode(x, bits)
     with np.errstate(over="ignore", invalid="ignore"):
         want = x.astype(dtype)  # NumPy's float16 cast and ml_dtypes' are round-to-nearest-even
     got = bits.view(dtype)

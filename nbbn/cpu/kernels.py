@@ -84,8 +84,11 @@ import math
 import types as _pytypes
 
 import numpy as np
+from llvmlite import binding as _llvm
+from llvmlite import ir as _ir
+from numba import config as _config
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 # reassoc lets LLVM vectorize the float64 reductions; contract allows FMA. No nnan/ninf: NaN and
 # Inf keep their IEEE meaning.
@@ -147,13 +150,13 @@ DIRECT_MAX = 8.0
 _U32 = np.uint32
 
 
-@njit(cache=True)
+@njit(cache=True, forceinline=True)
 def bf16_decode(b):
     """float32 of bfloat16 bits ``b``: the bits are float32's top half, ``b << 16``; exact."""
     return _U32((_U32(b) & _U32(0xFFFF)) << _U32(16)).view(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, forceinline=True)
 def bf16_encode(v):
     """bfloat16 bits (uint32 < 2¹⁶) of float32(v), rounded to nearest even: add 0x7FFF plus the
     lowest kept bit and truncate (carries into the exponent give the next binade or ±inf, which
@@ -169,7 +172,7 @@ def bf16_encode(v):
     return (u + _U32(0x7FFF) + ((u >> _U32(16)) & _U32(1))) >> _U32(16)
 
 
-@njit(cache=True)
+@njit(cache=True, forceinline=True)
 def f16_decode(b):
     """float32 of float16 bits ``b`` (sign s, 5-bit exponent e, 10-bit fraction f), exact:
     e = 31: ±inf or NaN (fraction kept); 0 < e < 31: rebias the exponent by 127 − 15 = 112;
@@ -187,7 +190,7 @@ def f16_decode(b):
     return _U32(u).view(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, forceinline=True)
 def f16_encode(v):
     """float16 bits (uint32 < 2¹⁶) of float32(v), rounded to nearest even, on |v|'s bits a:
 
@@ -224,6 +227,40 @@ def f16_encode(v):
     return o | sign
 
 
+def _has_f16c() -> bool:
+    """Whether the CPU Numba compiles for converts float16 <-> float32 in hardware (x86's F16C:
+    vcvtph2ps / vcvtps2ph, exact widening and round-to-nearest-even narrowing, 8 or 16 lanes).
+    Numba targets the host unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise (a portable
+    cache): then only features named there count."""
+    features = _config.CPU_FEATURES
+    if features is None:
+        features = "" if _config.CPU_NAME else _llvm.get_host_cpu_features().flatten()
+    return "+f16c" in features.split(",")
+
+
+#: float16 through LLVM's ``half`` type and the F16C instructions (when the target has them),
+#: else through :func:`f16_decode` / :func:`f16_encode`: the same values either way
+#: (tests/test_half.py checks both on every bit pattern); the instructions are far cheaper than
+#: the branches and shifts of the bit manipulation, even vectorized.
+F16C = _has_f16c()
+
+
+@intrinsic
+def _f16c_decode(typingctx, b):
+    """float32 of float16 bits (int16): ``fpext half → float`` (exact)."""
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _f16c_encode(typingctx, v):
+    """float16 bits (int16) of a float32: ``fptrunc float → half`` (round to nearest even)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
+    return types.int16(types.float32), codegen
+
+
 def ld(a, i):
     """a[i] as a number: float32 or float64 arrays as they are, half bits decoded to float32
     (typed by the overload below; Numba only)."""
@@ -246,6 +283,8 @@ def _ld(a, i):
     if a.dtype == types.uint16:
         return lambda a, i: bf16_decode(a[i])
     if a.dtype == types.int16:
+        if F16C:
+            return lambda a, i: _f16c_decode(a[i])
         return lambda a, i: f16_decode(a[i])
     return lambda a, i: a[i]
 
@@ -257,6 +296,11 @@ def _st(a, i, v):
             a[i] = np.uint16(bf16_encode(v))
         return st_bf16
     if a.dtype == types.int16:
+        if F16C:
+            def st_f16c(a, i, v):
+                a[i] = _f16c_encode(np.float32(v))
+            return st_f16c
+
         def st_f16(a, i, v):
             a[i] = np.int16(f16_encode(v))  # truncation keeps the 16 bits
         return st_f16

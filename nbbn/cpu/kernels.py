@@ -147,6 +147,14 @@ DIRECT_MAX = 8.0
 # argument, ``st(yf, j, 0.0 if v < 0.0 else v)``, compiles to wrong code (every value stored
 # was 0; the ReLU outputs, float32 included, were garbage). Call sites bind such an expression
 # to a name first; tests/test_half.py and the conformance suite would catch a relapse.
+#
+# The conversions: bfloat16 by integer ops (:func:`bf16_decode`, :func:`bf16_encode`); float16
+# by LLVM's ``half`` type (fpext/fptrunc: F16C's vcvtph2ps/vcvtps2ph) where the target CPU has
+# F16C (:data:`F16C`), else by integer ops (:func:`f16_decode`, :func:`f16_encode`). The integer
+# codecs are compiled ``forceinline`` (LLVM's alwaysinline), not Numba-IR-inlined: called as
+# functions they stayed calls and kept every half loop scalar; Numba's IR inliner, on these
+# branchy bodies, raises SSA warnings. Inlined by LLVM, the loops vectorize (the branches
+# become selects).
 _U32 = np.uint32
 
 

@@ -24,6 +24,8 @@ register_backend(BackendInfo(
     availability=lambda: None,
     load=_load("nbbn.cpu"),
     default_variant="auto",
+    # float64, float32, and float16/bfloat16 storage (raw bits, float32 arithmetic).
+    dtypes=STORAGE_DTYPES,
 ))
 
 register_backend(BackendInfo(

@@ -157,26 +157,51 @@ def _cudasim() -> bool:
 
 def test_half_storage_rows():
     """Part (a)'s half dtypes: data stored in float16/bfloat16, the study's algorithms in float32
-    on them (backend study-f32) -- exact enough at κ = 0 --, the cpu backend skipped with its
-    reason, and at κ = 1e4 the stored batch itself has collapsed (an ulp of 8 in float16, 64 in
-    bfloat16, where σ = 1): its exact variance is far below the data's 1."""
+    on them (backend study-f32) -- exact enough at κ = 0 --, and at κ = 1e4 the stored batch
+    itself has collapsed (an ulp of 8 in float16, 64 in bfloat16, where σ = 1): its exact
+    variance is far below the data's 1. With ``half_backends`` off (--quick) no kernel runs half
+    data (no half kernel compiled in the fast tier) and a skip row says so;
+    :func:`test_half_storage_rows_of_the_kernel_backends` runs them."""
     if not HALF_DTYPES:
         pytest.skip("no half dtypes (ml_dtypes absent and numpy without float16?)")
     backends, _ = usable_backends()
-    cfg = RoundingConfig(sizes=[1024], kappas=(0.0, 1e4), dtypes=HALF_DTYPES)
+    cfg = RoundingConfig(sizes=[1024], kappas=(0.0, 1e4), dtypes=HALF_DTYPES,
+                         half_backends=False)
     df, skipped = run_rounding(cfg, backends=backends, peers=[])
     assert set(df["dtype"]) == {d.name for d in HALF_DTYPES}
-    assert set(df["backend"]) <= {"study-f32"} | {b.name for b in backends if HALF_DTYPES[0]
-                                                 in b.dtypes}
+    assert set(df["backend"]) == {"study-f32"}
     for dt in HALF_DTYPES:
         easy = df[(df["dtype"] == dt.name) & (df["kappa"] == 0.0) & (df["stat"] == "var")
                   & (df["algorithm"] == "two-pass-corrected")]
         assert len(easy) == 1 and float(easy["rel_err"].iloc[0]) <= tolerance("var", F32)
         far = df[(df["dtype"] == dt.name) & (df["kappa"] == 1e4) & (df["stat"] == "var")]
         assert (far["reference"] < 0.1).all(), far[["algorithm", "reference"]]
-    if any(b.name == "cpu" for b in backends):
-        assert any(s["item"] == "backend cpu float16" and "does not run" in s["reason"]
-                   for s in skipped)
+    if backends:
+        assert any(s["item"].startswith("backends ") and "--quick" in s["reason"]
+                   for s in skipped), skipped
+
+
+@pytest.mark.slow
+def test_half_storage_rows_of_the_kernel_backends():
+    """The kernel backends that register a half dtype (cpu, and cuda on a GPU) run part (a) on
+    half data: their statistics (float64 sums of the exact half values) within float32's
+    tolerance of the stored batch's exact ones, and y within the half format's."""
+    if not HALF_DTYPES:
+        pytest.skip("no half dtypes (ml_dtypes absent and numpy without float16?)")
+    backends, _ = usable_backends()
+    if not any(b.name == "cpu" for b in backends):
+        pytest.skip("the cpu backend is not usable here")
+    cfg = RoundingConfig(sizes=[1024], kappas=(0.0,), dtypes=HALF_DTYPES)
+    df, skipped = run_rounding(cfg, backends=backends, peers=[])
+    assert not [s for s in skipped if "cpu" in s["item"]], skipped
+    for dt in HALF_DTYPES:
+        for layout in ("NC", "NCHW"):
+            rows = df[(df["dtype"] == dt.name) & (df["backend"] == "cpu")
+                      & (df["layout"] == layout)]
+            var = rows[rows["stat"] == "var"]["rel_err"]
+            y = rows[rows["stat"] == "y"]["rel_err"]
+            assert len(var) == 1 and float(var.iloc[0]) <= tolerance("var", F32), (dt, layout)
+            assert len(y) == 1 and float(y.iloc[0]) <= tolerance("y", dt), (dt, layout)
 
 
 def test_default_grid_goes_beyond_2_pow_24():

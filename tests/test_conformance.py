@@ -49,6 +49,15 @@ CASES = [
 ]
 DTYPES = [np.float32, np.float64]
 OFFSETS = [0.0, 1e4]
+#: Half storage dtypes (float16; bfloat16 with ml_dtypes), for every backend whose registry
+#: entry declares them, in the exhaustive tier only: each is a kernel specialization set of its
+#: own (tests/test_half.py has the fast tier's few half checks). Their per-channel inputs and
+#: outputs are float32 (:func:`nbbn.validate.channel_dtype`).
+HALF_DTYPES = list(validate.HALF_DTYPES)
+#: Offsets for half data: at 1e4 float16's spacing is 8 and bfloat16's 64, so σ ≈ 0.5 data would
+#: be a handful of stored values (as tests/test_cuda.py says); 8 puts |mean|/σ near 20, past the
+#: kernels' direct-form threshold (nbbn.cpu.kernels.DIRECT_MAX), where the split form runs.
+HALF_OFFSETS = [0.0, 8.0]
 FORWARD_FUSIONS = list(Fusion)
 BACKWARD_FUSIONS = [Fusion.NONE, Fusion.RELU]
 
@@ -141,12 +150,15 @@ FAST_SIMULATED = {((2, 7), 1, "c", np.float32), ((2, 3, 2, 2), 1, "strided", np.
 
 def _params():
     for backend in _kernel_backends():
-        device = registry.backend_info(backend).device == "cuda"
+        info = registry.backend_info(backend)
+        device = info.device == "cuda"
+        halves = [d for d in HALF_DTYPES if d in info.dtypes]
         for case in CASES:
-            for dtype in DTYPES:
-                for offset in OFFSETS:
-                    slow = device and not ((*case, dtype) in FAST_SIMULATED
-                                           and offset == OFFSETS[-1])
+            for dtype in DTYPES + halves:
+                half = np.dtype(dtype).itemsize == 2
+                for offset in HALF_OFFSETS if half else OFFSETS:
+                    slow = half or device and not ((*case, dtype) in FAST_SIMULATED
+                                                   and offset == OFFSETS[-1])
                     yield pytest.param(
                         backend, case, dtype, offset, marks=[pytest.mark.slow] if slow else [],
                         id=f"{backend}-{_case_id(case)}-{np.dtype(dtype).name}-{offset}")
@@ -160,14 +172,19 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset):
     if sim and np.prod(shape) > SIMULATED_MAX:
         pytest.skip(f"{np.prod(shape)} elements: too many for the CUDA simulator (tiny cases "
                     "only; NBBN_TEST_GPU=1 runs them on a GPU)")
+    if sim and np.dtype(dtype).itemsize == 2:
+        pytest.skip("half dtypes under the CUDA simulator: tests/test_cuda.py runs them on its "
+                    "own cases (NBBN_TEST_GPU=1 runs these on a GPU)")
     x = _x(case, dtype, offset)
     geom = validate.geometry(x, axis)
     C = geom.C
-    gamma, beta = make_params(C, dtype=dtype)
+    # Per-channel vectors, inputs and outputs: x's dtype, float32 for a half x.
+    vdt = validate.channel_dtype(dtype)
+    gamma, beta = make_params(C, dtype=vdt)
     residual = _layout_like(make_x(x.shape, dtype, 0.0, seed=11), axis, case[2])
     dy = _x(case, dtype, 0.1, seed=7)
-    rm0 = np.linspace(-1, 1, C).astype(dtype)
-    rv0 = np.linspace(0.5, 2, C).astype(dtype)
+    rm0 = np.linspace(-1, 1, C).astype(vdt)
+    rv0 = np.linspace(0.5, 2, C).astype(vdt)
     ry, rmean, rinvstd, rvar = ref.forward_train(x, gamma, beta, channel_axis=axis)
     m = ref.count_per_channel(x, axis)
     erm, erv = ref.running_update(rm0, rv0, rmean, rvar, m, 0.3)
@@ -183,7 +200,7 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset):
                                        fusion.relu, res)
             y, sm, si = spec.fn(args)
             what = f"{backend}/{spec.variant} forward-train {fusion}"
-            assert y.shape == x.shape and y.dtype == sm.dtype == si.dtype == dtype, what
+            assert y.shape == x.shape and y.dtype == dtype and sm.dtype == si.dtype == vdt, what
             assert validate.contiguous_in(validate.array_meta(y, "y"), geom.perm), \
                 f"{what}: y is not in x's memory layout"
             ey = ref.forward_train(x, gamma, beta, channel_axis=axis, relu=fusion.relu,
@@ -197,8 +214,8 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset):
                     "running_var": tolerance("var", dtype)}, what)
             checked += 1
 
-    # Backward gets the statistics rounded to x's dtype; the reference uses the exact ones.
-    sm, si = rmean.astype(dtype), rinvstd.astype(dtype)
+    # Backward gets the statistics rounded to their dtype; the reference uses the exact ones.
+    sm, si = rmean.astype(vdt), rinvstd.astype(vdt)
     for spec in _specs(backend, Op.BACKWARD, geom.layout):
         for fusion in BACKWARD_FUSIONS:
             if not _selected(spec, fusion, sim):
@@ -218,9 +235,13 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset):
             errors = {"dx": rel_err(outs[0], expected[0], scale),
                       "dgamma": rel_err(outs[1], expected[1]),
                       "dbeta": rel_err(outs[2], expected[2])}
-            if fusion.relu:
-                np.testing.assert_array_equal(outs[3], np.asarray(expected[3], dtype), what)
+            if fusion.relu:  # dz = dy·[y > 0]: exact (compared as float32, NaN-free)
+                assert outs[3].dtype == dtype, what
+                np.testing.assert_array_equal(outs[3].astype(np.float32),
+                                              np.asarray(expected[3], dtype).astype(np.float32),
+                                              what)
             assert outs[0].dtype == dtype and outs[0].shape == x.shape, what
+            assert outs[1].dtype == outs[2].dtype == vdt, what
             _check(errors, {n: tolerance(n, dtype) for n in errors}, what)
             checked += 1
 

@@ -488,8 +488,8 @@ def markdown(meta: dict, tables: dict[str, pd.DataFrame], figures: list[str],
              f"time {meta['wall_s']:.0f} s.", "",
              "Tables beside this file (CSV and JSON, one row per point): "
              + ", ".join(f"`{k}.csv`" for k in tables)
-             + ". Method and formulas: the docstring of `nbbn/accuracy/across_ranks.py`. The ranks' "
-             "arithmetic is nbbn.distributed's own (cpu statistics per slice, "
+             + ". Method and formulas: the docstring of `nbbn/accuracy/across_ranks.py`. The "
+             "ranks' arithmetic is nbbn.distributed's own (cpu statistics per slice, "
              "`merge_stats`); MPI only carries its float64 bytes.", "",
              "## Key findings", ""]
     lines += [f"- {f}" for f in findings(tables)]

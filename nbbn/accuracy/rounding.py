@@ -5,8 +5,10 @@ and every κ and dtype sees the same noise; float32 data are the float64 values 
 Half dtypes (float16, bfloat16) are storage only: the data are rounded once to them, and the
 study's algorithms then run in float32 on those (exactly widened) values -- rows with backend
 ``study-f32`` -- as every half-precision batch norm computes (its sums in float32 or wider);
-kernel backends run them if they register the dtype (``cuda``; ``cpu`` does not: Numba's CPU
-target has no float16 arithmetic). What half storage costs is therefore not in these errors,
+kernel backends run them if they register the dtype (``cpu`` and ``cuda``: raw half bits,
+float32 arithmetic, float64 sums on the cpu), except under ``--quick``, where each half dtype's
+kernels would be compiled for a handful of rows (``RoundingConfig.half_backends``; a skip row
+says so). What half storage costs is therefore not in these errors,
 which are against the exact statistics of the *stored* values: rounding to float16 moves each
 value by up to 2^-11 relative (an ulp of 8 at 1e4, where σ = 1: the stored batch is a handful
 of distinct values), bfloat16 by 2^-8.
@@ -82,6 +84,9 @@ class RoundingConfig:
     dtypes: tuple[np.dtype, ...] = DTYPES + HALF_DTYPES
     algorithms: tuple[str, ...] = tuple(ALGORITHMS)
     backends: bool = True
+    #: run the kernel backends on the half dtypes too (each half dtype is a kernel
+    #: specialization set of its own: seconds of compilation per kernel; --quick turns it off)
+    half_backends: bool = True
     peers: bool = True
     #: peers run only up to this m (None: every size); the default run stops them at 2^24 + 1
     #: to stay within a few minutes (their largest arrays cost seconds each)
@@ -287,6 +292,13 @@ def run_rounding(cfg: RoundingConfig, progress: Callable[[int], None] = lambda n
     if peers and halves:
         skipped.append({"part": "rounding", "item": "peers at " + ", ".join(halves),
                         "reason": "the peers run float32 and float64 data only"})
+    if halves and backends and not cfg.half_backends:
+        skipped.append({"part": "rounding",
+                        "item": "backends " + ", ".join(b.name for b in backends) + " at "
+                                + ", ".join(halves),
+                        "reason": "half_backends off (--quick): each half dtype would "
+                                  "compile its own kernels for a handful of rows; the full "
+                                  "study runs them"})
     bad: set[tuple] = set()
     rows: list[dict] = []
     for m in cfg.sizes:
@@ -306,7 +318,7 @@ def run_rounding(cfg: RoundingConfig, progress: Callable[[int], None] = lambda n
                     y_err = _finite(y_rel_err(xc, mean, invstd, mh, ml, ih, il))
                     rows += _rows(p, name, "study-f32" if half else "study", "1-D", mean, var,
                                   invstd, y_err)
-                for b in backends:
+                for b in backends if cfg.half_backends or not half else ():
                     if half and dtype not in b.dtypes:
                         if (b.name, dtype.name) not in bad:
                             bad.add((b.name, dtype.name))

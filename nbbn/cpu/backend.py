@@ -31,6 +31,7 @@ import numpy as np
 from .. import pool, registry
 from ..fold import fold_precision
 from ..spec import Fusion, Layout, Op, inverse_perm
+from ..validate import HALF_DTYPES, STORAGE_DTYPES, channel_dtype
 from . import kernels as K
 
 # ---------------------------------------------------------------------------------------------
@@ -64,6 +65,11 @@ _LOCAL = threading.local()
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
           np.dtype(np.float64): np.empty(0, np.float64)}
 _F64 = np.dtype(np.float64)
+#: Half storage dtypes -> the integer dtype of the bits view the kernels get; the dtype names
+#: the format for Numba (:mod:`nbbn.cpu.kernels`, "Storage codec"): bfloat16 as uint16 (as the
+#: cuda kernels see it), float16 as int16. Per-channel outputs and the elementwise arithmetic
+#: of a half x are float32 (:func:`nbbn.validate.channel_dtype`).
+KERNEL_VIEW = {d: np.dtype(np.int16 if d == np.float16 else np.uint16) for d in HALF_DTYPES}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +214,19 @@ def _host(a, name: str) -> np.ndarray:
 
 
 def _kview(a, geom, name: str) -> np.ndarray:
+    """The kernels' C-contiguous view of an x-shaped array (:func:`_layout_view`), a half array
+    as its bits (:func:`_bits`)."""
+    return _bits(_layout_view(a, geom, name))
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """A half array as the kernels index it: its raw bits, viewed as the integer dtype that
+    names the format (:data:`KERNEL_VIEW`); any other array as it is. No copy."""
+    view = KERNEL_VIEW.get(a.dtype)
+    return a if view is None else a.view(view)
+
+
+def _layout_view(a, geom, name: str) -> np.ndarray:
     """The kernels' C-contiguous view of an x-shaped array: no copy when it is laid out as the
     kernels need (x's memory layout), one copy otherwise."""
     if type(a) is not np.ndarray:
@@ -239,6 +258,12 @@ def _alloc(geom, out):
     if not np.shares_memory(view, out):  # validation guarantees a view; never write a copy
         raise AssertionError("out= array could not be viewed without a copy")
     return out, view
+
+
+def _out(geom, out):
+    """:func:`_alloc`, with the kernel view as the kernels index it (:func:`_bits`)."""
+    user, view = _alloc(geom, out)
+    return user, _bits(view)
 
 
 def _vector_dtype(dt, *vectors) -> np.dtype:
@@ -282,6 +307,14 @@ def _vectors(geom, out):
     return out[1], out[2]
 
 
+def _channel_vectors(geom, out, dt):
+    """The two per-channel outputs in the per-channel dtype ``dt`` (float32 for a half x: not
+    x's dtype, which :func:`_vectors` allocates), preallocated or new."""
+    if out is None and dt != geom.dtype:
+        return np.empty(geom.C, dt), np.empty(geom.C, dt)
+    return _vectors(geom, out)
+
+
 def _running(v, name, dtype):
     """A running statistic updated in place: (the array the kernel updates, the caller's); the
     first is a contiguous copy in the call's vector dtype when the caller's is not that."""
@@ -310,7 +343,7 @@ def _forward(args, variant: str, *, stats_only=False):
     """Run forward-train; returns (y_user, save_mean, save_invstd, mean64, var64) -- the last two
     are this thread's scratch: copy them to keep them."""
     geom = args.geom
-    dt = geom.dtype
+    dt = channel_dtype(geom.dtype)  # per-channel outputs and elementwise arithmetic
     vd = _vector_dtype(dt, args.gamma, args.beta, args.running_mean, args.running_var)
     x = _readonly(_kview(args.x, geom, "x"))
     flags = _flags(args)
@@ -319,8 +352,8 @@ def _forward(args, variant: str, *, stats_only=False):
         y_user, y = None, np.empty(x.shape, x.dtype)
         save_mean = save_invstd = np.empty(geom.C, dt)
     else:
-        y_user, y = _alloc(geom, None if args.out is None else args.out[0])
-        save_mean, save_invstd = _vectors(geom, args.out)
+        y_user, y = _out(geom, None if args.out is None else args.out[0])
+        save_mean, save_invstd = _channel_vectors(geom, args.out, dt)
     res = _readonly(y if args.residual is None else _kview(args.residual, geom, "residual"))
     rm = rv = _EMPTY[vd]
     if args.running_mean is not None:
@@ -352,10 +385,10 @@ def _apply(args, variant: str, coef_given=None):
     """y = (x − c0)·c1 + c2 (+ residual, ReLU): inference with the population statistics, or
     with ``coef_given`` (3, C) float64."""
     geom = args.geom
-    dt = geom.dtype
+    dt = channel_dtype(geom.dtype)  # per-channel outputs and elementwise arithmetic
     x = _readonly(_kview(args.x, geom, "x"))
     flags = _flags(args)
-    y_user, y = _alloc(geom, args.out if not isinstance(args.out, tuple) else args.out[0])
+    y_user, y = _out(geom, args.out if not isinstance(args.out, tuple) else args.out[0])
     res = _readonly(y if args.residual is None else _kview(args.residual, geom, "residual"))
     p = plan("apply", x.shape, x.itemsize, variant)
     (coef,) = _carve((3, geom.C))
@@ -381,7 +414,7 @@ def inference(args, variant: str = "auto"):
 def _backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, fold=True):
     """Run backward; returns (dx_user, dgamma, dbeta, dz_user or None, sums (3, C))."""
     geom = args.geom
-    dt = geom.dtype
+    dt = channel_dtype(geom.dtype)  # per-channel outputs and elementwise arithmetic
     x = _readonly(_kview(args.x, geom, "x"))
     dy = _readonly(_kview(args.dy, geom, "dy"))
     flags = _flags(args)
@@ -391,10 +424,10 @@ def _backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, f
     if sums_only:  # dx is never written (untouched allocation, see _forward)
         dx_user, dx = None, np.empty(x.shape, x.dtype)
     else:
-        dx_user, dx = _alloc(geom, None if out is None else out[0])
+        dx_user, dx = _out(geom, None if out is None else out[0])
     dz_user, dz = None, dx
     if relu:
-        dz_user, dz = _alloc(geom, None if out is None else out[3])
+        dz_user, dz = _out(geom, None if out is None else out[3])
     if out is None:
         dgamma, dbeta = np.empty(geom.C, dt), np.empty(geom.C, dt)
     else:
@@ -457,7 +490,7 @@ def part_normalize(args, mean, var, m_total):
     coef[1] = gamma * invstd
     coef[2] = beta
     y = _apply(args, "auto", coef_given=coef)
-    save_mean, save_invstd = _vectors(geom, args.out)
+    save_mean, save_invstd = _channel_vectors(geom, args.out, channel_dtype(geom.dtype))
     save_mean[...] = mean
     save_invstd[...] = invstd
     if args.running_mean is not None:
@@ -491,16 +524,20 @@ def precompile(dtypes=(np.float32, np.float64), *, mixed: bool = True,
                layouts=(Layout.NC, Layout.NCHW), ops=tuple(Op)) -> int:
     """Compile every kernel specialization this backend calls for x of ``dtypes``, or load it
     from Numba's on-disk cache: each op × layout family × parallel and serial twin, with the
-    per-channel vectors in x's dtype and, with ``mixed``, in float64 for a float32 x (a call
-    whose vectors are not all x's dtype, :func:`_vector_dtype`). Fusion, channel axis, strides
-    and read-only inputs need no other (they are flags, or canonicalized here).
+    per-channel vectors in x's per-channel dtype (x's own; float32 for a half x) and, with
+    ``mixed``, in float64 too (a call whose vectors are not all of that dtype,
+    :func:`_vector_dtype`). Fusion, channel axis, strides and read-only inputs need no other
+    (they are flags, or canonicalized here). ``dtypes`` may name float16 and bfloat16
+    (:data:`nbbn.validate.STORAGE_DTYPES`): each is a specialization set of its own, compiled
+    only when asked for (the test session's warm-up does not).
 
     A service calls it once at start-up so that no request pays seconds of compilation; the test
     session runs it in two processes at once (``tests/conftest.py``). NHWC runs the NC kernels.
     Returns the number of kernel calls made."""
     calls = 0
     for dt in map(np.dtype, dtypes):
-        for vd in dict.fromkeys((dt, _F64) if mixed else (dt,)):
+        cd = channel_dtype(dt)
+        for vd in dict.fromkeys((cd, _F64) if mixed else (cd,)):
             for layout in layouts:
                 shape = (4, 3) if layout is Layout.NC else (2, 3, 4)
                 x = np.linspace(-1.0, 1.0, math.prod(shape)).reshape(shape).astype(dt)
@@ -558,7 +595,7 @@ for _op, _fn in _FUNCTIONS.items():
         for _variant, _how in _names.items():
             registry.register(registry.KernelSpec(
                 "cpu", _op, _layout, _bind(_fn, _variant), f"{_DESCRIPTIONS[_op]} ({_how})",
-                variant=_variant,
+                variant=_variant, dtypes=STORAGE_DTYPES,
                 fusions=(Fusion.NONE, Fusion.RELU) if _op is Op.BACKWARD else tuple(Fusion)))
 registry.register_stats("cpu", batch_stats)
 registry.register_parts("cpu", registry.Parts(part_stats, part_normalize, part_grad_sums,

@@ -71,7 +71,10 @@ Work split and memory passes (S bytes per element)
         ``range``), for calls too small to pay a parallel region's wake-up (a few µs).
 
 Arguments: per-channel inputs (γ, β, saved and running statistics) arrive in their own dtype and
-are widened to float64 where read; x-shaped arrays in x's dtype.
+are widened to float64 where read; x-shaped arrays in x's dtype, or, for float16 and bfloat16,
+as their raw bits (int16 and uint16 views), read and written through :func:`ld` and :func:`st`
+(the storage codec below): every "x's dtype" of this docstring is then float32, the compute
+dtype, and each stored value is a float32 result rounded once to nearest even.
 Absent optional arrays are empty arrays and a ``flags`` bit says whether they are present.
 """
 
@@ -81,7 +84,11 @@ import math
 import types as _pytypes
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import binding as _llvm
+from llvmlite import ir as _ir
+from numba import config as _config
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 # reassoc lets LLVM vectorize the float64 reductions; contract allows FMA. No nnan/ninf: NaN and
 # Inf keep their IEEE meaning.
@@ -115,6 +122,215 @@ DIRECT_MAX = 8.0
 # still inlined by LLVM at -O3 where it pays, and a dtype compiles in 33 s (2-core host,
 # `precompile([float32], mixed=False)`, cold cache). results/cpu-kernels/inline.md has the
 # paired speed comparison of the two.
+
+
+# --------------------------------------------------------------------------------------------
+# Storage codec: how the kernels read and write an x-shaped array (x, y, dy, dx, residual, dz)
+# --------------------------------------------------------------------------------------------
+# Numba's CPU target has no float16 (or bfloat16) type, so half arrays reach the kernels as their
+# raw 16 bits, and the format rides in the integer dtype of that view:
+#
+#     float32, float64   the array itself          ld = a[i],          st: a[i] = v
+#     bfloat16           viewed as uint16          (as the cuda kernels see bfloat16)
+#     float16            viewed as int16           (the same bits, another Numba type)
+#
+# ``ld(a, i)`` returns the value as float32 (exact: every half value is a float32 value) and
+# ``st(a, i, v)`` rounds a float32 v to the format, to nearest even, once. The elementwise passes
+# of a half x compute in float32 (their coefficient scratch ``t`` is float32, see
+# :func:`work_empty`), so a half y or dx is a float32 result rounded once -- the same arithmetic
+# as for float32 data -- and every sum reads ld(...) into float64 as for float32 data. The codec
+# is applied where a value is loaded or stored, inside the same loops: no pass converts a whole
+# array before or after.
+#
+# Why the dtype and not a codec argument: a kernel could take ``ld``/``st`` dispatchers as
+# arguments (Numba specializes on each and inlines them), but Numba's on-disk cache cannot key a
+# specialization on a dispatcher argument (its type holds the function object: every process
+# misses the cache and recompiles, checked with Numba 0.68), and this package relies on that
+# cache (``precompile``, the test warm-up). An integer dtype is an ordinary array type: cached,
+# and float32/float64 kernels keep the types and code they had, since ``ld``/``st`` reduce to the
+# plain index there (inlined into Numba's IR: the same machine code, checked on the vector
+# instructions of nc_infer).
+#
+# Numba 0.68 trap: an inline="always" overload called with a conditional expression as an
+# argument, ``st(yf, j, 0.0 if v < 0.0 else v)``, compiles to wrong code (every value stored
+# was 0; the ReLU outputs, float32 included, were garbage). Call sites bind such an expression
+# to a name first; tests/test_half.py and the conformance suite would catch a relapse.
+#
+# The conversions: bfloat16 by integer ops (:func:`bf16_decode`, :func:`bf16_encode`); float16
+# by LLVM's ``half`` type (fpext/fptrunc: F16C's vcvtph2ps/vcvtps2ph) where the target CPU has
+# F16C (:data:`F16C`), else by integer ops (:func:`f16_decode`, :func:`f16_encode`). The integer
+# codecs are compiled ``forceinline`` (LLVM's alwaysinline), not Numba-IR-inlined: called as
+# functions they stayed calls and kept every half loop scalar; Numba's IR inliner, on these
+# branchy bodies, raises SSA warnings. Inlined by LLVM, the loops vectorize (the branches
+# become selects).
+_U32 = np.uint32
+
+
+@njit(cache=True, forceinline=True)
+def bf16_decode(b):
+    """float32 of bfloat16 bits ``b``: the bits are float32's top half, ``b << 16``; exact."""
+    return _U32((_U32(b) & _U32(0xFFFF)) << _U32(16)).view(np.float32)
+
+
+@njit(cache=True, forceinline=True)
+def bf16_encode(v):
+    """bfloat16 bits (uint32 < 2¹⁶) of float32(v), rounded to nearest even: add 0x7FFF plus the
+    lowest kept bit and truncate (carries into the exponent give the next binade or ±inf, which
+    is round-to-nearest's overflow). NaN keeps its sign and top payload bits (truncated), with
+    the quiet bit set only when truncation would leave no payload (it would read as inf); so
+    every bfloat16 NaN comes back with its bits."""
+    u = np.float32(v).view(np.uint32)
+    if (u & _U32(0x7FFFFFFF)) > _U32(0x7F800000):
+        o = u >> _U32(16)
+        if (o & _U32(0x7F)) == _U32(0):
+            o |= _U32(0x40)
+        return o
+    return (u + _U32(0x7FFF) + ((u >> _U32(16)) & _U32(1))) >> _U32(16)
+
+
+@njit(cache=True, forceinline=True)
+def f16_decode(b):
+    """float32 of float16 bits ``b`` (sign s, 5-bit exponent e, 10-bit fraction f), exact:
+    e = 31: ±inf or NaN (fraction kept); 0 < e < 31: rebias the exponent by 127 − 15 = 112;
+    e = 0: zero or subnormal ±f·2⁻²⁴, a float32 product with no rounding (f < 2¹⁰)."""
+    h = _U32(b) & _U32(0xFFFF)
+    s = (h & _U32(0x8000)) << _U32(16)
+    e = (h >> _U32(10)) & _U32(0x1F)
+    f = h & _U32(0x3FF)
+    if e == _U32(0x1F):
+        u = s | _U32(0x7F800000) | (f << _U32(13))
+    elif e != _U32(0):
+        u = s | ((e + _U32(112)) << _U32(23)) | (f << _U32(13))
+    else:
+        u = s | np.float32(np.float32(f) * np.float32(2.0**-24)).view(np.uint32)
+    return _U32(u).view(np.float32)
+
+
+@njit(cache=True, forceinline=True)
+def f16_encode(v):
+    """float16 bits (uint32 < 2¹⁶) of float32(v), rounded to nearest even, on |v|'s bits a:
+
+    * NaN: 0x7C00 | the top 10 fraction bits (NumPy's rule; one bit set if none is left), so
+      every float16 NaN comes back with its bits;
+    * a ≥ 2⁻¹⁴ (float16 normal or beyond): rebias the exponent (subtract 112 << 23), round the
+      13 dropped bits to nearest even (add 0xFFF plus the lowest kept bit) and shift; anything
+      from 65520 up (the midpoint above 65504, where ties go to the even 2¹⁶) and inf give
+      0x7C00, inf;
+    * a < 2⁻¹⁴: a float16 subnormal q·2⁻²⁴ or zero: the 24-bit significand shifted right by
+      126 − exponent, rounded to nearest even on the dropped bits (values below 2⁻²⁵ give 0)."""
+    u = np.float32(v).view(np.uint32)
+    sign = (u >> _U32(16)) & _U32(0x8000)
+    a = u & _U32(0x7FFFFFFF)
+    if a > _U32(0x7F800000):
+        o = _U32(0x7C00) | ((a >> _U32(13)) & _U32(0x3FF))
+        if o == _U32(0x7C00):
+            o = _U32(0x7C01)
+    elif a >= _U32(0x38800000):
+        o = (a - _U32(0x38000000) + _U32(0xFFF) + ((a >> _U32(13)) & _U32(1))) >> _U32(13)
+        if o > _U32(0x7C00):
+            o = _U32(0x7C00)
+    elif a < _U32(0x33000000):  # below 2⁻²⁵ (exponent < 102): rounds to zero
+        o = _U32(0)
+    else:
+        e = a >> _U32(23)
+        sig = (a & _U32(0x7FFFFF)) | _U32(0x800000)
+        k = _U32(126) - e  # 14 ≤ k ≤ 24
+        o = sig >> k
+        rem = sig & ((_U32(1) << k) - _U32(1))
+        half = _U32(1) << (k - _U32(1))
+        if rem > half or (rem == half and (o & _U32(1)) == _U32(1)):
+            o += _U32(1)
+    return o | sign
+
+
+def _has_f16c() -> bool:
+    """Whether the CPU Numba compiles for converts float16 <-> float32 in hardware (x86's F16C:
+    vcvtph2ps / vcvtps2ph, exact widening and round-to-nearest-even narrowing, 8 or 16 lanes).
+    Numba targets the host unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise (a portable
+    cache): then only features named there count."""
+    features = _config.CPU_FEATURES
+    if features is None:
+        features = "" if _config.CPU_NAME else _llvm.get_host_cpu_features().flatten()
+    return "+f16c" in features.split(",")
+
+
+#: float16 through LLVM's ``half`` type and the F16C instructions (when the target has them),
+#: else through :func:`f16_decode` / :func:`f16_encode`: the same values either way
+#: (tests/test_half.py checks both on every bit pattern); the instructions are far cheaper than
+#: the branches and shifts of the bit manipulation, even vectorized.
+F16C = _has_f16c()
+
+
+@intrinsic
+def _f16c_decode(typingctx, b):
+    """float32 of float16 bits (int16): ``fpext half → float`` (exact)."""
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _f16c_encode(typingctx, v):
+    """float16 bits (int16) of a float32: ``fptrunc float → half`` (round to nearest even)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
+    return types.int16(types.float32), codegen
+
+
+def ld(a, i):
+    """a[i] as a number: float32 or float64 arrays as they are, half bits decoded to float32
+    (typed by the overload below; Numba only)."""
+    raise NotImplementedError("ld is compiled by Numba")
+
+
+def st(a, i, v):
+    """a[i] = v, rounded to the storage format (typed by the overload below; Numba only)."""
+    raise NotImplementedError("st is compiled by Numba")
+
+
+def work_empty(shape, a):
+    """An empty array of the elementwise passes' compute dtype for x-shaped array ``a``: a's
+    dtype, float32 for half bits (typed by the overload below; Numba only)."""
+    raise NotImplementedError("work_empty is compiled by Numba")
+
+
+@overload(ld, inline="always")
+def _ld(a, i):
+    if a.dtype == types.uint16:
+        return lambda a, i: bf16_decode(a[i])
+    if a.dtype == types.int16:
+        if F16C:
+            return lambda a, i: _f16c_decode(a[i])
+        return lambda a, i: f16_decode(a[i])
+    return lambda a, i: a[i]
+
+
+@overload(st, inline="always")
+def _st(a, i, v):
+    if a.dtype == types.uint16:
+        def st_bf16(a, i, v):
+            a[i] = np.uint16(bf16_encode(v))
+        return st_bf16
+    if a.dtype == types.int16:
+        if F16C:
+            def st_f16c(a, i, v):
+                a[i] = _f16c_encode(np.float32(v))
+            return st_f16c
+
+        def st_f16(a, i, v):
+            a[i] = np.int16(f16_encode(v))  # truncation keeps the 16 bits
+        return st_f16
+
+    def st_float(a, i, v):
+        a[i] = v
+    return st_float
+
+
+@overload(work_empty, inline="always")
+def _work_empty(shape, a):
+    if a.dtype in (types.uint16, types.int16):
+        return lambda shape, a: np.empty(shape, np.float32)
+    return lambda shape, a: np.empty(shape, a.dtype)
 
 
 def twin(fn):
@@ -314,16 +530,16 @@ def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
         x3 = x[i + 3 * Q]
         for j in range(W):
             k = shift[j]
-            d0 = x0[j] - k
-            d1 = x1[j] - k
-            d2 = x2[j] - k
-            d3 = x3[j] - k
+            d0 = ld(x0, j) - k
+            d1 = ld(x1, j) - k
+            d2 = ld(x2, j) - k
+            d3 = ld(x3, j) - k
             a1[j] += (d0 + d1) + (d2 + d3)
             a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
     for n in range(r0 + 4 * Q, r1):
         xr = x[n]
         for j in range(W):
-            d = xr[j] - shift[j]
+            d = ld(xr, j) - shift[j]
             a1[j] += d
             a2[j] += d * d
 
@@ -341,21 +557,23 @@ def _span_apply_vec(xf, yf, rf, o, n, h, lo, a, b, flags):
         if flags & RELU:
             for i in range(np.uint64(n)):
                 j = o + i
-                v = ((xf[j] - h[i]) - lo[i]) * a[i] + b[i] + rf[j]
-                yf[j] = 0.0 if v < 0.0 else v
+                v = ((ld(xf, j) - h[i]) - lo[i]) * a[i] + b[i] + ld(rf, j)
+                w = 0.0 if v < 0.0 else v  # not inside st(): see "Storage codec"
+                st(yf, j, w)
         else:
             for i in range(np.uint64(n)):
                 j = o + i
-                yf[j] = ((xf[j] - h[i]) - lo[i]) * a[i] + b[i] + rf[j]
+                st(yf, j, ((ld(xf, j) - h[i]) - lo[i]) * a[i] + b[i] + ld(rf, j))
     elif flags & RELU:
         for i in range(np.uint64(n)):
             j = o + i
-            v = ((xf[j] - h[i]) - lo[i]) * a[i] + b[i]
-            yf[j] = 0.0 if v < 0.0 else v
+            v = ((ld(xf, j) - h[i]) - lo[i]) * a[i] + b[i]
+            w = 0.0 if v < 0.0 else v  # not inside st(): see "Storage codec"
+            st(yf, j, w)
     else:
         for i in range(np.uint64(n)):
             j = o + i
-            yf[j] = ((xf[j] - h[i]) - lo[i]) * a[i] + b[i]
+            st(yf, j, ((ld(xf, j) - h[i]) - lo[i]) * a[i] + b[i])
 
 
 @njit(fastmath=_FM)
@@ -365,21 +583,23 @@ def _span_direct_vec(xf, yf, rf, o, n, a, b, flags):
         if flags & RELU:
             for i in range(np.uint64(n)):
                 j = o + i
-                v = xf[j] * a[i] + b[i] + rf[j]
-                yf[j] = 0.0 if v < 0.0 else v
+                v = ld(xf, j) * a[i] + b[i] + ld(rf, j)
+                w = 0.0 if v < 0.0 else v  # not inside st(): see "Storage codec"
+                st(yf, j, w)
         else:
             for i in range(np.uint64(n)):
                 j = o + i
-                yf[j] = xf[j] * a[i] + b[i] + rf[j]
+                st(yf, j, ld(xf, j) * a[i] + b[i] + ld(rf, j))
     elif flags & RELU:
         for i in range(np.uint64(n)):
             j = o + i
-            v = xf[j] * a[i] + b[i]
-            yf[j] = 0.0 if v < 0.0 else v
+            v = ld(xf, j) * a[i] + b[i]
+            w = 0.0 if v < 0.0 else v  # not inside st(): see "Storage codec"
+            st(yf, j, w)
     else:
         for i in range(np.uint64(n)):
             j = o + i
-            yf[j] = xf[j] * a[i] + b[i]
+            st(yf, j, ld(xf, j) * a[i] + b[i])
 
 
 @njit(fastmath=_FM)
@@ -395,21 +615,23 @@ def _span_apply(xf, yf, rf, o, n, h, lo, a, b, flags):
         if flags & RELU:
             for i in range(np.uint64(n)):
                 j = o + i
-                v = ((xf[j] - h) - lo) * a + b + rf[j]
-                yf[j] = 0.0 if v < 0.0 else v
+                v = ((ld(xf, j) - h) - lo) * a + b + ld(rf, j)
+                w = 0.0 if v < 0.0 else v  # not inside st(): see "Storage codec"
+                st(yf, j, w)
         else:
             for i in range(np.uint64(n)):
                 j = o + i
-                yf[j] = ((xf[j] - h) - lo) * a + b + rf[j]
+                st(yf, j, ((ld(xf, j) - h) - lo) * a + b + ld(rf, j))
     elif flags & RELU:
         for i in range(np.uint64(n)):
             j = o + i
-            v = ((xf[j] - h) - lo) * a + b
-            yf[j] = 0.0 if v < 0.0 else v
+            v = ((ld(xf, j) - h) - lo) * a + b
+            w = 0.0 if v < 0.0 else v  # not inside st(): see "Storage codec"
+            st(yf, j, w)
     else:
         for i in range(np.uint64(n)):
             j = o + i
-            yf[j] = ((xf[j] - h) - lo) * a + b
+            st(yf, j, ((ld(xf, j) - h) - lo) * a + b)
 
 
 @njit(fastmath=_FM)
@@ -424,9 +646,10 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
             yr = yv[n]
             zr = dz[n]
             for j in range(W):
-                g = gr[j] if yr[j] > 0.0 else 0.0
-                zr[j] = g
-                d = xr[j] - mu[j]
+                u = ld(gr, j)
+                g = u if ld(yr, j) > 0.0 else 0.0
+                st(zr, j, g)
+                d = ld(xr, j) - mu[j]
                 a1[j] += g
                 a2[j] += g * d
                 a3[j] += d
@@ -445,14 +668,14 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
             g3 = dy[i + 3 * Q]
             for j in range(W):
                 k = mu[j]
-                d0 = x0[j] - k
-                d1 = x1[j] - k
-                d2 = x2[j] - k
-                d3 = x3[j] - k
-                u0 = np.float64(g0[j])
-                u1 = np.float64(g1[j])
-                u2 = np.float64(g2[j])
-                u3 = np.float64(g3[j])
+                d0 = ld(x0, j) - k
+                d1 = ld(x1, j) - k
+                d2 = ld(x2, j) - k
+                d3 = ld(x3, j) - k
+                u0 = np.float64(ld(g0, j))
+                u1 = np.float64(ld(g1, j))
+                u2 = np.float64(ld(g2, j))
+                u3 = np.float64(ld(g3, j))
                 a1[j] += (u0 + u1) + (u2 + u3)
                 a2[j] += (u0 * d0 + u1 * d1) + (u2 * d2 + u3 * d3)
                 a3[j] += (d0 + d1) + (d2 + d3)
@@ -460,8 +683,8 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
             xr = x[i]
             gr = dy[i]
             for j in range(W):
-                d = xr[j] - mu[j]
-                u = np.float64(gr[j])
+                d = ld(xr, j) - mu[j]
+                u = np.float64(ld(gr, j))
                 a1[j] += u
                 a2[j] += u * d
                 a3[j] += d
@@ -475,11 +698,11 @@ def _span_dx_vec(gf, xf, df, o, n, h, lo, k1, k2, k3, flags):
     if flags & DIRECT:
         for i in range(np.uint64(n)):
             j = o + i
-            df[j] = k1[i] * gf[j] + k2[i] * xf[j] + k3[i]
+            st(df, j, k1[i] * ld(gf, j) + k2[i] * ld(xf, j) + k3[i])
     else:
         for i in range(np.uint64(n)):
             j = o + i
-            df[j] = k1[i] * gf[j] + k2[i] * ((xf[j] - h[i]) - lo[i]) + k3[i]
+            st(df, j, k1[i] * ld(gf, j) + k2[i] * ((ld(xf, j) - h[i]) - lo[i]) + k3[i])
 
 
 @njit(fastmath=_FM)
@@ -489,7 +712,7 @@ def _span_dx(gf, xf, df, o, n, h, lo, k1, k2, k3):
     o = np.uint64(o)
     for i in range(np.uint64(n)):
         j = o + i
-        df[j] = k1 * gf[j] + k2 * ((xf[j] - h) - lo) + k3
+        st(df, j, k1 * ld(gf, j) + k2 * ((ld(xf, j) - h) - lo) + k3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,7 +771,7 @@ def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean
     M, C = x.shape
     m = float(M)
     for j in range(C):
-        shift[j] = x[0, j]
+        shift[j] = ld(x[0], j)
     _tile(shift, C, L)
     for k in prange(K):
         r0, r1 = _chunk(M, K, k)
@@ -693,7 +916,7 @@ def _span_shifted(xf, o, n, k):
     s2 = 0.0
     o = np.uint64(o)
     for i in range(np.uint64(n)):
-        d = xf[o + i] - k
+        d = ld(xf, o + i) - k
         s1 += d
         s2 += d * d
     return s1, s2
@@ -710,17 +933,18 @@ def _span_grad_sums(gf, xf, yf, zf, o, n, mu, relu):
     if relu:
         for i in range(np.uint64(n)):
             j = o + i
-            g = gf[j] if yf[j] > 0.0 else 0.0
-            zf[j] = g
-            d = xf[j] - mu
+            u = ld(gf, j)
+            g = u if ld(yf, j) > 0.0 else 0.0
+            st(zf, j, g)
+            d = ld(xf, j) - mu
             s1 += g
             s2 += g * d
             s3 += d
     else:
         for i in range(np.uint64(n)):
             j = o + i
-            u = np.float64(gf[j])
-            d = xf[j] - mu
+            u = np.float64(ld(gf, j))
+            d = ld(xf, j) - mu
             s1 += u
             s2 += u * d
             s3 += d
@@ -762,9 +986,9 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
         sh = np.empty(w)
         t1 = np.empty(w)
         t2 = np.empty(w)
-        tg = np.empty((4, w), x.dtype)  # h, l, α, β of the group's channels
+        tg = work_empty((4, w), x)  # h, l, α, β of the group's channels
         for i in range(w):
-            sh[i] = x[0, c0 + i, 0]
+            sh[i] = ld(xf, (c0 + i) * S)
         _group_sums(xf, N, C, S, c0, c1, sh, t1, t2)
         redo = False
         for i in range(w):
@@ -818,7 +1042,7 @@ def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invs
     fm = float(m)
     xf = _flat(x)
     for c in range(C):
-        shift[c] = x[0, c, 0]
+        shift[c] = ld(xf, c * S)
     for task in prange(C * K):
         c = task // K
         k = task - c * K
@@ -918,7 +1142,7 @@ def nchw_backward_grouped(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgam
                     sums[1, c] += b
                     sums[2, c] += d
         if not flags & SUMS_ONLY:
-            tg = np.empty((5, w), x.dtype)  # h, l, k1, k2, k3 of the group's channels
+            tg = work_empty((5, w), x)  # h, l, k1, k2, k3 of the group's channels
             for i in range(w):
                 c = c0 + i
                 _grad_coefficients(tg, i, c, sums[0, c], sums[1, c], sums[2, c], m, save_mean,

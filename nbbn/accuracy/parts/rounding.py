@@ -41,7 +41,8 @@ def run(ctx: RunContext) -> None:
 
     cfg = RoundingConfig(sizes=ctx.sizes or (QUICK_SIZES if ctx.quick else
                                              RoundingConfig().sizes), seed=ctx.seed,
-                         peer_max_m=None if ctx.sizes else PEER_MAX_M)
+                         peer_max_m=None if ctx.sizes else PEER_MAX_M,
+                         half_backends=not ctx.quick)
     backends, sk = usable_backends()
     ctx.skip(sk)
     ctx.echo("(a) statistics backends: " + (", ".join(b.name for b in backends) or "none")

@@ -43,6 +43,7 @@ STUDY=(--backend cpu,torch-cpu --layout NCHW,NHWC,NC --op forward-train,inferenc
 # step name | limit (s) | expected (s) | command
 STEPS=()
 step() { STEPS+=("$1|$2|$3|$4"); }
+step "quiet" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
 for r in 1 2 3; do
   step "study run $r" 240 90 "$PY -m nbbn bench ${STUDY[*]} ${SUBSET[*]} --out $OUT/study-run$r"
   [[ $r -lt 3 ]] && step "gap" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"

@@ -7,7 +7,7 @@
 #   scripts/inline_ab.sh B_RUN_DIR OUT_DIR   # B_RUN_DIR: a default sweep of HEAD (A/A run 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-B=${1:?B run dir}; OUT=${2:?out dir}; PY=${PY:-python}
+B=$(realpath "${1:?B run dir}"); mkdir -p "${2:?out dir}"; OUT=$(realpath "$2"); PY=${PY:-python}
 WT=$(mktemp -d /tmp/nbbn-inline-XXXX)
 git worktree add --detach "$WT" HEAD >/dev/null
 trap 'git worktree remove --force "$WT"' EXIT

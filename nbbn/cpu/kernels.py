@@ -116,12 +116,13 @@ from ..fold import FOLD_ULPS  # noqa: E402  (the rule is stated once, in nbbn.fo
 DIRECT_MAX = 8.0
 
 
-# The helpers below are plain @njit functions, not ``inline="always"``: Numba's IR-level inlining
-# re-types every helper inside every kernel (and again in its serial twin), which made the CPU
-# kernels take 77 s of CPU to compile per x dtype; compiled once and linked, the helpers are
-# still inlined by LLVM at -O3 where it pays, and a dtype compiles in 33 s (2-core host,
-# `precompile([float32], mixed=False)`, cold cache). results/cpu-kernels/inline.md has the
-# paired speed comparison of the two.
+# The helpers below are Numba-IR-inlined (``inline="always"``) on purpose. It is expensive to
+# compile -- every helper is re-typed inside every kernel and its serial twin: 77 s of CPU per x
+# dtype against 33 s as plain @njit functions (process CPU time, cold cache) -- but measured by
+# `nbbn bench` + `nbbn compare` (results/cpu-kernels/inline.md), plain helpers made 24 of 72
+# default-sweep points significantly slower relative to PyTorch (up to 2.7x, geomean 1.22x):
+# LLVM does not recover what the IR inlining gives the parfor lowering. Speed wins; the test
+# suite pays the compile once per cache.
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +350,7 @@ def twin(fn):
 # --------------------------------------------------------------------------------------------
 # Per-channel scalar math
 # --------------------------------------------------------------------------------------------
-@njit
+@njit(inline="always")
 def _finish(s1, s2, shift, m):
     """μ and biased σ² from the shifted sums s1 = Σ(x − K), s2 = Σ(x − K)² over m values."""
     d = s1 / m
@@ -359,14 +360,14 @@ def _finish(s1, s2, shift, m):
     return shift + d, var
 
 
-@njit
+@njit(inline="always")
 def _far(mean, var, shift):
     """True when the shift was far enough from μ that the sums should be taken again."""
     d = mean - shift
     return d * d > RESHIFT * var
 
 
-@njit
+@njit(inline="always")
 def _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rvar, save_mean,
                    save_invstd, mean64, var64):
     """Saved and running statistics of channel c; returns (α = γ·invstd, β, invstd)."""
@@ -385,7 +386,7 @@ def _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rv
     return g * invstd, b, invstd
 
 
-@njit
+@njit(inline="always")
 def _train_coefficients(t, j, c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rvar,
                         save_mean, save_invstd, mean64, var64):
     """:func:`_train_channel` of channel c into t[0:4, j] = (h, l, α, β − f·α) of x's dtype,
@@ -397,7 +398,7 @@ def _train_coefficients(t, j, c, mean, var, m, eps, gamma, beta, flags, momentum
     t[3, j] = b - f * t[2, j]  # with α as stored (see _split)
 
 
-@njit
+@njit(inline="always")
 def _infer_channel(c, rvar, gamma, beta, flags, eps):
     """Inference coefficients of channel c: (α = γ·invstd, β, invstd = 1/√(σ²_pop + ε)), for
     y = (x − μ_pop)·α + β."""
@@ -406,7 +407,7 @@ def _infer_channel(c, rvar, gamma, beta, flags, eps):
     return alpha, (np.float64(beta[c]) if flags & HAS_BETA else 0.0), invstd
 
 
-@njit
+@njit(inline="always")
 def _infer_coefficients(rmean, rvar, gamma, beta, coef, t, flags, eps):
     """``coef`` (3, C) = (μ, α, β) from the population statistics (unless COEF_GIVEN: then the
     caller's, whose σ is unknown, so the split form), and t[0:4, c] = (h, l, α, β − f·α)."""
@@ -422,7 +423,7 @@ def _infer_coefficients(rmean, rvar, gamma, beta, coef, t, flags, eps):
         t[3, c] = coef[2, c] - f * t[2, c]  # with α as stored (see _split)
 
 
-@njit
+@njit(inline="always")
 def _fold(sx, m, mu_saved, precision):
     """δ = Σ(x − μ̃)/m when it is within FOLD_ULPS ulps of μ̃ (in a dtype of ``precision``
     significand bits), else 0: the part of the batch mean that rounding μ̃ left out."""
@@ -432,7 +433,7 @@ def _fold(sx, m, mu_saved, precision):
     return delta if abs(delta) <= FOLD_ULPS * ulp else 0.0
 
 
-@njit
+@njit(inline="always")
 def _grad_coefficients(t, j, c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags,
                        precision, dgamma, dbeta):
     """:func:`_grad_channel` of channel c into t[:, j] = (h, l, k1, k2, k3) of x's dtype for
@@ -448,7 +449,7 @@ def _grad_coefficients(t, j, c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma,
     t[4, j] = k3 - f * t[3, j]  # with k2 as stored (see _split)
 
 
-@njit
+@njit(inline="always")
 def _grad_channel(c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags, precision,
                   dgamma, dbeta):
     """dγ, dβ of channel c and (k1, k2, k3, μ) for dx = k1·g + k2·(x − μ) + k3, with μ = μ̃ + δ
@@ -465,7 +466,7 @@ def _grad_channel(c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags, pre
     return k1, k2, -k1 * sdy / m, mu + delta
 
 
-@njit
+@njit(inline="always")
 def _split(t, c, mu, sigma):
     """How the elementwise passes subtract μ from x in x's dtype; returns the part of μ to fold
     into the additive coefficient (the caller subtracts it times the multiplier of x − μ).
@@ -500,7 +501,7 @@ def _split(t, c, mu, sigma):
     return 0.0
 
 
-@njit
+@njit(inline="always")
 def _direct(t, C, flags):
     """flags with DIRECT set when every channel of t (4+, W) took the direct form."""
     for c in range(C):
@@ -513,7 +514,7 @@ def _direct(t, C, flags):
 # Row loops shared by the layouts. A "row" is a 1-D contiguous slice; coefficient vectors are
 # indexed like the row (NC: per column) or are scalars (NCHW: one channel per row).
 # --------------------------------------------------------------------------------------------
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
     """a1 += Σ(x − shift), a2 += Σ(x − shift)² column-wise over rows [r0, r1) of x (R, W).
     Four row streams, one per quarter of the rows, each walking its quarter in order: every
@@ -544,7 +545,7 @@ def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
             a2[j] += d * d
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _span_apply_vec(xf, yf, rf, o, n, h, lo, a, b, flags):
     """yf[o + i] = ((xf[o + i] − h[i]) − l[i])·a[i] + b[i], then + rf[o + i] (RESIDUAL) and
     max(·, 0) (RELU), for i < n, in x's dtype; h, l, a, b (see :func:`_split`) are arrays of x's
@@ -576,7 +577,7 @@ def _span_apply_vec(xf, yf, rf, o, n, h, lo, a, b, flags):
             st(yf, j, ((ld(xf, j) - h[i]) - lo[i]) * a[i] + b[i])
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _span_direct_vec(xf, yf, rf, o, n, a, b, flags):
     """:func:`_span_apply_vec` in the direct form, y = x·a + b (``o`` unsigned)."""
     if flags & RESIDUAL:
@@ -602,7 +603,7 @@ def _span_direct_vec(xf, yf, rf, o, n, a, b, flags):
             st(yf, j, ld(xf, j) * a[i] + b[i])
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _span_apply(xf, yf, rf, o, n, h, lo, a, b, flags):
     """:func:`_span_apply_vec` with scalar coefficients of x's dtype (one channel per run:
     NCHW; a run can be as short as 49 values). The offsets are
@@ -634,7 +635,7 @@ def _span_apply(xf, yf, rf, o, n, h, lo, a, b, flags):
             st(yf, j, ((ld(xf, j) - h) - lo) * a + b)
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
     """Column-wise Σg, Σg·(x − μ̃), Σ(x − μ̃) over rows [r0, r1) with g = dy, or g = dy·[y > 0]
     written to dz (RELU)."""
@@ -690,7 +691,7 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
                 a3[j] += d
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _span_dx_vec(gf, xf, df, o, n, h, lo, k1, k2, k3, flags):
     """df[o + i] = k1[i]·g + k2[i]·((x − h[i]) − l[i]) + k3[i] over the run [o, o + n), in x's
     dtype, coefficient arrays indexed like the run; DIRECT: every h = l = 0, not read."""
@@ -705,7 +706,7 @@ def _span_dx_vec(gf, xf, df, o, n, h, lo, k1, k2, k3, flags):
             st(df, j, k1[i] * ld(gf, j) + k2[i] * ((ld(xf, j) - h[i]) - lo[i]) + k3[i])
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _span_dx(gf, xf, df, o, n, h, lo, k1, k2, k3):
     """:func:`_span_dx_vec` with scalar coefficients (one channel per run: NCHW; the direct
     form is h = l = 0, as in :func:`_span_apply`)."""
@@ -718,13 +719,13 @@ def _span_dx(gf, xf, df, o, n, h, lo, k1, k2, k3):
 # --------------------------------------------------------------------------------------------
 # NC family: x is (M, C); rows are processed L at a time as wide rows of W = L·C values.
 # --------------------------------------------------------------------------------------------
-@njit
+@njit(inline="always")
 def _chunk(M, K, k):
     """Rows [r0, r1) of chunk k of K (a function of the shape only)."""
     return (M * k) // K, (M * (k + 1)) // K
 
 
-@njit
+@njit(inline="always")
 def _wide(a, r0, r1, L):
     """Rows [r0, r0 + L·R) of the (M, C) array ``a`` as R wide rows of L·C values, and the first
     row left over (R = (r1 − r0) // L)."""
@@ -734,7 +735,7 @@ def _wide(a, r0, r1, L):
     return flat[r0 * C:(r0 + R * L) * C].reshape(R, L * C), r0 + R * L
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _nc_chunk_sums(x, r0, r1, L, wshift, a1, a2):
     """Shifted sums of rows [r0, r1) into the W-long lanes a1, a2 (zeroed here)."""
     a1[:] = 0.0
@@ -744,7 +745,7 @@ def _nc_chunk_sums(x, r0, r1, L, wshift, a1, a2):
     _rows_shifted_sums(x, tail, r1, wshift, a1, a2)  # leftover rows use lanes 0..C−1
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _merge(part, q, C, L, acc):
     """acc[c] = Σ over chunks k, then lanes, of part[k, q, lane·C + c] (lane j holds channel
     j mod C), in that fixed order; chunk-major, so every pass is a unit-stride vector add."""
@@ -757,7 +758,7 @@ def _merge(part, q, C, L, acc):
                 acc[c] += p[c]
 
 
-@njit
+@njit(inline="always")
 def _tile(v, C, L):
     """v[j] = v[j mod C] for j ≥ C (a per-channel vector repeated over the L lanes)."""
     for j in range(C, L * C):
@@ -806,7 +807,7 @@ def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean
         _nc_apply_rows(x, y, res, r0, r1, L, t, flags)
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _nc_apply_rows(x, y, res, r0, r1, L, t, flags):
     """Rows [r0, r1): y = ((x − h) − l)·a + b (+ res, ReLU), as wide rows of W = L·C values,
     then the leftover rows. The rows are contiguous: flat unsigned offsets, coefficient rows
@@ -885,7 +886,7 @@ def nc_backward(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta,
             _nc_dx_rows(dy, x, dx, r0, r1, L, t, flags)
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _nc_dx_rows(g, x, dx, r0, r1, L, t, flags):
     """dx = k1·g + k2·((x − h) − l) + k3 over rows [r0, r1), wide rows first (flat offsets, as
     :func:`_nc_apply_rows`)."""
@@ -909,7 +910,7 @@ def _nc_dx_rows(g, x, dx, r0, r1, L, t, flags):
 # --------------------------------------------------------------------------------------------
 # NCHW: x is (N, C, S). Channel groups (one region) or fixed chunks of positions (few channels).
 # --------------------------------------------------------------------------------------------
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _span_shifted(xf, o, n, k):
     """Σ(x − k), Σ(x − k)² over the run [o, o + n) of a flat array."""
     s1 = 0.0
@@ -922,7 +923,7 @@ def _span_shifted(xf, o, n, k):
     return s1, s2
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _span_grad_sums(gf, xf, yf, zf, o, n, mu, relu):
     """Σg, Σg·(x − μ̃), Σ(x − μ̃) over the run [o, o + n) (g = dy·[y > 0] written to zf under a
     ReLU)."""
@@ -951,12 +952,12 @@ def _span_grad_sums(gf, xf, yf, zf, o, n, mu, relu):
     return s1, s2, s3
 
 
-@njit
+@njit(inline="always")
 def _flat(a):
     return a.reshape(a.size)
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _group_sums(xf, N, C, S, c0, c1, sh, t1, t2):
     """Shifted sums of channels [c0, c1) over all N rows, streaming x[n, c0:c1, :] (contiguous);
     channel c's total is Σ over n, in order, of its run sums."""
@@ -1010,12 +1011,12 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
                                 tg[3, i], flags)
 
 
-@njit
+@njit(inline="always")
 def _positions(m, K, k):
     return (m * k) // K, (m * (k + 1)) // K
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _segment_shifted(xf, C, S, c, p0, p1, k):
     """Shifted sums of channel c over its positions [p0, p1) (position p = n·S + s)."""
     s1 = 0.0
@@ -1085,7 +1086,7 @@ def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invs
                        t[3, c], flags)
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _segment_apply(xf, yf, rf, C, S, c, p0, p1, h, lo, a, b, flags):
     p = p0
     while p < p1:
@@ -1158,7 +1159,7 @@ def nchw_backward_grouped(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgam
                                  tg[4, i])
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, inline="always")
 def _segment_grad_sums(gf, xf, yf, zf, C, S, c, p0, p1, mu, relu):
     s1 = 0.0
     s2 = 0.0

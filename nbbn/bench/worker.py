@@ -68,7 +68,6 @@ class WorkerPool:
         ctx = multiprocessing.get_context("spawn")
         self._ex = [ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_init_worker,
                                         initargs=(counts,)) for _ in range(n)]
-        self.pids = [None] * n
         for f in [ex.submit(_pid) for ex in self._ex]:  # start them now, together
             f.result(timeout=TIMEOUT_S)
 

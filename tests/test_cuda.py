@@ -704,6 +704,51 @@ def test_availability_probe_reports_missing_gpu(monkeypatch):
     assert "no usable CUDA driver or GPU" in availability()
 
 
+def _shared_arrays_seen(array_fn, monkeypatch) -> int:
+    """How many distinct arrays 16 threads get from ``array_fn`` for one call site of one
+    launch, with the window between its lookup and its store widened (np.empty sleeps)."""
+    import threading
+    import time
+
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    shared = FakeCUDAShared(0)
+    real_empty = np.empty
+
+    def slow_empty(*a, **k):
+        time.sleep(0.02)
+        return real_empty(*a, **k)
+
+    monkeypatch.setattr(np, "empty", slow_empty)
+    barrier, got = threading.Barrier(16), []
+
+    def thread():
+        barrier.wait()
+        got.append(id(array_fn(shared, (4,), np.float64)))  # one call site for every thread
+
+    threads = [threading.Thread(target=thread) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    return len(set(got))
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="checks a fix to Numba's CUDA simulator")
+def test_simulator_gives_a_block_one_shared_array(B, monkeypatch):
+    """nbbn.cuda.simulator's fix: the simulator's own FakeCUDAShared.array hands threads of
+    one block different arrays when they race (which made the CUDA tests fail
+    intermittently under pytest-xdist); the installed fix gives every thread the same one."""
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    from nbbn.cuda import simulator
+
+    assert FakeCUDAShared.array is simulator._shared_array  # installed at import
+    assert _shared_arrays_seen(simulator._INSTALLED["original"], monkeypatch) > 1
+    assert _shared_arrays_seen(simulator._shared_array, monkeypatch) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Real GPU only (NBBN_TEST_GPU=1 on a machine with a GPU)
 # ---------------------------------------------------------------------------------------------

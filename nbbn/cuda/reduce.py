@@ -49,6 +49,10 @@ from numba.cuda import config as _cuda_config
 
 #: True when Numba's CUDA simulator is active (decided once, at import).
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
+if SIMULATOR:  # the simulator's shared arrays are racy without it (nbbn.cuda.simulator)
+    from .simulator import install as _install_simulator_fix
+
+    _install_simulator_fix()
 
 #: Largest block the kernels accept; shared scratch arrays are sized by it (3·512 float64 = 12 KiB).
 MAX_THREADS = 512

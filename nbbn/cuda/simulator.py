@@ -1,0 +1,88 @@
+"""A fix for a race in Numba's CUDA simulator that gave wrong results, applied only under
+``NUMBA_ENABLE_CUDASIM=1`` (:mod:`nbbn.cuda.reduce` calls :func:`install` at import).
+
+The race
+    The simulator runs each thread of a block as a Python thread. numba-cuda 0.30's
+    ``FakeCUDAShared.array`` finds a block's shared array in a dict keyed by call site, with an
+    unlocked check-then-set::
+
+        res = self._allocations.get(caller)
+        if res is None:
+            res = np.empty(shape, dtype)
+            self._allocations[caller] = res
+
+    The array is created in the launch's first block, and every thread of that block runs this
+    at the same moment. If the interpreter switches threads between the ``get`` and the store,
+    two threads get two different "shared" arrays. A block reduction then silently drops the
+    values written to the other array. That is why only the launch's first block was hit:
+    channel 0 in NCHW, the first column group in NC/NHWC.
+
+How it was found
+    ``tests/test_cuda.py`` failed in about one run of three under pytest-xdist (3 workers) and
+    never in one process: a channel's mean or variance was wrong. Two instruments found the
+    cause:
+
+    - Running every simulated launch twice, on copies of its arguments, showed that only block
+      (0, 0)'s partial sums differed between the two runs.
+    - A check inside ``FakeCUDAShared.array`` logged, in the failing runs, threads of block
+      (0, 0, 0) holding two distinct arrays for one call site (``kernels.py:691``).
+
+    Why xdist makes the switch likely was not pinned down. Its worker has a second Python thread
+    (execnet's I/O thread) that wants the GIL.
+
+    This is a bug in the simulator, not in the kernels. On a GPU a block's shared array is one
+    array by construction.
+
+The fix
+    The same lookup (key: the caller's file and line), with the check and the store under one
+    lock; the key is read from the caller's frame (the original extracts the whole stack, with
+    its source lines, on every call: the patched simulator is also faster). Dynamic
+    shared memory (``shape == 0``) and ``alignment`` keep the simulator's own code. If the
+    simulator's class changes shape (a numba-cuda without ``_allocations``), nothing is
+    patched.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+
+_LOCK = threading.Lock()
+_INSTALLED: dict = {}
+
+
+def _shared_array(self, shape, dtype, alignment=None):
+    """``cuda.shared.array`` under the simulator: one array per (launch, call site), created
+    once under a lock (see the module doc)."""
+    if shape == 0 or alignment is not None:
+        return _INSTALLED["original"](self, shape, dtype, alignment)
+    from numba.core import types
+    from numba.np import numpy_support
+
+    if isinstance(dtype, types.Type):
+        dtype = numpy_support.as_dtype(dtype)
+    frame = sys._getframe(1)  # the kernel or device function that asks
+    caller = (frame.f_code.co_filename, frame.f_lineno)
+    with _LOCK:
+        res = self._allocations.get(caller)
+        if res is None:
+            res = self._allocations[caller] = np.empty(shape, dtype)
+    return res
+
+
+def install() -> bool:
+    """Patch ``FakeCUDAShared.array`` (idempotent). Returns whether the patch is in place."""
+    if "original" in _INSTALLED:
+        return True
+    try:
+        from numba.cuda.simulator.kernelapi import FakeCUDAShared
+    except ImportError:  # pragma: no cover - every numba-cuda has the simulator
+        return False
+    probe = FakeCUDAShared(0)
+    if not isinstance(getattr(probe, "_allocations", None), dict):  # pragma: no cover
+        return False
+    _INSTALLED["original"] = FakeCUDAShared.array
+    FakeCUDAShared.array = _shared_array
+    return True

@@ -6,14 +6,16 @@ GPU. The simulator must be chosen before Numba is first imported, hence here, at
 Tiers: ``python -m pytest`` runs the fast tier (``-m "not slow"`` in pyproject's addopts);
 ``python -m pytest -m slow`` the exhaustive one, both on pytest-xdist workers (``-n auto``).
 Both start compiling the CPU kernels -- the suite's largest cost from a cold Numba cache -- in
-two background processes, one per x dtype (:func:`nbbn.cpu.precompile`), once per session (the
-xdist controller starts them), while the tests that need no CPU kernel (the CUDA simulator's,
-pure-Python ones) run first; the first test that needs them waits, and every test after that
-loads machine code from the on-disk cache (a warm cache makes the warm-up a two-second load).
+background processes that compile disjoint kernel functions (:data:`_WARMUP_PARTS`,
+:func:`nbbn.cpu.precompile`), once per session (the xdist controller starts them), while
+the tests that need no CPU kernel (the CUDA simulator's, pure-Python ones) run first; the
+first test that needs them waits, and every test after that loads machine code from the
+on-disk cache (a warm cache makes the warm-up a two-second load).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,16 +83,66 @@ def pytest_collection_modifyitems(session, config, items):
 
 #: How long a test waits for the warm-up before failing (a compile of every kernel is ~1 min).
 WARMUP_TIMEOUT_S = 900.0
-_DTYPES = ("float32", "float64")
-# Vectors in x's dtype only: the few tests that mix vector dtypes compile their specializations
-# themselves (the summary lists them), and the two processes stay even.
+#: The warm-up's processes, one per kernel family (NC forward, inference and backward; NCHW).
+#: Each compiles a disjoint set of kernel *functions*, together they cover what the fast tier
+#: calls, and four uneven parts on two cores finish together where two did not (measured: two
+#: parts split NC forward+inference / the rest finished 23 s apart). Splitting by x dtype
+#: instead, as rounds 3-4 did, had two processes save the same functions' cache indexes at
+#: the same time. Numba updates an index by
+#: an unlocked read-modify-write, so one process's entries were lost, and the next session
+#: compiled them again (a "warm" run took 191 s instead of 127 s).
+#:
+#: Each part compiles three sets:
+#:   - float32 and float64 with vectors of x's dtype, every variant, but float64 backward
+#:     the serial twins only (the fast tier runs no other: tests/test_conformance.py's
+#:     FAST_F64_BACKWARD);
+#:   - float32 x with float64 vectors (the tests' make_params default; :func:`_vector_dtype`):
+#:     the serial twins, plus NC inference's parallel kernel;
+#:   - the one half-format specialization the fast tier calls (float16 NC inference, serial).
+#: The session summary names any kernel a test still compiled itself.
+_WARMUP_PARTS = {
+    "nc-forward": [
+        dict(dtypes=("float32", "float64"), mixed=False, layouts=("NC",), ops=("forward-train",)),
+        dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("forward-train",),
+             variants=("serial",)),
+    ],
+    "nc-inference": [
+        dict(dtypes=("float32", "float64"), mixed=False, layouts=("NC",), ops=("inference",)),
+        dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("inference",)),
+        dict(dtypes=("float16",), mixed=False, layouts=("NC",), ops=("inference",),
+             variants=("serial",)),
+    ],
+    "nc-backward": [
+        dict(dtypes=("float32",), mixed=False, layouts=("NC",), ops=("backward",)),
+        dict(dtypes=("float64",), mixed=False, layouts=("NC",), ops=("backward",),
+             variants=("serial",)),
+        dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("backward",),
+             variants=("serial",)),
+    ],
+    "nchw": [
+        dict(dtypes=("float32", "float64"), mixed=False, layouts=("NCHW",),
+             ops=("forward-train", "inference")),
+        dict(dtypes=("float32",), mixed=False, layouts=("NCHW",), ops=("backward",)),
+        dict(dtypes=("float64",), mixed=False, layouts=("NCHW",), ops=("backward",),
+             variants=("serial",)),
+        dict(dtypes=("float32",), mixed=True, layouts=("NCHW",),
+             ops=("forward-train", "backward", "inference"), variants=("serial",)),
+    ],
+}
 _WARMUP_CODE = """\
-import sys, traceback
+import json, sys, traceback
 status = "failed"
 try:
     import numpy as np
     from nbbn.cpu import precompile
-    precompile([np.dtype(sys.argv[1])], mixed=False)
+    from nbbn.spec import Layout, Op
+    from nbbn.validate import _bfloat16
+    names = {"bfloat16": _bfloat16()}
+    for spec in json.loads(sys.argv[1]):
+        dtypes = [names.get(d) or np.dtype(d) for d in spec["dtypes"]]
+        precompile([d for d in dtypes if d is not None], mixed=spec["mixed"],
+                   layouts=[Layout(v) for v in spec["layouts"]],
+                   ops=[Op(v) for v in spec["ops"]], variants=spec.get("variants"))
     status = "ok"
 except BaseException:
     traceback.print_exc()
@@ -116,10 +168,10 @@ def _warmup_wanted(config) -> bool:
 def _start_warmup(status_dir: Path | None = None) -> None:
     _WARMUP["t0"], _WARMUP["wall0"] = time.perf_counter(), time.time()
     _WARMUP["procs"] = {
-        dt: subprocess.Popen([sys.executable, "-c", _WARMUP_CODE, dt,
-                              *([str(status_dir / f"{dt}.status")] if status_dir else [])],
-                             cwd=ROOT)
-        for dt in _DTYPES}
+        part: subprocess.Popen([sys.executable, "-c", _WARMUP_CODE, json.dumps(specs),
+                                *([str(status_dir / f"{part}.status")] if status_dir else [])],
+                               cwd=ROOT)
+        for part, specs in _WARMUP_PARTS.items()}
 
 
 
@@ -142,15 +194,15 @@ def pytest_collection_finish(session):
 
 def _wait_files(folder: Path) -> None:
     deadline = time.monotonic() + WARMUP_TIMEOUT_S
-    for dt in _DTYPES:
-        f = folder / f"{dt}.status"
+    for part in _WARMUP_PARTS:
+        f = folder / f"{part}.status"
         while not f.exists() or not f.read_text():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the {dt} CPU kernels' warm-up did not finish in "
+                raise RuntimeError(f"the CPU kernels' warm-up ({part}) did not finish in "
                                    f"{WARMUP_TIMEOUT_S:g} s ({f} missing)")
             time.sleep(0.1)
         if f.read_text() != "ok":
-            raise RuntimeError(f"compiling the {dt} CPU kernels failed (see the log above)")
+            raise RuntimeError(f"compiling the CPU kernels ({part}) failed (see the log above)")
 
 
 def pytest_runtest_setup(item):
@@ -165,10 +217,10 @@ def pytest_runtest_setup(item):
     procs = _WARMUP.pop("procs", None)
     if procs is None:
         return
-    for dt, p in procs.items():
+    for part, p in procs.items():
         if p.wait() != 0:
-            raise RuntimeError(f"compiling the {dt} CPU kernels failed (exit {p.returncode})")
-        _WARMUP[dt] = time.perf_counter() - _WARMUP["t0"]
+            raise RuntimeError(f"compiling the CPU kernels ({part}) failed (exit {p.returncode})")
+        _WARMUP["done", part] = time.perf_counter() - _WARMUP["t0"]
     _WARMUP["waited"] = time.perf_counter() - waited
 
 
@@ -179,9 +231,15 @@ def _missed_kernels() -> dict:
     kernels = sys.modules.get("nbbn.cpu.kernels")
     if kernels is None:
         return {}
-    return {name: sum(d.stats.cache_misses.values()) for name, d in vars(kernels).items()
-            if hasattr(d, "stats") and hasattr(d, "signatures")
-            and not name.startswith("_") and sum(d.stats.cache_misses.values())}
+    found = {}
+    for name, obj in vars(kernels).items():
+        # the kernels are (parallel, serial) pairs (kernels.twin); the codecs plain dispatchers
+        for d in obj if isinstance(obj, tuple) else (obj,):
+            if hasattr(d, "stats") and hasattr(d, "signatures") and not name.startswith("_"):
+                n = sum(d.stats.cache_misses.values())
+                if n:
+                    found[d.py_func.__name__] = n
+    return found
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which sends workeroutput to the controller
@@ -191,11 +249,11 @@ def pytest_sessionfinish(session):
         config.workeroutput["nbbn_missed"] = _missed_kernels()
         config.workeroutput["nbbn_waited"] = _WARMUP.get("waited", 0.0)
     elif "dir" in _WARMUP:  # the controller: when each warm-up finished (its status file)
-        for dt, p in _WARMUP.pop("procs", {}).items():
+        for part, p in _WARMUP.pop("procs", {}).items():
             p.wait()
-            f = _WARMUP["dir"] / f"{dt}.status"
+            f = _WARMUP["dir"] / f"{part}.status"
             if f.exists():  # seconds from the warm-up's start to its status file's write
-                _WARMUP[dt] = f.stat().st_mtime - _WARMUP["wall0"]
+                _WARMUP["done", part] = f.stat().st_mtime - _WARMUP["wall0"]
 
 
 _MISSED: dict = {}
@@ -236,12 +294,12 @@ def pytest_terminal_summary(terminalreporter):
     """The warm-up's times, and any CPU kernel the tests still compiled themselves."""
     if _xdist_worker(terminalreporter.config):
         return
-    done = {k: v for k, v in _WARMUP.items() if k.startswith("float")}
+    done = {k[1]: v for k, v in _WARMUP.items() if isinstance(k, tuple) and k[0] == "done"}
     if done:
         where = "the xdist workers" if "dir" in _WARMUP else "the first tests"
         terminalreporter.write_line(
-            f"Numba warm-up of the CPU kernels, two processes beside {where}: "
-            + ", ".join(f"{dt} done at {s:.1f} s" for dt, s in done.items())
+            f"Numba warm-up of the CPU kernels, {len(done)} processes beside {where}: "
+            + ", ".join(f"{part} done at {s:.1f} s" for part, s in done.items())
             + f"; the first CPU test waited {_WARMUP.get('waited', 0.0):.1f} s")
     missed = _MISSED or _missed_kernels()
     if missed:

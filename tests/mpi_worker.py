@@ -268,16 +268,19 @@ def warm() -> None:
 
 
 def main(argv: list[str]) -> None:
-    scenario = argv[0] if argv else "agree"
-    if scenario == "warm":
+    """Run the scenarios named in argv[0], comma-separated, in order (one launch can serve
+    several tests: every rank process costs seconds of imports and kernel loading)."""
+    scenarios = (argv[0] if argv else "agree").split(",")
+    if scenarios == ["warm"]:
         warm()
         return
     from mpi4py import MPI
 
-    if scenario == "agree-allgather":
-        agree(MPI.COMM_WORLD, "allgather")
-        return
-    {"agree": agree, "errors": errors, "traffic": traffic}[scenario](MPI.COMM_WORLD)
+    for scenario in scenarios:
+        if scenario == "agree-allgather":
+            agree(MPI.COMM_WORLD, "allgather")
+        else:
+            {"agree": agree, "errors": errors, "traffic": traffic}[scenario](MPI.COMM_WORLD)
 
 
 if __name__ == "__main__":

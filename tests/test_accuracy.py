@@ -642,8 +642,8 @@ def test_cli_quick_writes_tables_report_and_figures(tmp_path):
 
 def test_cli_no_peers_and_parts_by_letter(tmp_path):
     out = tmp_path / "np"
-    res = CliRunner().invoke(accuracy, ["--parts", "a,e", "--sizes", "2,32", "--no-peers",
-                                        "--no-plots", "--out", str(out)])
+    res = CliRunner().invoke(accuracy, ["--quick", "--parts", "a,e", "--sizes", "2,32",
+                                        "--no-peers", "--no-plots", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert not (pd.read_csv(out / "rounding.csv")["algorithm"] == "peer").any()
     assert set(pd.read_csv(out / "gradients.csv")["family"]) == {"nbbn", "emulation"}

@@ -148,6 +148,16 @@ FAST_SIMULATED = {((2, 7), 1, "c", np.float32), ((2, 3, 2, 2), 1, "strided", np.
                   ((2, 3, 2, 3), 1, "cl", np.float32)}
 
 
+#: Host backends' float64 backward in the fast tier: the one-thread variant only (its serial
+#: twins). Every other float64 backward variant -- the parallel twins, and "auto", which picks
+#: them above a size -- runs in the exhaustive tier (the "-parallel" cases). The parallel twins
+#: are the serial twins' code under ``prange``, and their float32 specializations run in the
+#: fast tier. No other fast test needs them, and compiling them is ~15 CPU-s of the fast tier's
+#: cold-cache compile (docs/testing.md). float64 forward-train and inference run every variant
+#: in both tiers.
+FAST_F64_BACKWARD = ("serial",)
+
+
 def _params():
     for backend in _kernel_backends():
         info = registry.backend_info(backend)
@@ -159,13 +169,31 @@ def _params():
                 for offset in HALF_OFFSETS if half else OFFSETS:
                     slow = half or device and not ((*case, dtype) in FAST_SIMULATED
                                                    and offset == OFFSETS[-1])
-                    yield pytest.param(
-                        backend, case, dtype, offset, marks=[pytest.mark.slow] if slow else [],
-                        id=f"{backend}-{_case_id(case)}-{np.dtype(dtype).name}-{offset}")
+                    name = f"{backend}-{_case_id(case)}-{np.dtype(dtype).name}-{offset}"
+                    if device or slow or dtype is not np.float64:
+                        yield pytest.param(backend, case, dtype, offset, None,
+                                           marks=[pytest.mark.slow] if slow else [], id=name)
+                        continue
+                    yield pytest.param(backend, case, dtype, offset, FAST_F64_BACKWARD, id=name)
+                    yield pytest.param(backend, case, dtype, offset, ("-",) + FAST_F64_BACKWARD,
+                                       marks=[pytest.mark.slow], id=name + "-parallel")
 
 
-@pytest.mark.parametrize("backend, case, dtype, offset", list(_params()))
-def test_every_kernel_against_the_reference(backend, case, dtype, offset):
+def _keep(spec, op, bwd) -> bool:
+    """``bwd``: None (every op and variant); the backward variants to run (and every forward-train
+    and inference variant); or ("-", names...): the backward variants but those, and nothing
+    else (the exhaustive tier's complement of a fast case)."""
+    if bwd is None:
+        return True
+    if op is not Op.BACKWARD:
+        return bwd[0] != "-"
+    if bwd[0] == "-":
+        return spec.variant not in bwd[1:]
+    return spec.variant in bwd
+
+
+@pytest.mark.parametrize("backend, case, dtype, offset, bwd", list(_params()))
+def test_every_kernel_against_the_reference(backend, case, dtype, offset, bwd):
     _usable(backend)
     shape, axis, _ = case
     sim = _simulated(backend)
@@ -191,6 +219,8 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset):
     checked = 0
 
     for spec in _specs(backend, Op.FORWARD_TRAIN, geom.layout):
+        if not _keep(spec, Op.FORWARD_TRAIN, bwd):
+            continue
         for fusion in FORWARD_FUSIONS:
             if not _selected(spec, fusion, sim):
                 continue
@@ -217,6 +247,8 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset):
     # Backward gets the statistics rounded to their dtype; the reference uses the exact ones.
     sm, si = rmean.astype(vdt), rinvstd.astype(vdt)
     for spec in _specs(backend, Op.BACKWARD, geom.layout):
+        if not _keep(spec, Op.BACKWARD, bwd):
+            continue
         for fusion in BACKWARD_FUSIONS:
             if not _selected(spec, fusion, sim):
                 continue
@@ -246,6 +278,8 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset):
             checked += 1
 
     for spec in _specs(backend, Op.INFERENCE, geom.layout):
+        if not _keep(spec, Op.INFERENCE, bwd):
+            continue
         for fusion in FORWARD_FUSIONS:
             if not _selected(spec, fusion, sim):
                 continue

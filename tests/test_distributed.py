@@ -181,11 +181,26 @@ def _check_agree(ranks, results):
     assert {tuple(r["counts"]) for r in results} == set(COUNTS[ranks])
 
 
+#: The fast tier's MPI tests share one launch at this many ranks, running every scenario they
+#: check (each rank process costs seconds: imports, loading the kernels); the exhaustive tier
+#: launches 1-4 ranks per scenario.
+FAST_RANKS = 3
+
+
+@pytest.fixture(scope="module")
+def fast_launch(warm_kernels) -> dict[str, list[dict]]:
+    """The results of one ``mpiexec -n FAST_RANKS`` run of the agree, errors and traffic
+    scenarios, by scenario."""
+    by: dict[str, list[dict]] = {}
+    for r in _launch(FAST_RANKS, "agree,errors,traffic"):
+        by.setdefault(r["scenario"], []).append(r)
+    return by
+
+
 @needs_mpi
-@pytest.mark.parametrize("ranks", [1, 3])
-def test_synchronized_equals_single_process(ranks, warm_kernels):
-    """The default method (one exact Allreduce): fast tier at 1 and 3 ranks."""
-    _check_agree(ranks, _launch(ranks, "agree"))
+def test_synchronized_equals_single_process(fast_launch):
+    """The default method (one exact Allreduce) at FAST_RANKS ranks."""
+    _check_agree(FAST_RANKS, fast_launch["agree"])
 
 
 @needs_mpi
@@ -225,19 +240,34 @@ def test_bit_identical_under_different_reduction_algorithms(ranks, warm_kernels)
 
 
 @needs_mpi
-def test_bytes_per_rank_do_not_grow_with_the_ranks(warm_kernels):
-    """Counts the bytes each collective moves on each rank (nbbn.distributed.wire.TRAFFIC) for
-    one forward and one backward, C = 64, at 1, 2 and 4 ranks: the exact Allreduce moves the
-    same bytes whatever P (one collective per call); the Allgather design receives P times its
-    partials (two collectives per call)."""
-    from nbbn.distributed import exact, wire
+def test_bytes_per_rank_follow_the_design(fast_launch):
+    """The traffic scenario at FAST_RANKS ranks: each collective's bytes as the formulas of
+    :func:`_check_traffic` say (P appears only in the Allgather's)."""
+    _check_traffic({(r["method"], FAST_RANKS): r["per_rank"] for r in fast_launch["traffic"]},
+                   (FAST_RANKS,))
 
-    C = 64
+
+@needs_mpi
+@pytest.mark.slow
+def test_bytes_per_rank_do_not_grow_with_the_ranks(warm_kernels):
+    """The traffic scenario at 1, 2 and 4 ranks: the exact Allreduce's bytes per rank stay the
+    same as P grows, the Allgather design's grow."""
     seen = {}
     for ranks in (1, 2, 4):
         for r in _launch(ranks, "traffic"):
             seen[(r["method"], ranks)] = r["per_rank"]
-    for ranks in (1, 2, 4):
+    _check_traffic(seen, (1, 2, 4))
+
+
+def _check_traffic(seen: dict, counts: tuple[int, ...]) -> None:
+    """Counts the bytes each collective moves on each rank (nbbn.distributed.wire.TRAFFIC) for
+    one forward and one backward, C = 64: the exact Allreduce moves the same bytes whatever P
+    (one collective per call); the Allgather design receives P times its partials (two
+    collectives per call)."""
+    from nbbn.distributed import exact, wire
+
+    C = 64
+    for ranks in counts:
         new = seen[("allreduce", ranks)]
         old = seen[("allgather", ranks)]
         assert len(new) == ranks and len(old) == ranks
@@ -254,17 +284,15 @@ def test_bytes_per_rank_do_not_grow_with_the_ranks(warm_kernels):
             assert mine["forward"][0][1:] == [header, ranks * header]
             assert mine["forward"][1][1:] == [2 * C * 8, ranks * 2 * C * 8]
             assert mine["backward"][1][1:] == [3 * C * 8, 3 * C * 8]
-    per_rank_new = {p: seen[("allreduce", p)][0]["forward"][0][2] for p in (1, 2, 4)}
-    per_rank_old = {p: sum(c[2] for c in seen[("allgather", p)][0]["forward"]) for p in (1, 2, 4)}
-    assert len(set(per_rank_new.values())) == 1
-    assert per_rank_old[1] < per_rank_old[2] < per_rank_old[4]
+    per_rank_new = [seen[("allreduce", p)][0]["forward"][0][2] for p in counts]
+    per_rank_old = [sum(c[2] for c in seen[("allgather", p)][0]["forward"]) for p in counts]
+    assert len(set(per_rank_new)) == 1
+    assert per_rank_old == sorted(set(per_rank_old))  # strictly growing with P
 
 
 @needs_mpi
-@pytest.mark.parametrize("ranks", [3])
-def test_errors_raise_the_same_exception_on_every_rank(ranks, warm_kernels):
-    results = _launch(ranks, "errors")
-    by_case = {r["case"]: r for r in results}
+def test_errors_raise_the_same_exception_on_every_rank(fast_launch):
+    by_case = {r["case"]: r for r in fast_launch["errors"]}
     from tests.mpi_worker import _error_cases
 
     assert set(by_case) == set(_error_cases(0)) | {"good call afterwards"}

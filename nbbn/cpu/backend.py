@@ -521,33 +521,40 @@ def part_grad_apply(args, sum_dy, sum_dy_xmu, m_total, sum_xmu=None):
 # Compiling ahead of the first call
 # ---------------------------------------------------------------------------------------------
 def precompile(dtypes=(np.float32, np.float64), *, mixed: bool = True,
-               layouts=(Layout.NC, Layout.NCHW), ops=tuple(Op)) -> int:
+               layouts=(Layout.NC, Layout.NCHW), ops=tuple(Op), variants=None) -> int:
     """Compile every kernel specialization this backend calls for x of ``dtypes``, or load it
-    from Numba's on-disk cache: each op × layout family × parallel and serial twin, with the
-    per-channel vectors in x's per-channel dtype (x's own; float32 for a half x) and, with
-    ``mixed``, in float64 too (a call whose vectors are not all of that dtype,
-    :func:`_vector_dtype`). Fusion, channel axis, strides and read-only inputs need no other
-    (they are flags, or canonicalized here). ``dtypes`` may name float16 and bfloat16
-    (:data:`nbbn.validate.STORAGE_DTYPES`): each is a specialization set of its own, compiled
-    only when asked for (the test session's warm-up does not).
+    from Numba's on-disk cache: each op × layout family × variant's dispatchers (the parallel
+    kernel and its serial twin; NCHW's serial variant reaches both serial twins, the split one
+    below SPLIT_BELOW_C channels and the grouped one from there), with the per-channel vectors
+    in x's per-channel dtype (x's own; float32 for a half x) and, with ``mixed``, in float64
+    too (a call whose vectors are not all of that dtype, :func:`_vector_dtype`). Fusion,
+    channel axis, strides and read-only inputs need no other (they are flags, or canonicalized
+    here). ``dtypes`` may name float16 and bfloat16 (:data:`nbbn.validate.STORAGE_DTYPES`):
+    each is a specialization set of its own. ``variants`` keeps only the named registry
+    variants (None: all). NHWC runs the NC kernels.
 
-    A service calls it once at start-up so that no request pays seconds of compilation; the test
-    session runs it in two processes at once (``tests/conftest.py``). NHWC runs the NC kernels.
-    Returns the number of kernel calls made."""
+    A service calls it once at start-up so that no request pays seconds of compilation. Two
+    processes may call it at once only for disjoint ``layouts``/``ops`` (disjoint kernel
+    functions): Numba saves a function's cache index by an unlocked read-modify-write, and two
+    processes saving one function's index together lose an entry (``tests/conftest.py``
+    splits its warm-up that way). Returns the number of kernel calls made."""
     calls = 0
     for dt in map(np.dtype, dtypes):
         cd = channel_dtype(dt)
         for vd in dict.fromkeys((cd, _F64) if mixed else (cd,)):
             for layout in layouts:
-                shape = (4, 3) if layout is Layout.NC else (2, 3, 4)
-                x = np.linspace(-1.0, 1.0, math.prod(shape)).reshape(shape).astype(dt)
-                g, b = np.ones(3, vd), np.zeros(3, vd)
                 for variant in _VARIANTS[layout]:
-                    if variant == "auto":
+                    if variant == "auto" or (variants is not None and variant not in variants):
                         continue
-                    for op in ops:
-                        _precompile_call(op, layout, variant, x, g, b)
-                        calls += 1
+                    chans = (3,) if layout is Layout.NC or variant != "serial" \
+                        else (3, SPLIT_BELOW_C)
+                    for C in chans:
+                        shape = (4, C) if layout is Layout.NC else (2, C, 4)
+                        x = np.linspace(-1.0, 1.0, math.prod(shape)).reshape(shape).astype(dt)
+                        g, b = np.ones(C, vd), np.zeros(C, vd)
+                        for op in ops:
+                            _precompile_call(op, layout, variant, x, g, b)
+                            calls += 1
     return calls
 
 

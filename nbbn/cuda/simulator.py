@@ -1,5 +1,6 @@
-"""A fix for a race in Numba's CUDA simulator that gave wrong results, applied only under
-``NUMBA_ENABLE_CUDASIM=1`` (:mod:`nbbn.cuda.reduce` calls :func:`install` at import).
+"""Two changes to Numba's CUDA simulator, applied only under ``NUMBA_ENABLE_CUDASIM=1``
+(:mod:`nbbn.cuda.reduce` calls :func:`install` at import): a fix for a race that gave wrong
+results, and a block manager that yields the GIL while it waits.
 
 The race
     The simulator runs each thread of a block as a Python thread. numba-cuda 0.30's
@@ -40,12 +41,25 @@ The fix
     shared memory (``shape == 0``) and ``alignment`` keep the simulator's own code. If the
     simulator's class changes shape (a numba-cuda without ``_allocations``), nothing is
     patched.
+
+The block manager's wait
+    ``BlockManager.run`` starts a block's threads, then polls them in a loop until they have all
+    reached ``syncthreads`` (then it releases them) or ended. The loop never blocks. The polling
+    thread only gives up the GIL when the interpreter's switch interval forces it, so the
+    block's threads wait for the poller. :func:`_block_manager_run` is numba-cuda 0.30's loop
+    (BSD-2-Clause, NVIDIA) with one change: ``time.sleep(0)`` after each poll.
+
+    Measured on the 2-core host: ``tests/test_cuda.py`` in one process took 31.4 s wall and
+    35.6 CPU-s with the simulator's loop, and 23.0 s wall and 26.5 CPU-s with this one. The
+    semantics are unchanged. It is installed only on the numba-cuda version it was copied
+    from (:data:`_RUN_FROM`).
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -72,11 +86,57 @@ def _shared_array(self, shape, dtype, alignment=None):
     return res
 
 
+#: The numba-cuda release :func:`_block_manager_run` was copied from.
+_RUN_FROM = "0.30."
+
+
+def _block_manager_run(self, grid_point, *args):
+    """``BlockManager.run`` of numba-cuda 0.30, yielding the GIL after each poll (see the
+    module doc)."""
+    from numba.cuda.simulator.kernel import BlockThread
+
+    threads = set()
+    livethreads = set()
+    blockedthreads = set()
+    for block_point in np.ndindex(*self._block_dim):
+
+        def target():
+            self._f(*args)
+
+        t = BlockThread(target, self, grid_point, block_point, self._debug)
+        t.start()
+        threads.add(t)
+        livethreads.add(t)
+
+    while livethreads:
+        for t in livethreads:
+            if t.syncthreads_blocked:
+                blockedthreads.add(t)
+            elif t.exception:
+                for t_other in threads:  # abort the others, do not join (as numba-cuda)
+                    t_other.abort = True
+                    t_other.syncthreads_blocked = False
+                    t_other.syncthreads_event.set()
+                raise t.exception[0].with_traceback(t.exception[1])
+        if livethreads == blockedthreads:
+            for t in blockedthreads:
+                t.syncthreads_blocked = False
+                t.syncthreads_event.set()
+            blockedthreads = set()
+        livethreads = {t for t in livethreads if t.is_alive()}
+        time.sleep(0)  # the one change: let the block's threads run
+    for t in threads:
+        if t.exception:
+            raise t.exception[0].with_traceback(t.exception[1])
+
+
 def install() -> bool:
-    """Patch ``FakeCUDAShared.array`` (idempotent). Returns whether the patch is in place."""
+    """Patch ``FakeCUDAShared.array`` and, on numba-cuda 0.30, ``BlockManager.run``
+    (idempotent). Returns whether the shared-array fix is in place."""
     if "original" in _INSTALLED:
         return True
     try:
+        from numba.cuda.simulator.kernel import BlockManager
         from numba.cuda.simulator.kernelapi import FakeCUDAShared
     except ImportError:  # pragma: no cover - every numba-cuda has the simulator
         return False
@@ -85,4 +145,13 @@ def install() -> bool:
         return False
     _INSTALLED["original"] = FakeCUDAShared.array
     FakeCUDAShared.array = _shared_array
+    try:
+        import numba_cuda
+
+        version = numba_cuda.__version__
+    except (ImportError, AttributeError):  # pragma: no cover
+        version = ""
+    if version.startswith(_RUN_FROM):
+        _INSTALLED["run"] = BlockManager.run
+        BlockManager.run = _block_manager_run
     return True

@@ -83,9 +83,10 @@ def pytest_collection_modifyitems(session, config, items):
 
 #: How long a test waits for the warm-up before failing (a compile of every kernel is ~1 min).
 WARMUP_TIMEOUT_S = 900.0
-#: The warm-up's processes, one per kernel family (NC forward, inference and backward; NCHW).
+#: The warm-up's processes, one per kernel family (NC forward's parallel kernel and its serial
+#: twin, NC inference, NC backward, NCHW).
 #: Each compiles a disjoint set of kernel *functions*, together they cover what the fast tier
-#: calls, and four uneven parts on two cores finish together where two did not (measured: two
+#: calls, and five uneven parts on two cores finish together where two did not (measured: two
 #: parts split NC forward+inference / the rest finished 23 s apart). Splitting by x dtype
 #: instead, as rounds 3-4 did, had two processes save the same functions' cache indexes at
 #: the same time. Numba updates an index by
@@ -97,18 +98,24 @@ WARMUP_TIMEOUT_S = 900.0
 #:     the serial twins only (the fast tier runs no other: tests/test_conformance.py's
 #:     FAST_F64_BACKWARD);
 #:   - float32 x with float64 vectors (the tests' make_params default; :func:`_vector_dtype`):
-#:     the serial twins, plus NC inference's parallel kernel;
+#:     the serial twins;
 #:   - the one half-format specialization the fast tier calls (float16 NC inference, serial).
 #: The session summary names any kernel a test still compiled itself.
 _WARMUP_PARTS = {
-    "nc-forward": [
-        dict(dtypes=("float32", "float64"), mixed=False, layouts=("NC",), ops=("forward-train",)),
+    "nc-forward-parallel": [
+        dict(dtypes=("float32", "float64"), mixed=False, layouts=("NC",), ops=("forward-train",),
+             variants=("rows",)),
+    ],
+    "nc-forward-serial": [
         dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("forward-train",),
+             variants=("serial",)),
+        dict(dtypes=("float64",), mixed=False, layouts=("NC",), ops=("forward-train",),
              variants=("serial",)),
     ],
     "nc-inference": [
         dict(dtypes=("float32", "float64"), mixed=False, layouts=("NC",), ops=("inference",)),
-        dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("inference",)),
+        dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("inference",),
+             variants=("serial",)),
         dict(dtypes=("float16",), mixed=False, layouts=("NC",), ops=("inference",),
              variants=("serial",)),
     ],

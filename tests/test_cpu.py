@@ -153,10 +153,9 @@ def test_mixed_forms_match_the_reference_and_each_other(shape, axis):
     g, b = (np.abs(v.astype(np.float64)).reshape(bshape) for v in (gamma, beta))
     bound = (2 * 8 + 16) * 2.0**-24 * (g + b + np.abs(ry))
     assert np.all(np.abs(y - ry) <= bound)
-    yi = nbbn.batch_norm_infer(x, sm, 1 / si.astype(np.float64) ** 2 - 1e-5, gamma, beta,
-                               channel_axis=axis)
-    ryi = ref.inference(x, sm, 1 / si.astype(np.float64) ** 2 - 1e-5, gamma, beta,
-                    channel_axis=axis)
+    var = (1 / si.astype(np.float64) ** 2 - 1e-5).astype(np.float32)  # x's dtype, as sm's
+    yi = nbbn.batch_norm_infer(x, sm, var, gamma, beta, channel_axis=axis)
+    ryi = ref.inference(x, sm, var, gamma, beta, channel_axis=axis)
     assert rel_err(yi, ryi) <= tolerance("y", np.float32)
     dx, dg, db = nbbn.batch_norm_backward(dy, x, sm, si, gamma, channel_axis=axis)
     rdx, rdg, rdb = ref.backward(dy, x, sm, si, gamma, channel_axis=axis)

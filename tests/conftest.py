@@ -89,11 +89,11 @@ WARMUP_TIMEOUT_S = 900.0
 #: calls, and five uneven parts on two cores finish together where two did not (measured: two
 #: parts split NC forward+inference / the rest finished 23 s apart). Splitting by x dtype
 #: instead, as rounds 3-4 did, had two processes save the same functions' cache indexes at
-#: the same time. Numba updates an index by
-#: an unlocked read-modify-write, so one process's entries were lost, and the next session
-#: compiled them again (a "warm" run took 191 s instead of 127 s).
+#: the same time. Numba updates an index by an unlocked read-modify-write, so one process's
+#: entries were lost, and the next session compiled them again (a "warm" run took 191 s
+#: instead of 127 s).
 #:
-#: Each part compiles three sets:
+#: Together the parts compile three sets (dtype names NumPy knows: no bfloat16 here):
 #:   - float32 and float64 with vectors of x's dtype, every variant, but float64 backward
 #:     the serial twins only (the fast tier runs no other: tests/test_conformance.py's
 #:     FAST_F64_BACKWARD);
@@ -143,11 +143,8 @@ try:
     import numpy as np
     from nbbn.cpu import precompile
     from nbbn.spec import Layout, Op
-    from nbbn.validate import _bfloat16
-    names = {"bfloat16": _bfloat16()}
     for spec in json.loads(sys.argv[1]):
-        dtypes = [names.get(d) or np.dtype(d) for d in spec["dtypes"]]
-        precompile([d for d in dtypes if d is not None], mixed=spec["mixed"],
+        precompile([np.dtype(d) for d in spec["dtypes"]], mixed=spec["mixed"],
                    layouts=[Layout(v) for v in spec["layouts"]],
                    ops=[Op(v) for v in spec["ops"]], variants=spec.get("variants"))
     status = "ok"
@@ -227,7 +224,7 @@ def pytest_runtest_setup(item):
     for part, p in procs.items():
         if p.wait() != 0:
             raise RuntimeError(f"compiling the CPU kernels ({part}) failed (exit {p.returncode})")
-        _WARMUP["done", part] = time.perf_counter() - _WARMUP["t0"]
+        _WARMUP.setdefault("done", {})[part] = time.perf_counter() - _WARMUP["t0"]
     _WARMUP["waited"] = time.perf_counter() - waited
 
 
@@ -260,7 +257,7 @@ def pytest_sessionfinish(session):
             p.wait()
             f = _WARMUP["dir"] / f"{part}.status"
             if f.exists():  # seconds from the warm-up's start to its status file's write
-                _WARMUP["done", part] = f.stat().st_mtime - _WARMUP["wall0"]
+                _WARMUP.setdefault("done", {})[part] = f.stat().st_mtime - _WARMUP["wall0"]
 
 
 _MISSED: dict = {}
@@ -301,7 +298,7 @@ def pytest_terminal_summary(terminalreporter):
     """The warm-up's times, and any CPU kernel the tests still compiled themselves."""
     if _xdist_worker(terminalreporter.config):
         return
-    done = {k[1]: v for k, v in _WARMUP.items() if isinstance(k, tuple) and k[0] == "done"}
+    done = _WARMUP.get("done", {})
     if done:
         where = "the xdist workers" if "dir" in _WARMUP else "the first tests"
         terminalreporter.write_line(

@@ -41,9 +41,6 @@ from nbbn.accuracy.sampling import SamplingConfig, load_activations, run_samplin
 from nbbn.seeds import rng_for
 from nbbn.tolerances import tolerance
 
-#: One xdist worker runs this module: its tests share module fixtures.
-pytestmark = pytest.mark.xdist_group("accuracy")
-
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 Z = 4.0  # standard errors allowed in statistical checks
 

@@ -171,29 +171,26 @@ def _params():
                                                    and offset == OFFSETS[-1])
                     name = f"{backend}-{_case_id(case)}-{np.dtype(dtype).name}-{offset}"
                     if device or slow or dtype is not np.float64:
-                        yield pytest.param(backend, case, dtype, offset, None,
+                        yield pytest.param(backend, case, dtype, offset, "all",
                                            marks=[pytest.mark.slow] if slow else [], id=name)
                         continue
-                    yield pytest.param(backend, case, dtype, offset, FAST_F64_BACKWARD, id=name)
-                    yield pytest.param(backend, case, dtype, offset, ("-",) + FAST_F64_BACKWARD,
+                    yield pytest.param(backend, case, dtype, offset, "fast-f64", id=name)
+                    yield pytest.param(backend, case, dtype, offset, "parallel-backward",
                                        marks=[pytest.mark.slow], id=name + "-parallel")
 
 
-def _keep(spec, op, bwd) -> bool:
-    """``bwd``: None (every op and variant); the backward variants to run (and every forward-train
-    and inference variant); or ("-", names...): the backward variants but those, and nothing
-    else (the exhaustive tier's complement of a fast case)."""
-    if bwd is None:
-        return True
-    if op is not Op.BACKWARD:
-        return bwd[0] != "-"
-    if bwd[0] == "-":
-        return spec.variant not in bwd[1:]
-    return spec.variant in bwd
+def _keep(spec, op, part: str) -> bool:
+    """Whether a case's ``part`` runs this (op, variant): "all"; "fast-f64", every forward-train
+    and inference variant and backward's FAST_F64_BACKWARD; "parallel-backward", the other
+    backward variants only (the exhaustive tier's complement of a "fast-f64" case)."""
+    fast_bwd = spec.variant in FAST_F64_BACKWARD
+    return {"all": True,
+            "fast-f64": op is not Op.BACKWARD or fast_bwd,
+            "parallel-backward": op is Op.BACKWARD and not fast_bwd}[part]
 
 
-@pytest.mark.parametrize("backend, case, dtype, offset, bwd", list(_params()))
-def test_every_kernel_against_the_reference(backend, case, dtype, offset, bwd):
+@pytest.mark.parametrize("backend, case, dtype, offset, part", list(_params()))
+def test_every_kernel_against_the_reference(backend, case, dtype, offset, part):
     _usable(backend)
     shape, axis, _ = case
     sim = _simulated(backend)
@@ -219,7 +216,7 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset, bwd):
     checked = 0
 
     for spec in _specs(backend, Op.FORWARD_TRAIN, geom.layout):
-        if not _keep(spec, Op.FORWARD_TRAIN, bwd):
+        if not _keep(spec, Op.FORWARD_TRAIN, part):
             continue
         for fusion in FORWARD_FUSIONS:
             if not _selected(spec, fusion, sim):
@@ -247,7 +244,7 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset, bwd):
     # Backward gets the statistics rounded to their dtype; the reference uses the exact ones.
     sm, si = rmean.astype(vdt), rinvstd.astype(vdt)
     for spec in _specs(backend, Op.BACKWARD, geom.layout):
-        if not _keep(spec, Op.BACKWARD, bwd):
+        if not _keep(spec, Op.BACKWARD, part):
             continue
         for fusion in BACKWARD_FUSIONS:
             if not _selected(spec, fusion, sim):
@@ -278,7 +275,7 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset, bwd):
             checked += 1
 
     for spec in _specs(backend, Op.INFERENCE, geom.layout):
-        if not _keep(spec, Op.INFERENCE, bwd):
+        if not _keep(spec, Op.INFERENCE, part):
             continue
         for fusion in FORWARD_FUSIONS:
             if not _selected(spec, fusion, sim):

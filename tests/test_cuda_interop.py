@@ -22,9 +22,6 @@ from nbbn.spec import Op
 
 from .helpers import assert_close, make_x
 
-#: One xdist worker runs this module: its tests share module fixtures.
-pytestmark = pytest.mark.xdist_group("cuda-interop")
-
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 cudasim_only = pytest.mark.skipif(
     not SIMULATOR, reason="stand-ins point at host memory: only the simulator can read it")

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 #: Compiling every kernel for every dtype and capability takes minutes: the full tier.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ptx")]  # shared module fixtures
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,6 @@ from nbbn import registry, validate
 from nbbn.distributed import merge_stats, mpiexec_command, rank_environment
 from nbbn.tolerances import tolerance
 
-#: One xdist worker runs this module: its tests share module fixtures.
-pytestmark = pytest.mark.xdist_group("mpi")
-
 ROOT = Path(__file__).resolve().parent.parent
 #: Seconds one mpiexec launch may take (kernels are compiled before, by the warm fixture).
 LAUNCH_TIMEOUT = 240

@@ -62,6 +62,8 @@ import threading
 import time
 
 import numpy as np
+from numba.core import types
+from numba.np import numpy_support
 
 _LOCK = threading.Lock()
 _INSTALLED: dict = {}
@@ -72,9 +74,6 @@ def _shared_array(self, shape, dtype, alignment=None):
     once under a lock (see the module doc)."""
     if shape == 0 or alignment is not None:
         return _INSTALLED["original"](self, shape, dtype, alignment)
-    from numba.core import types
-    from numba.np import numpy_support
-
     if isinstance(dtype, types.Type):
         dtype = numpy_support.as_dtype(dtype)
     frame = sys._getframe(1)  # the kernel or device function that asks

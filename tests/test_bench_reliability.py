@@ -16,7 +16,7 @@ import pytest
 from nbbn.bench import baselines, limits, roofline, stats
 from nbbn.bench.compare import compare, label_change
 from nbbn.bench.report import tidy
-from nbbn.bench.run import FULL, QUICK, estimate_seconds, make_sweep, run
+from nbbn.bench.run import FULL, QUICK, RunBudget, estimate_seconds, make_sweep, run
 from nbbn.bench.runner import SCHEMA
 from nbbn.bench.sweep import make_plan
 from nbbn.spec import Fusion, Op
@@ -246,6 +246,59 @@ def test_trials_rows_and_samples(tmp_path):
     assert all(len(r["times_us"][0]) == len(r["labels"]) for r in recs)
     meta = json.loads((tmp_path / "run.json").read_text())
     assert meta["estimated_s"] > 0
+
+
+def test_run_budget_shares_the_time_left_among_the_points_left():
+    """The budget's arithmetic on a clock of our own: a roomy budget leaves --max-time alone;
+    a tight one splits what is left after the remaining points' set-up; set-up measured above
+    the estimate is charged to every point still to run; a spent budget gives 0 (the stopping
+    rule then takes --min-trials only)."""
+    plan = make_plan(make_sweep(backends="cpu,numpy", ops="inference", shapes="NC:6",
+                                batch_sizes="4,8,16,32"))
+    groups = [g for g in plan.groups if g.run]
+    assert len(groups) == 4
+    roomy = RunBudget(1000.0, FULL, plan.groups, start=0.0)
+    assert roomy.point_budget(groups[0], now=0.0) == FULL.max_time
+    b = RunBudget(10.0, FULL, plan.groups, start=0.0)
+    setup = sum(b.setup_est.values())
+    first = b.point_budget(groups[0], now=0.0)
+    assert first == pytest.approx((10.0 - RunBudget.REPORT_S - setup) / 4)
+    assert 0 < first < FULL.max_time
+    b.done(groups[0], wall_s=first + b.setup_est[id(groups[0])] + 0.2, sampling_s=first)
+    assert b.extra == [pytest.approx(0.2)]
+    left = sum(b.setup_est.values()) + 3 * 0.2
+    second = b.point_budget(groups[1], now=first + 1.0)
+    assert second == pytest.approx((10.0 - RunBudget.REPORT_S - first - 1.0 - left) / 3)
+    assert b.point_budget(groups[2], now=100.0) == 0.0
+
+
+def test_budget_caps_each_points_sampling_and_is_recorded(tmp_path):
+    df = run(backends="cpu,numpy", ops="inference", shapes="NC:6", batch_sizes="4,8",
+             min_trials=2, max_trials=50, out=tmp_path, budget=0.001,
+             **{**FAST, "max_time": 5.0})
+    assert (df["status"] == "ok").all(), df[["backend", "error"]]
+    assert (df["sampling_budget_s"] == 0.0).all() and (df["trials"] == 2).all()
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert meta["budget_s"] == 0.001 and meta["wall_s"] > 0
+    free = run(backends="cpu", ops="inference", shapes="NC:6", batch_sizes="4", min_trials=2,
+               max_trials=2, budget=0, **FAST)
+    assert (free["sampling_budget_s"] == FAST["max_time"]).all()
+
+
+def test_budget_defaults_to_the_default_sweep_only():
+    """No axes and no --max-time is the default sweep: 170 s; a sweep the user shaped: none."""
+    from nbbn.bench.run import DEFAULT_BUDGET_S, HarnessError, run_budget
+
+    plain = {"quick": False, "sweep": None, "shapes": None, "batch_sizes": None,
+             "max_time": None}
+    assert run_budget(None, **plain) == DEFAULT_BUDGET_S
+    for k, v in (("quick", True), ("sweep", "cpu-targets"), ("shapes", "NC:6"),
+                 ("batch_sizes", "1"), ("max_time", 1.0)):
+        assert run_budget(None, **{**plain, k: v}) is None, k
+    assert run_budget(0, **plain) is None and run_budget(30, **plain) == 30.0
+    for bad in (float("nan"), float("inf"), -1, "x"):
+        with pytest.raises(HarnessError, match="--budget"):
+            run_budget(bad, **plain)
 
 
 @pytest.mark.slow  # starts worker processes (~2.5 s each)

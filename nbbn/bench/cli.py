@@ -190,6 +190,11 @@ def _sizes(d):
                    "start per trial group). [default: workers; --quick: none]")
 @click.option("--workers", type=click.IntRange(1), default=None,
               help=f"Worker processes with --isolate workers. [default: {FULL.workers}]")
+@click.option("--budget", type=FiniteFloat(0), default=None, metavar="SECONDS",
+              help="Wall-time budget of the whole run: each point's sampling (--max-time) "
+                   "shrinks where the run's remaining time is short (--min-trials still run); "
+                   "0: none. [default: 170 for the default sweep (no --sweep, --shapes, "
+                   "--batch-sizes, --max-time or --quick), else none]")
 @click.option("--sets-per-process", type=click.IntRange(1), default=1, show_default=True,
               help="Trials (buffer sets) per worker process with --isolate process.")
 @click.option("--warmup", type=click.IntRange(0), default=None,
@@ -223,7 +228,7 @@ def _sizes(d):
 @click.pass_context
 def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, batch_sizes,
           shapes, baseline, min_rounds, max_rounds, max_time, ci, min_trials, max_trials,
-          trial_time, isolate, workers, sets_per_process, warmup, seed, threads, quick,
+          trial_time, isolate, workers, budget, sets_per_process, warmup, seed, threads, quick,
           out, resume, plots, require_quiet, quiet_timeout, quiet_load, list_only):
     """Sweep, check, time and report kernels against the baselines and a copy.
 
@@ -245,6 +250,7 @@ def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, 
                  min_rounds=min_rounds, max_rounds=max_rounds, max_time=max_time, ci=ci,
                  min_trials=min_trials, max_trials=max_trials, trial_time=trial_time,
                  isolate=isolate, workers=workers, sets_per_process=sets_per_process,
+                 budget=budget,
                  seed=seed, threads=threads, out=out, resume=resume, plots=plots,
                  require_quiet=require_quiet, quiet_timeout=quiet_timeout,
                  quiet_load=quiet_load, echo=click.echo, command=command_line(ctx))

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -54,6 +55,10 @@ QUICK = TimingConfig(warmup=1, min_rounds=3, max_time=0.05, ci_rel=0.05, bootstr
 #: configuration's check, a worker process's start (imports, JIT cache loads), a worker's
 #: set-up of a point (data, first calls).
 EST_POINT_S, EST_CONFIG_S, EST_PROCESS_S, EST_WORKER_POINT_S = 0.15, 0.1, 2.5, 0.1
+#: The default sweep's wall-time budget (s): it promises <= 3 minutes on 2 cores with a warm
+#: JIT cache, and a run's set-up costs vary by more than the estimate's margin (189 s once
+#: against an estimate of 176 s: results/reliability). --budget 0 turns the budget off.
+DEFAULT_BUDGET_S = 170.0
 SAMPLES_FILE = "samples.jsonl"
 ISOLATE = ("workers", "none", "process")
 
@@ -81,6 +86,39 @@ def estimate_seconds(plan, timing: TimingConfig) -> float:
     return total
 
 
+class RunBudget:
+    """Shares a run's wall-time budget among its points: before each point, its sampling budget
+    is what the run has left, less the set-up the remaining points will need, divided among
+    them, and never more than ``max_time``. The set-up of a point (data, checks, workers'
+    buffers: everything but sampling) is the mean measured so far, and the estimate's
+    per-point constants until one is measured. Sampling still takes ``min_trials`` trials, so
+    a budget too small for the plan overruns by those, and says so."""
+
+    #: Seconds kept for the reports after the last point (tables, plots).
+    REPORT_S = 5.0
+
+    def __init__(self, seconds: float, timing: TimingConfig, groups, start: float):
+        self.seconds = seconds
+        self.deadline = start + seconds - self.REPORT_S
+        self.timing = timing
+        workers = min(timing.workers, timing.max_trials) if timing.isolate == "workers" else 0
+        self.setup_est = {id(g): EST_POINT_S + EST_CONFIG_S * len(g.run)
+                          + EST_WORKER_POINT_S * workers for g in groups if g.run}
+        self.extra: list[float] = []  # measured set-up over the estimate, per point
+
+    def point_budget(self, group, now: float) -> float:
+        left = [k for k in self.setup_est]
+        bias = float(sum(self.extra) / len(self.extra)) if self.extra else 0.0
+        setup = sum(self.setup_est[k] + bias for k in left)
+        share = (self.deadline - now - setup) / max(1, len(left))
+        return float(min(self.timing.max_time, max(0.0, share)))
+
+    def done(self, group, wall_s: float, sampling_s: float) -> None:
+        est = self.setup_est.pop(id(group), None)
+        if est is not None:
+            self.extra.append(max(0.0, wall_s - sampling_s) - est)
+
+
 class HarnessError(ValueError):
     """Bad input; the message is one line (the CLI prints it as such, exit status 2)."""
 
@@ -88,6 +126,25 @@ class HarnessError(ValueError):
 class RunRefused(HarnessError):
     """Good input, but the run cannot go ahead here: output folder not writable, a resume file
     that is not ours, a host that is not quiet (exit status 1)."""
+
+
+def run_budget(budget: float | None, *, quick: bool, sweep, shapes, batch_sizes,
+               max_time) -> float | None:
+    """The run's wall-time budget in seconds, or None: ``budget`` as given (0: none), else
+    :data:`DEFAULT_BUDGET_S` for the default sweep -- no ``sweep``, ``shapes``,
+    ``batch_sizes`` or ``max_time`` given, not ``quick`` -- whose 3-minute promise it keeps,
+    and none for a sweep the user shaped (its per-point settings are theirs)."""
+    if budget is None:
+        default = not quick and sweep is None and shapes is None and batch_sizes is None \
+            and max_time is None
+        return DEFAULT_BUDGET_S if default else None
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise HarnessError(f"--budget must be a finite number of seconds >= 0, got {budget}")
+    return value or None
 
 
 def _names(value, what: str, allowed: Iterable[str] | None = None) -> tuple[str, ...] | None:
@@ -245,7 +302,7 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
         max_time: float | None = None, ci: float | None = None, bootstrap: int | None = None,
         min_trials: int | None = None, max_trials: int | None = None,
         trial_time: float | None = None, isolate: str | None = None,
-        sets_per_process: int = 1, workers: int | None = None,
+        sets_per_process: int = 1, workers: int | None = None, budget: float | None = None,
         seed: int = 0, threads: int | None = None, out=None, resume: bool = False,
         plots: bool = True, require_quiet: bool = False, quiet_timeout: float = 120.0,
         quiet_load: float = 0.5, allow_simulator: bool = False, progress: bool | None = None,
@@ -261,7 +318,10 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     ``quick``). With ``out`` the rows are logged and the reports written there; ``resume`` runs
     only the points not already done in ``out``. ``require_quiet`` waits up to
     ``quiet_timeout`` seconds for a 1-minute load below ``quiet_load``, else raises
-    :class:`HarnessError`. ``allow_simulator`` times CUDA backends under the simulator (tests).
+    :class:`HarnessError`. ``budget``: the run's wall-time budget in seconds
+    (:class:`RunBudget`; 0: none); by default :data:`DEFAULT_BUDGET_S` for the default sweep
+    (no ``sweep``, ``shapes``, ``batch_sizes`` or ``max_time`` given, not ``quick``) and none
+    otherwise. ``allow_simulator`` times CUDA backends under the simulator (tests).
 
     The returned DataFrame carries ``attrs["ratios"]`` (every pair's paired speed-up, tidy),
     ``attrs["meta"]`` (command, loads before and after, timing). Bad input raises
@@ -269,6 +329,9 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     finished rows and the reports are written.
     """
     echo = echo or (lambda s: print(s, file=sys.stderr))
+    started = time.monotonic()
+    budget = run_budget(budget, quick=quick, sweep=sweep, shapes=shapes,
+                        batch_sizes=batch_sizes, max_time=max_time)
     the_sweep = make_sweep(backends=backends, ops=ops, layouts=layouts, dtypes=dtypes,
                            shapes=shapes, batch_sizes=batch_sizes, sweep=sweep,
                            variants=variants, fusions=fusions, calls=calls, caches=caches,
@@ -364,6 +427,10 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     est = estimate_seconds(plan, timing)
     echo(f"Estimated run time: about {est:.0f} s ({est / 60:.1f} min) at most for the "
          "sampling and checks (compilation not included; a warm JIT cache loads in seconds)")
+    if budget is not None:
+        echo(f"Budget: {budget:g} s for the whole run (--budget): each point samples for at "
+             f"most {timing.max_time:g} s, less where the run's remaining time is short "
+             "(rows: sampling_budget_s)")
     busy = _busy_warning(load_before)
     if busy:
         echo(busy)
@@ -395,7 +462,7 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     interrupted = False
     meta = {"command": command, "run_id": run_id, "schema": SCHEMA,
             "load_before_1m": load_before, "timing": dataclasses.asdict(timing), "sweep": sweep,
-            "quiet_required": require_quiet, "estimated_s": est}
+            "quiet_required": require_quiet, "estimated_s": est, "budget_s": budget}
     try:
         if timing.isolate == "workers" and plan.run:
             from . import worker
@@ -404,6 +471,17 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
             if threads is not None:  # PyTorch's pool too, even if torch is not loaded here yet
                 counts = (counts[0], int(threads))
             runner.pool = worker.WorkerPool(min(timing.workers, timing.max_trials), counts)
+        shares = RunBudget(budget, timing, plan.groups, started) if budget else None
+
+        def run_group(group):
+            t0 = time.monotonic()
+            if shares is not None and group.run:
+                runner.point_max_time = shares.point_budget(group, t0)
+            runner.last_sampling_s = 0.0
+            runner.run_group(group)
+            if shares is not None and group.run:
+                shares.done(group, time.monotonic() - t0, runner.last_sampling_s)
+
         if show:
             import click
 
@@ -411,11 +489,11 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
                                    show_pos=True, file=sys.stderr,
                                    item_show_func=lambda _: None) as bar:
                 for group in plan.groups:
-                    runner.run_group(group)
+                    run_group(group)
                     bar.update(len(group.run))
         else:
             for group in plan.groups:
-                runner.run_group(group)
+                run_group(group)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -425,6 +503,7 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
             log.close()
         restore()
         meta["load_after_1m"] = output.load_average()
+        meta["wall_s"] = round(time.monotonic() - started, 1)
         meta["interrupted"] = interrupted
         if out is not None:
             files, message, df, rdf = write_report(out, command, meta, make_plots=plots)

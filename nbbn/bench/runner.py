@@ -56,7 +56,8 @@ COLUMNS = (
     "N", "C", "H", "W", "shape", "x_shape", "m", "tag",
     "status", "skip_reason", "error", "passed", "rel_err", "worst_output", "tolerance", "errors",
     "notes",
-    "compile_s", "timer", "trials", "processes", "rounds", "converged", "ci_halfwidth_pct_max",
+    "compile_s", "timer", "trials", "processes", "rounds", "converged", "sampling_budget_s",
+    "ci_halfwidth_pct_max",
     "between_process_sd_pct", "between_trial_sd_pct", "within_trial_sd_pct",
     "time_ms_p50", "time_ms_ci_lo", "time_ms_ci_hi", "time_ms_p20", "time_ms_p80", "time_ms_min",
     "noise_pct",
@@ -117,7 +118,9 @@ COLUMN_DOCS = {
                             "×100 (≈ %)",
     "within_trial_sd_pct": "pooled robust sd (1.4826·MAD) of the per-round log ratio within a "
                            "trial, ×100 (≈ %)",
-    "converged": "every ratio of the point reached the --ci target before --max-time",
+    "converged": "every ratio of the point reached the --ci target before its sampling budget",
+    "sampling_budget_s": "the point's sampling budget (s): --max-time, or less where the run's "
+                         "--budget left less (run.py, RunBudget); --min-trials run regardless",
     "ci_halfwidth_pct_max": "widest half-width of this row's ratio intervals, % of the ratio",
     "time_ms_p50": "time of one call (ms): geometric mean over trials of the trial medians",
     "time_ms_ci_lo": "its 95% trial interval (two-level bootstrap, stats.py)",
@@ -187,6 +190,11 @@ class Runner:
         self.load_before = load_before
         self.baseline = baseline
         self._data = None
+        #: This point's sampling budget in seconds (None: ``timing.max_time``); set by the
+        #: run's wall-time budget (:class:`nbbn.bench.run.RunBudget`) before each point.
+        self.point_max_time: float | None = None
+        #: Seconds the last point spent taking trials (the budget's measure of set-up costs).
+        self.last_sampling_s = 0.0
 
     # ----------------------------------------------------------------------------- rows
 
@@ -414,6 +422,7 @@ class Runner:
         units = None
         if t.isolate == "process" or workers:
             state.clear()  # the workers allocate their own: free the checked buffers here
+        max_time = t.max_time if self.point_max_time is None else self.point_max_time
         start = time.monotonic()
         while True:
             first = len(blocks)
@@ -435,11 +444,12 @@ class Runner:
             procs += [pid] * len(b)
             notes += [x for x in n if x not in notes]
             elapsed = time.monotonic() - start
+            self.last_sampling_s = elapsed
             if len(set(procs)) > 1:
                 units = procs
             if len(blocks) >= t.min_trials:
                 done, _ = stats.trials_converged(blocks, pairs, t.ci_rel, rng, units=units)
-                if done or elapsed >= t.max_time or len(blocks) >= t.max_trials:
+                if done or elapsed >= max_time or len(blocks) >= t.max_trials:
                     return blocks, names, notes, procs, done
 
     def _time(self, group, dev, data, state, order, rows) -> None:
@@ -509,6 +519,8 @@ class Runner:
             row.update(status="ok", rounds=rounds, trials=len(blocks),
                        processes=len(set(procs)),
                        converged=bool(done),
+                       sampling_budget_s=(self.timing.max_time if self.point_max_time is None
+                                          else self.point_max_time),
                        time_ms_p50=t_iv.median * 1e3, time_ms_ci_lo=t_iv.lo * 1e3,
                        time_ms_ci_hi=t_iv.hi * 1e3, time_ms_p20=p20 * 1e3,
                        time_ms_p80=p80 * 1e3, time_ms_min=float(s.min()) * 1e3,

@@ -249,7 +249,8 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
         seed: int = 0, threads: int | None = None, out=None, resume: bool = False,
         plots: bool = True, require_quiet: bool = False, quiet_timeout: float = 120.0,
         quiet_load: float = 0.5, allow_simulator: bool = False, progress: bool | None = None,
-        echo: Callable[[str], None] | None = None, command: str | None = None) -> pd.DataFrame:
+        echo: Callable[[str], None] | None = None, command: str | None = None,
+        against=None) -> pd.DataFrame:
     """Plan, check, time and report a sweep; return its tidy rows (one per configuration).
 
     Lists may be given as sequences or comma-separated strings. ``sweep`` names a target sweep
@@ -262,6 +263,8 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     only the points not already done in ``out``. ``require_quiet`` waits up to
     ``quiet_timeout`` seconds for a 1-minute load below ``quiet_load``, else raises
     :class:`HarnessError`. ``allow_simulator`` times CUDA backends under the simulator (tests).
+    ``against``: ``[NAME=]PATH`` items (a string or a sequence), each another checkout whose
+    CPU kernels become the backend ``cpu@NAME`` (:mod:`.against`), timed with the others.
 
     The returned DataFrame carries ``attrs["ratios"]`` (every pair's paired speed-up, tidy),
     ``attrs["meta"]`` (command, loads before and after, timing). Bad input raises
@@ -269,6 +272,13 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     finished rows and the reports are written.
     """
     echo = echo or (lambda s: print(s, file=sys.stderr))
+    if against:
+        from .against import AgainstError, register_all
+
+        try:
+            register_all([against] if isinstance(against, str) else against)
+        except AgainstError as exc:
+            raise HarnessError(str(exc)) from None
     the_sweep = make_sweep(backends=backends, ops=ops, layouts=layouts, dtypes=dtypes,
                            shapes=shapes, batch_sizes=batch_sizes, sweep=sweep,
                            variants=variants, fusions=fusions, calls=calls, caches=caches,
@@ -403,7 +413,10 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
             counts = worker.threads()
             if threads is not None:  # PyTorch's pool too, even if torch is not loaded here yet
                 counts = (counts[0], int(threads))
-            runner.pool = worker.WorkerPool(min(timing.workers, timing.max_trials), counts)
+            from .against import registered
+
+            runner.pool = worker.WorkerPool(min(timing.workers, timing.max_trials), counts,
+                                            registered())
         if show:
             import click
 

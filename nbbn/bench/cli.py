@@ -110,6 +110,19 @@ def _list_backends() -> None:
 _BACKEND_HELP = ", ".join(registry.backend_names())
 
 
+def _register_against(ctx, param, value):
+    """--against is eager: its cpu@NAME backends are registered before --backend is checked."""
+    if not value:
+        return ()
+    from .against import AgainstError, register_all
+
+    try:
+        register_all(value)
+    except AgainstError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return tuple(value)
+
+
 def _sizes(d):
     return f"NC {','.join(map(str, d['NC']))}, NCHW/NHWC {','.join(map(str, d['spatial']))}"
 
@@ -223,13 +236,19 @@ def _sizes(d):
               metavar="SECONDS", help="How long --require-quiet waits.")
 @click.option("--quiet-load", type=FiniteFloat(0), default=0.5, show_default=True,
               help="The 1-minute load average --require-quiet waits for.")
+@click.option("--against", multiple=True, metavar="[NAME=]PATH", is_eager=True,
+              callback=_register_against, expose_value=True,
+              help="A/B of two code versions in one run: load the CPU kernels of another "
+                   "checkout (PATH holds an nbbn/ package, e.g. a git worktree of main) as the "
+                   "backend cpu@NAME (NAME: PATH's basename unless given), timed in the same "
+                   "rounds as cpu; then nbbn compare OUT --pair cpu@NAME=cpu. Repeatable.")
 @click.option("--list", "list_only", is_flag=True,
               help="List backends (availability, variants), shape presets and named sweeps.")
 @click.pass_context
 def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, batch_sizes,
           shapes, baseline, min_rounds, max_rounds, max_time, ci, min_trials, max_trials,
           trial_time, isolate, workers, budget, sets_per_process, warmup, seed, threads, quick,
-          out, resume, plots, require_quiet, quiet_timeout, quiet_load, list_only):
+          out, resume, plots, require_quiet, quiet_timeout, quiet_load, against, list_only):
     """Sweep, check, time and report kernels against the baselines and a copy.
 
     The configurations of a point (every backend and variant, and a copy of x) are checked
@@ -253,7 +272,8 @@ def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, 
                  budget=budget,
                  seed=seed, threads=threads, out=out, resume=resume, plots=plots,
                  require_quiet=require_quiet, quiet_timeout=quiet_timeout,
-                 quiet_load=quiet_load, echo=click.echo, command=command_line(ctx))
+                 quiet_load=quiet_load, echo=click.echo, command=command_line(ctx),
+                 against=against or None)
     except RunRefused as exc:
         raise click.ClickException(str(exc)) from None
     except HarnessError as exc:
@@ -274,54 +294,93 @@ def bench(ctx, sweep, op, layout, backend, variant, dtype, fusion, call, cache, 
 
 @click.command("compare", cls=OneLineCommand,
                context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("old", type=click.Path(path_type=Path))
-@click.argument("new", type=click.Path(path_type=Path))
+@click.argument("old", metavar="OLD|RUN", type=click.Path(path_type=Path))
+@click.argument("new", required=False, type=click.Path(path_type=Path))
+@click.option("--pair", "pairs", multiple=True, metavar="NEW=OLD",
+              help="A/B in one run: label time(NEW)/time(OLD) at each point of RUN, both timed "
+                   "in the same rounds, processes and buffer sets (its ratios.jsonl), e.g. "
+                   "--pair cpu-slowed=cpu or --pair cpu@main=cpu. Each side is BACKEND or "
+                   "BACKEND:VARIANT (without variants, each variant is paired with its "
+                   "namesake). Repeatable.")
 @click.option("--metric", type=click.Choice(METRICS), default="copy", show_default=True,
-              help="copy: time over the copy timed in the same loop; baseline: time over the "
-                   "reference baseline's; time: the median time itself.")
+              help="Across runs: copy: time over the copy timed in the same loop; baseline: "
+                   "time over the reference baseline's; time: the median time itself. (--pair "
+                   "compares the paired time ratio.)")
 @click.option("--margin", "--threshold", "margin", type=click.FloatRange(0, min_open=True),
               default=DEFAULT_MARGIN, show_default=True,
               help="Equivalence margin: changes within ±margin count as the same; faster and "
                    "slower need the change's whole interval beyond it.")
-@click.option("--run-sd", type=FiniteFloat(0), default=DEFAULT_RUN_SD, show_default=True,
+@click.option("--run-sd", type=FiniteFloat(0), default=None,
               help="Between-run sd of log(metric) that no run's trials see (the run level of "
-                   "`nbbn report variance`), added to the change's interval.")
+                   "`nbbn report variance`), added to the change's interval: twice across runs "
+                   f"(se² += 2·run_sd²), once with --pair (se² += run_sd²). [default: "
+                   f"{DEFAULT_RUN_SD} across runs; 0 with --pair, whose sides share the run]")
 @click.option("--rename", "rename", multiple=True, metavar="NEW=OLD",
-              help="Compare NEW's backend NEW with OLD's backend OLD (the A/B experiment: "
-                   "--rename cpu-slowed=cpu).")
+              help="Across runs: compare NEW's backend NEW with OLD's backend OLD (--rename "
+                   "cpu-slowed=cpu). One run per side cannot resolve 15% on a noisy host: "
+                   "prefer --pair.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the full comparison as CSV here.")
 @click.option("--fail-on-slower", is_flag=True,
               help="Exit with status 1 if any is slower (by the same rule).")
 @click.pass_context
-def compare(ctx, old, new, metric, margin, run_sd, rename, csv_path, fail_on_slower):
-    """Label each configuration of two bench results faster, slower, same or ambiguous.
+def compare(ctx, old, new, pairs, metric, margin, run_sd, rename, csv_path, fail_on_slower):
+    """Label each configuration faster, slower, same or ambiguous: of two bench results
+    (nbbn compare OLD NEW), or of two backends timed in one run (nbbn compare RUN --pair
+    NEW=OLD, the A/B design: the between-run variance cancels in the paired ratio).
 
-    OLD and NEW are bench output folders or their rows.jsonl / bench.csv / bench.json. With the
-    metric's values a (OLD), b (NEW) and their 95% trial intervals, the change d = log(b/a) has
-    the interval d ± 1.96·se, se² = se_a² + se_b² + 2·run_sd² (se from each interval's width):
-    slower when that interval lies above log(1 + margin), faster when it lies below
+    OLD, NEW and RUN are bench output folders (or their rows.jsonl / bench.csv / bench.json;
+    RUN: its ratios.jsonl / ratios.csv). Across runs, with the metric's values a (OLD), b (NEW)
+    and their 95% trial intervals, the change d = log(b/a) has the interval d ± 1.96·se,
+    se² = se_a² + se_b² + 2·run_sd² (se from each interval's width). With --pair, d = log of the
+    paired ratio time(NEW)/time(OLD) and se² = se_ratio² + run_sd² (run_sd 0 unless given).
+    Either way: slower when that interval lies above log(1 + margin), faster when it lies below
     −log(1 + margin), same when it lies within ±log(1 + margin), ambiguous otherwise.
     """
-    from .compare import NotOurs, counts_line, load_results
-    from .compare import compare as compare_frames
+    from click.core import ParameterSource
 
-    try:
-        a, b = load_results(old), load_results(new)
-    except NotOurs as exc:
-        raise click.ClickException(str(exc)) from None
-    mapping = {}
-    for item in rename:
-        new_name, sep, old_name = item.partition("=")
-        if not sep or not new_name or not old_name:
-            raise _usage(f"bad --rename {item!r}: use NEW=OLD, e.g. cpu-slowed=cpu")
-        mapping[new_name] = old_name
-    table = compare_frames(a, b, metric, margin, run_sd, mapping)
-    shown = table.loc[~table["label"].isin(["not timed"]),
-                      ["backend", "variant", "op", "layout", "fusion", "call", "cache", "dtype",
-                       "N", "C", "H", "W", "value_old", "value_new", "change", "change_lo",
-                       "change_hi", "label"]]
-    click.echo(f"metric: {metric} (time-like; change = new/old with its interval)")
+    from .compare import NotOurs, counts_line, load_results
+
+    if pairs:
+        if new is not None:
+            raise _usage(f"--pair compares two backends of one run: nbbn compare RUN --pair "
+                         f"NEW=OLD (got a second run, {new})")
+        for opt in ("metric", "rename"):
+            if ctx.get_parameter_source(opt) is ParameterSource.COMMANDLINE:
+                raise _usage(f"--{opt} compares two runs; --pair compares the paired time "
+                             "ratio of one run: drop one of them")
+        table = _compare_in_run(old, pairs, margin, 0.0 if run_sd is None else run_sd)
+        what = ", ".join(pairs)
+        click.echo(f"in-run pairs {what}: change = time(NEW)/time(OLD), paired in the same "
+                   f"rounds, with its 95% interval (run_sd {0.0 if run_sd is None else run_sd:g})")
+        cols = ["backend", "variant", "vs_backend", "vs_variant", "op", "layout", "fusion",
+                "call", "cache", "dtype", "N", "C", "H", "W", "change", "change_lo",
+                "change_hi", "label"]
+        old_name, new_name = str(old), str(old)
+    else:
+        if new is None:
+            raise _usage("missing NEW: nbbn compare OLD NEW (two runs), or nbbn compare RUN "
+                         "--pair NEW=OLD (two backends of one run)")
+        try:
+            a, b = load_results(old), load_results(new)
+        except NotOurs as exc:
+            raise click.ClickException(str(exc)) from None
+        mapping = {}
+        for item in rename:
+            new_name, sep, old_name = item.partition("=")
+            if not sep or not new_name or not old_name:
+                raise _usage(f"bad --rename {item!r}: use NEW=OLD, e.g. cpu-slowed=cpu")
+            mapping[new_name] = old_name
+        from .compare import compare as compare_frames
+
+        table = compare_frames(a, b, metric, margin,
+                               DEFAULT_RUN_SD if run_sd is None else run_sd, mapping)
+        click.echo(f"metric: {metric} (time-like; change = new/old with its interval)")
+        cols = ["backend", "variant", "op", "layout", "fusion", "call", "cache", "dtype",
+                "N", "C", "H", "W", "value_old", "value_new", "change", "change_lo",
+                "change_hi", "label"]
+        old_name, new_name = str(old), str(new)
+    shown = table.loc[~table["label"].isin(["not timed"]), cols]
     click.echo(markdown_table(shown, ".4g", index=False))
     click.echo("\n" + counts_line(table))
     if csv_path is not None:
@@ -332,12 +391,38 @@ def compare(ctx, old, new, metric, margin, run_sd, rename, csv_path, fail_on_slo
                 from None
     if fail_on_slower:
         if not table["label"].isin(["same", "faster", "slower", "ambiguous"]).any():
+            where = f"{old_name} and {new_name} have" if old_name != new_name \
+                else f"{old_name} has"
             raise click.ClickException(
-                f"--fail-on-slower: {old} and {new} have no timed configuration in common "
+                f"--fail-on-slower: {where} no timed configuration in common "
                 f"({counts_line(table)}); nothing was compared")
         if (table["label"] == "slower").any():
             ctx.exit(1)
 
+
+def _compare_in_run(run, pairs, margin, run_sd):
+    """The in-run table of every --pair (``nbbn.bench.compare.compare_in_run``); one-line
+    errors: exit 1 for a file that is not a run, 2 for a bad pair."""
+    import pandas as pd
+
+    from .compare import NotOurs, PairError, compare_in_run, load_ratios, load_results, parse_pair
+
+    try:
+        ratios = load_ratios(run)
+    except NotOurs as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        rows = load_results(run)
+    except NotOurs:  # a bare ratio file: no statuses for the points not timed together
+        rows = None
+    tables = []
+    for item in pairs:
+        try:
+            new, old = parse_pair(item)
+            tables.append(compare_in_run(ratios, new, old, margin, run_sd, rows))
+        except PairError as exc:
+            raise _usage(str(exc)) from None
+    return pd.concat(tables, ignore_index=True)
 
 
 @click.group("report", context_settings={"help_option_names": ["-h", "--help"]})

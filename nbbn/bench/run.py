@@ -306,7 +306,8 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
         seed: int = 0, threads: int | None = None, out=None, resume: bool = False,
         plots: bool = True, require_quiet: bool = False, quiet_timeout: float = 120.0,
         quiet_load: float = 0.5, allow_simulator: bool = False, progress: bool | None = None,
-        echo: Callable[[str], None] | None = None, command: str | None = None) -> pd.DataFrame:
+        echo: Callable[[str], None] | None = None, command: str | None = None,
+        against=None) -> pd.DataFrame:
     """Plan, check, time and report a sweep; return its tidy rows (one per configuration).
 
     Lists may be given as sequences or comma-separated strings. ``sweep`` names a target sweep
@@ -321,7 +322,10 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     :class:`HarnessError`. ``budget``: the run's wall-time budget in seconds
     (:class:`RunBudget`; 0: none); by default :data:`DEFAULT_BUDGET_S` for the default sweep
     (no ``sweep``, ``shapes``, ``batch_sizes`` or ``max_time`` given, not ``quick``) and none
-    otherwise. ``allow_simulator`` times CUDA backends under the simulator (tests).
+    otherwise.
+    ``allow_simulator`` times CUDA backends under the simulator (tests).
+    ``against``: ``[NAME=]PATH`` items (a string or a sequence), each another checkout whose
+    CPU kernels become the backend ``cpu@NAME`` (:mod:`.against`), timed with the others.
 
     The returned DataFrame carries ``attrs["ratios"]`` (every pair's paired speed-up, tidy),
     ``attrs["meta"]`` (command, loads before and after, timing). Bad input raises
@@ -332,6 +336,13 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     started = time.monotonic()
     budget = run_budget(budget, quick=quick, sweep=sweep, shapes=shapes,
                         batch_sizes=batch_sizes, max_time=max_time)
+    if against:
+        from .against import AgainstError, register_all
+
+        try:
+            register_all([against] if isinstance(against, str) else against)
+        except AgainstError as exc:
+            raise HarnessError(str(exc)) from None
     the_sweep = make_sweep(backends=backends, ops=ops, layouts=layouts, dtypes=dtypes,
                            shapes=shapes, batch_sizes=batch_sizes, sweep=sweep,
                            variants=variants, fusions=fusions, calls=calls, caches=caches,
@@ -470,7 +481,10 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
             counts = worker.threads()
             if threads is not None:  # PyTorch's pool too, even if torch is not loaded here yet
                 counts = (counts[0], int(threads))
-            runner.pool = worker.WorkerPool(min(timing.workers, timing.max_trials), counts)
+            from .against import registered
+
+            runner.pool = worker.WorkerPool(min(timing.workers, timing.max_trials), counts,
+                                            registered())
         shares = RunBudget(budget, timing, plan.groups, started) if budget else None
 
         def run_group(group):

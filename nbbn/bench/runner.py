@@ -431,10 +431,11 @@ class Runner:
                                                  seed_key)
             elif t.isolate == "process":
                 from . import worker
+                from .against import registered
 
                 b, names, n, pid = worker.in_new_process(
                     worker_trials, group, list(order), t, t.sets_per_process, first, seed_key,
-                    worker.threads())
+                    worker.threads(), registered())
             else:
                 b, names, n = self.trials_here(group, dev, data, state.pop("sets", None),
                                                state.pop("cases", None), order, 1, first,
@@ -574,17 +575,20 @@ class Runner:
                               "labels": labels, "times_us": np.round(T * 1e6, 3).tolist()})
 
 
-def worker_trials(group, order, timing, n, first, seed_key, threads):
-    """A worker process's part of ``--isolate process`` (:mod:`.worker`): set the parent's
-    thread counts, build the point's data, run ``n`` trials on fresh buffer sets (warm-up rounds
-    load the JIT cache untimed); (blocks, names, notes, pid), or ("failed", index, message)."""
+def worker_trials(group, order, timing, n, first, seed_key, threads, against=()):
+    """A worker process's part of ``--isolate process`` (:mod:`.worker`): register the parent's
+    ``--against`` copies, set its thread counts, build the point's data, run ``n`` trials on
+    fresh buffer sets (warm-up rounds load the JIT cache untimed); (blocks, names, notes, pid),
+    or ("failed", index, message)."""
     import os
 
     from . import (
         baselines,  # noqa: F401  (registers the baselines)
         worker,
     )
+    from .against import register_all
 
+    register_all(against)
     worker.set_threads(threads)
     dev = devices.device(group.device)
     data = point_data(group.point)

@@ -64,10 +64,10 @@ class WorkerPool:
     :func:`nbbn.bench.runner.pool_trial` calls one at a time. Started all at once (their
     imports overlap, before any timing), closed by :meth:`close` or as a context manager."""
 
-    def __init__(self, n: int, counts: tuple[int, int | None]):
+    def __init__(self, n: int, counts: tuple[int, int | None], against: tuple = ()):
         ctx = multiprocessing.get_context("spawn")
         self._ex = [ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(counts,)) for _ in range(n)]
+                                        initargs=(counts, against)) for _ in range(n)]
         for f in [ex.submit(_pid) for ex in self._ex]:  # start them now, together
             f.result(timeout=TIMEOUT_S)
 
@@ -92,9 +92,12 @@ class WorkerPool:
         self._ex = []
 
 
-def _init_worker(counts) -> None:
+def _init_worker(counts, against=()) -> None:
+    """Baselines and the parent's ``--against`` copies registered, threads set."""
     from . import baselines  # noqa: F401  (registers the baselines)
+    from .against import register_all
 
+    register_all(against)
     set_threads(counts)
 
 

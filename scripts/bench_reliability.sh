@@ -23,6 +23,12 @@
 # seconds, and at least GAP_MIN (30 s); protocol.log has the load before and after each step.
 # (e) the --quick run's wall time (target <= 30 s); A/A run 1 is the fresh default sweep, its
 #     estimate and wall time are in its run.json / protocol.log (target <= 3 minutes).
+# (f) A/A and A/B in one run (round 6): a copy of this tree's nbbn/ loaded as cpu@copy
+#     (--against) and cpu-slowed, timed beside cpu and torch-cpu in the same rounds; nbbn
+#     compare --pair cpu@copy=cpu (A/A: expected 0 faster, 0 slower) and --pair cpu-slowed=cpu
+#     (A/B: expected slower on >= 90%). A warm-up pass first compiles the copy's kernels (its
+#     own Numba cache), so the timed run's budget is not spent compiling.
+# STUDY=0 skips (a) and takes sigma_run from the committed $OUT/variance instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -31,12 +37,14 @@ THREADS=${THREADS:-2}
 GAP_MIN=${GAP_MIN:-30}
 GAP_MAX=${GAP_MAX:-300}
 QUIET=${QUIET:-0.5}
+STUDY=${STUDY:-1}
+COPY=${COPY:-/tmp/nbbn-ab-copy}
 GAP="$PY -c 'import time; from nbbn.output import wait_for_quiet; time.sleep($GAP_MIN); q, l = wait_for_quiet($QUIET, $GAP_MAX, echo=print); print(\"quiet\" if q else \"NOT quiet\", l)'"
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
 
 SUBSET=(-s "NCHW:64,56,56" -s "NHWC:256,14,14" -s "NC:1024" -N 32)
-STUDY=(--backend cpu,torch-cpu --layout NCHW,NHWC,NC --op forward-train,inference
+STUDY_ARGS=(--backend cpu,torch-cpu --layout NCHW,NHWC,NC --op forward-train,inference
        --isolate workers --workers 3 --min-trials 6 --max-trials 6 --trial-time 0.1
        --max-time 10 --threads "$THREADS" --no-plots)
 
@@ -44,11 +52,13 @@ STUDY=(--backend cpu,torch-cpu --layout NCHW,NHWC,NC --op forward-train,inferenc
 STEPS=()
 step() { STEPS+=("$1|$2|$3|$4"); }
 step "quiet" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
-for r in 1 2 3; do
-  step "study run $r" 240 90 "$PY -m nbbn bench ${STUDY[*]} ${SUBSET[*]} --out $OUT/study-run$r"
-  [[ $r -lt 3 ]] && step "gap" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
-done
-step "variance report" 120 10 "$PY -m nbbn report variance $OUT/study-run1 $OUT/study-run2 $OUT/study-run3 --out $OUT/variance"
+if [[ $STUDY == 1 ]]; then
+  for r in 1 2 3; do
+    step "study run $r" 240 90 "$PY -m nbbn bench ${STUDY_ARGS[*]} ${SUBSET[*]} --out $OUT/study-run$r"
+    [[ $r -lt 3 ]] && step "gap" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
+  done
+  step "variance report" 120 10 "$PY -m nbbn report variance $OUT/study-run1 $OUT/study-run2 $OUT/study-run3 --out $OUT/variance"
+fi
 step "A/A run 1" 300 150 "$PY -m nbbn bench --threads $THREADS --no-plots --out $OUT/aa-run1"
 step "gap" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
 step "A/A run 2" 300 150 "$PY -m nbbn bench --threads $THREADS --no-plots --out $OUT/aa-run2"
@@ -57,6 +67,12 @@ step "gap" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
 step "A/B run" 300 150 "$PY -m nbbn bench --backend cpu,cpu-slowed,torch-cpu --threads $THREADS --no-plots --out $OUT/ab-run"
 step "A/B compare" 60 5 "$PY -m nbbn compare $OUT/aa-run1 $OUT/ab-run --rename cpu-slowed=cpu --metric baseline --run-sd \$RUN_SD --csv $OUT/ab-compare.csv"
 step "A/B calibration" 30 2 "$PY scripts/ab_calibration.py $OUT/ab-run"
+step "in-run copy" 30 2 "diff -rq -x __pycache__ nbbn $COPY/nbbn || { rm -rf $COPY && mkdir -p $COPY && cp -r nbbn $COPY/ && find $COPY -name __pycache__ -prune -exec rm -rf {} +; }"
+step "in-run warm-up" 600 150 "$PY -m nbbn bench --against copy=$COPY --backend cpu,cpu@copy,cpu-slowed --isolate none --min-trials 1 --max-trials 1 --min-rounds 1 --trial-time 0 --max-time 0 --warmup 0 --no-plots --out /tmp/nbbn-inrun-warm-up"
+step "gap" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
+step "in-run A/A+A/B" 300 175 "$PY -m nbbn bench --against copy=$COPY --backend cpu,cpu@copy,cpu-slowed,torch-cpu --threads $THREADS --no-plots --out $OUT/inrun"
+step "in-run A/A" 60 5 "$PY -m nbbn compare $OUT/inrun --pair cpu@copy=cpu --csv $OUT/inrun-aa.csv"
+step "in-run A/B" 60 5 "$PY -m nbbn compare $OUT/inrun --pair cpu-slowed=cpu --csv $OUT/inrun-ab.csv"
 step "gap" $((GAP_MAX + GAP_MIN + 10)) "$GAP_MIN" "$GAP"
 step "quick timing" 90 30 "time $PY -m nbbn bench --quick --threads $THREADS --no-plots --out $OUT/quick"
 step "coverage" 60 5 "$PY -m nbbn report coverage $OUT/aa-run1 $OUT/aa-run2 --csv $OUT/coverage.csv"
@@ -76,7 +92,10 @@ done
 mkdir -p "$OUT"
 LOG="$OUT/protocol.log"
 { date -u; uptime; } >"$LOG"
-RUN_SD=0.02
+RUN_SD=0.049
+if [[ $STUDY == 0 && -f $OUT/variance/variance-summary.csv ]]; then
+  RUN_SD=$($PY -c "import pandas as pd; from nbbn.bench.variance import run_sd; print(f'{run_sd(pd.read_csv(\"$OUT/variance/variance-summary.csv\")):.4f}')")
+fi
 for s in "${STEPS[@]}"; do
   IFS='|' read -r name lim exp cmd <<<"$s"
   cmd=${cmd//\$RUN_SD/$RUN_SD}
@@ -92,4 +111,4 @@ for s in "${STEPS[@]}"; do
   fi
 done
 { date -u; uptime; } >>"$LOG"
-echo "done: $OUT/ (protocol.log, variance/, aa-*, ab-*, coverage.csv)"
+echo "done: $OUT/ (protocol.log, variance/, aa-*, ab-*, inrun*, coverage.csv)"

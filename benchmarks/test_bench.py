@@ -31,7 +31,6 @@ import itertools
 import os
 
 import numba
-import numpy as np
 import pytest
 
 from nbbn import registry
@@ -96,8 +95,8 @@ def test_bench(benchmark, case):
         bad = {n: e for n, e in errors.items() if not e <= tols[n]}
         if bad:
             pytest.fail(f"outside tolerance, not timed: {bad}")
-        nbytes = roofline.bytes_moved(point.op, point.numel, point.C,
-                                      np.dtype(point.dtype).itemsize, fusion=point.fusion)
+        nbytes = roofline.bytes_moved(point.op, point.numel, point.C, fusion=point.fusion,
+                                      **roofline.itemsizes(point.dtype))
     rotation = itertools.cycle(c.calls)
     benchmark.group = _group(point)
     benchmark.extra_info.update(

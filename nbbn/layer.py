@@ -19,6 +19,11 @@ Fusion (issue 14): ``BatchNorm(C, relu=True)`` computes y = max(BN(x), 0), and
 ``forward(x, residual=z)`` y = [max](BN(x) + z, 0) -- a ResNet block's tail -- in the same pass
 over x. Backward then takes the ReLU's mask from the saved y (no recomputation) and stores the
 residual's gradient as ``dresidual`` (dz = dy·[y > 0], or dy itself without a ReLU).
+
+Half storage (float16, bfloat16; issue #24): ``BatchNorm(C, dtype=np.float16)`` works as
+PyTorch's mixed-precision batch norm (a half ``nn.BatchNorm2d`` under autocast, or with float32
+parameters): x, y, dy, dx and the residual and its gradient in the half dtype; γ, β and the
+running statistics kept in float32, and dγ, dβ float32 (:func:`nbbn.validate.channel_dtype`).
 """
 
 from __future__ import annotations
@@ -29,8 +34,6 @@ import numpy as np
 
 from . import registry, validate
 from .api import batch_norm_backward, batch_norm_infer, batch_norm_train
-
-_LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class BatchNorm:
@@ -48,12 +51,16 @@ class BatchNorm:
         in eval mode; without it both are ``None`` and eval mode uses batch statistics.
     channel_axis: 1 (channels first: (N, C), (N, C, L), (N, C, H, W)) or -1 (channels last).
     backend: an nbbn kernel backend ("cpu", "cuda").
-    dtype: float32 or float64, the dtype of x, dy and every parameter and statistic. An input
-        of another dtype raises TypeError (no silent casts).
+    dtype: the dtype of x and dy (and of y, dx): float32 or float64 -- then every parameter and
+        statistic has it too -- or float16 or bfloat16 (ml_dtypes' dtype), half storage as
+        PyTorch's mixed precision: the parameters and running statistics are kept in float32,
+        and dγ, dβ are float32 (``param_dtype``). An input of another dtype raises TypeError
+        (no silent casts).
     relu: apply max(·, 0) to the output, fused into the kernels (forward and backward).
 
     Attributes ``gamma``, ``beta``, ``running_mean``, ``running_var`` are plain (C,) arrays of
-    ``dtype`` (assign into them with ``[...] =``, or use :meth:`load_state_dict`);
+    ``param_dtype`` -- ``dtype`` itself for float32 and float64, float32 for a half ``dtype``
+    (assign into them with ``[...] =``, or use :meth:`load_state_dict`);
     ``training`` is True after :meth:`train`, False after :meth:`eval`.
     """
 
@@ -69,11 +76,9 @@ class BatchNorm:
         if isinstance(channel_axis, bool) or channel_axis not in (1, -1):
             raise ValueError(f"channel_axis must be 1 or -1, got {channel_axis!r}")
         try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if dt not in _LAYER_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+            dt = validate.storage_dtype(dtype)
+        except ValueError as exc:  # the one message that names the choices
+            raise TypeError(str(exc)) from None
         info = registry.backend_info(backend)  # ValueError listing the registered backends
         if info.kind != "kernel":
             raise ValueError(
@@ -88,11 +93,13 @@ class BatchNorm:
         self.channel_axis = int(channel_axis)
         self.backend = backend
         self.dtype = dt
+        #: dtype of the parameters, the running statistics and dγ, dβ: float32 for a half x.
+        self.param_dtype = pd = validate.channel_dtype(dt)
         self.relu = bool(relu)
-        self.gamma = np.ones(C, dt) if self.affine else None
-        self.beta = np.zeros(C, dt) if self.affine else None
-        self.running_mean = np.zeros(C, dt) if self.track_running_stats else None
-        self.running_var = np.ones(C, dt) if self.track_running_stats else None
+        self.gamma = np.ones(C, pd) if self.affine else None
+        self.beta = np.zeros(C, pd) if self.affine else None
+        self.running_mean = np.zeros(C, pd) if self.track_running_stats else None
+        self.running_var = np.ones(C, pd) if self.track_running_stats else None
         #: Training-mode batches that updated the running statistics (the k of momentum=None).
         self.num_batches_tracked = 0
         self.training = True
@@ -123,8 +130,8 @@ class BatchNorm:
             return  # not an array: the functional API raises TypeError naming it
         if np.dtype(dt) != self.dtype:
             raise TypeError(f"{name} has dtype {np.dtype(dt)} but the layer's dtype is "
-                            f"{self.dtype}; convert it (e.g. {name}.astype(np.{self.dtype})) "
-                            f"or build the layer with dtype=np.{np.dtype(dt)}")
+                            f"{self.dtype}; convert it (e.g. {name}.astype({self.dtype.name!r})) "
+                            f"or build the layer with dtype={np.dtype(dt).name!r}")
         shape = getattr(a, "shape", ())
         if len(shape) >= 2 and shape[self.channel_axis] != self.num_features:
             raise ValueError(
@@ -218,9 +225,9 @@ class BatchNorm:
         """Copy a :meth:`state_dict` (or an ``np.load``-ed ``.npz`` of one) into the layer.
 
         Every key must be present and none extra (ValueError naming the missing and unexpected
-        keys); vectors must have shape (num_features,) (ValueError) and the layer's dtype
-        (TypeError); num_batches_tracked a non-negative integer scalar. Nothing is changed
-        unless everything passes."""
+        keys); vectors must have shape (num_features,) (ValueError) and the layer's
+        ``param_dtype`` (TypeError); num_batches_tracked a non-negative integer scalar.
+        Nothing is changed unless everything passes."""
         expected = self._state_names()
         keys = list(state.keys())
         missing = [k for k in expected if k not in keys]
@@ -243,9 +250,9 @@ class BatchNorm:
                 continue
             if v.shape != (self.num_features,):
                 raise ValueError(f"{name} has shape {v.shape}, expected ({self.num_features},)")
-            if v.dtype != self.dtype:
-                raise TypeError(f"{name} has dtype {v.dtype} but the layer's dtype is "
-                                f"{self.dtype}")
+            if v.dtype != self.param_dtype:
+                raise TypeError(f"{name} has dtype {v.dtype} but the layer keeps its parameters "
+                                f"and statistics in {self.param_dtype}")
             values[name] = v
         for name, v in values.items():
             if name == "num_batches_tracked":

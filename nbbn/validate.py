@@ -65,6 +65,23 @@ def _bfloat16():
 #: dtypes x may have; a backend's kernels declare which of them they run (KernelSpec.dtypes).
 STORAGE_DTYPES = tuple(d for d in (*FLOAT_DTYPES, _F16, _bfloat16()) if d is not None)
 HALF_DTYPES = tuple(d for d in STORAGE_DTYPES if d.itemsize == 2)
+#: The storage dtypes by name ("float32", ..., "bfloat16"): what command lines and result rows
+#: call them.
+STORAGE_DTYPE_NAMES = {d.name: d for d in STORAGE_DTYPES}
+
+
+def storage_dtype(dtype) -> np.dtype:
+    """The storage dtype ``dtype`` names (a name such as "bfloat16", a dtype or a scalar type;
+    importing this module registers ml_dtypes' names with NumPy); ValueError naming the
+    choices for anything else."""
+    try:
+        dt = np.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        dt = None
+    if dt is None or dt not in STORAGE_DTYPES:  # (a dtype == None is float64's test)
+        raise ValueError(f"unknown dtype {dtype!r}; choose from "
+                         f"{', '.join(STORAGE_DTYPE_NAMES)}")
+    return dt
 
 
 def channel_dtype(dtype) -> np.dtype:

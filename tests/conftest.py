@@ -93,13 +93,16 @@ WARMUP_TIMEOUT_S = 900.0
 #: entries were lost, and the next session compiled them again (a "warm" run took 191 s
 #: instead of 127 s).
 #:
-#: Together the parts compile three sets (dtype names NumPy knows: no bfloat16 here):
+#: Together the parts compile three sets:
 #:   - float32 and float64 with vectors of x's dtype, every variant, but float64 backward
 #:     the serial twins only (the fast tier runs no other: tests/test_conformance.py's
 #:     FAST_F64_BACKWARD);
 #:   - float32 x with float64 vectors (the tests' make_params default; :func:`_vector_dtype`):
 #:     the serial twins;
-#:   - the one half-format specialization the fast tier calls (float16 NC inference, serial).
+#:   - the half-format specializations the fast tier calls, all NC serial twins with float32
+#:     vectors: float16 inference, forward-train and backward (test_half's inference, the
+#:     layer's mixed precision in test_layer) and bfloat16 inference (test_harness's half
+#:     bench rows; "bfloat16" is a NumPy name once nbbn, which imports ml_dtypes, is).
 #: The session summary names any kernel a test still compiled itself.
 _WARMUP_PARTS = {
     "nc-forward-parallel": [
@@ -109,19 +112,19 @@ _WARMUP_PARTS = {
     "nc-forward-serial": [
         dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("forward-train",),
              variants=("serial",)),
-        dict(dtypes=("float64",), mixed=False, layouts=("NC",), ops=("forward-train",),
-             variants=("serial",)),
+        dict(dtypes=("float64", "float16"), mixed=False, layouts=("NC",),
+             ops=("forward-train",), variants=("serial",)),
     ],
     "nc-inference": [
         dict(dtypes=("float32", "float64"), mixed=False, layouts=("NC",), ops=("inference",)),
         dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("inference",),
              variants=("serial",)),
-        dict(dtypes=("float16",), mixed=False, layouts=("NC",), ops=("inference",),
+        dict(dtypes=("float16", "bfloat16"), mixed=False, layouts=("NC",), ops=("inference",),
              variants=("serial",)),
     ],
     "nc-backward": [
         dict(dtypes=("float32",), mixed=False, layouts=("NC",), ops=("backward",)),
-        dict(dtypes=("float64",), mixed=False, layouts=("NC",), ops=("backward",),
+        dict(dtypes=("float64", "float16"), mixed=False, layouts=("NC",), ops=("backward",),
              variants=("serial",)),
         dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("backward",),
              variants=("serial",)),

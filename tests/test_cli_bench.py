@@ -101,6 +101,31 @@ def test_tiny_sweep_writes_every_report(tmp_path):
     assert "## Headline" in md and "## Skipped" in md
 
 
+def test_half_dtype_from_the_cli(tmp_path):
+    """--dtype float16 through forward-train and backward: cpu and torch-cpu ok (float32
+    per-channel outputs and running statistics, half tolerances), numpy skipped with the
+    reason; the help says what half storage means."""
+    out = tmp_path / "half"
+    result = invoke(bench, ["--dtype", "float16", "--backend", "cpu,torch-cpu,numpy", "--op",
+                            "forward-train,backward", "--shapes", "NC:5", "--batch-sizes", "6",
+                            *FAST, "--out", out])
+    assert result.exit_code == 0, result.output
+    assert "skipped    2: numpy default does not run float16 (it runs float32, float64)" \
+        in result.output
+    df = pd.read_csv(out / "bench.csv")
+    ok = df[df["status"] == "ok"]
+    assert sorted(zip(ok["backend"], ok["op"], strict=True)) == [
+        ("cpu", "backward"), ("cpu", "forward-train"), ("torch-cpu", "backward"),
+        ("torch-cpu", "forward-train")]
+    assert ok["passed"].all() and set(ok["dtype"]) == {"float16"}
+    assert (ok["x_bytes"] == 2 * 6 * 5).all()
+    for op, errors in zip(ok["op"], ok["errors"], strict=True):  # every output was checked
+        names = {e.split("=")[0] for e in errors.split("; ")}
+        assert names == ({"dx", "dgamma", "dbeta"} if op == "backward" else
+                         {"y", "save_mean", "save_invstd", "running_mean", "running_var"})
+    assert "bfloat16" in invoke(bench, ["--help"]).output
+
+
 def test_variant_axis_from_the_cli(tmp_path):
     args = ["--backend", "cpu,numpy", "--op", "inference", "--shapes", "NCHW:3,2,2",
             "--batch-sizes", "2", *FAST]
@@ -121,7 +146,7 @@ BAD_BENCH = [
     (["--op", "forward"], "unknown op 'forward'"),
     (["--layout", "NWHC"], "unknown layout 'NWHC'"),
     (["--backend", "cpu,gpu"], "unknown backend 'gpu'"),
-    (["--dtype", "float16"], "unknown dtype 'float16'"),
+    (["--dtype", "int8"], "unknown dtype 'int8'; choose from float32, float64, float16"),
     (["--cache", "hot"], "unknown cache 'hot'; choose from cold, warm"),
     (["--call", "python"], "unknown call 'python'"),
     (["--fusion", "gelu"], "unknown fusion 'gelu'"),

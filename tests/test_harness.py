@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nbbn import reference, registry
+from nbbn import reference, registry, validate
 from nbbn.bench import HarnessError, baselines, cases, devices, roofline, run, stats
 from nbbn.bench.compare import compare, label_change, load_results
 from nbbn.bench.report import summary_markdown, tidy
@@ -34,6 +34,7 @@ from nbbn.output import RowLog, read_rows
 from nbbn.registry import BackendInfo, KernelSpec
 from nbbn.seeds import rng_for
 from nbbn.spec import Fusion, Layout, Op
+from nbbn.tolerances import tolerance
 
 NUMPY_FNS = {Op.FORWARD_TRAIN: baselines.np_forward_train, Op.BACKWARD: baselines.np_backward,
              Op.INFERENCE: baselines.np_inference}
@@ -280,6 +281,13 @@ def test_bytes_model():
     assert roofline.bytes_moved(Op.INFERENCE, 100, 2, 4, fusion=Fusion.RELU) == 4 * (200 + 8)
     assert roofline.bytes_moved(Op.BACKWARD, 100, 2, 4, fusion=Fusion.RELU) == 4 * (500 + 10)
     assert roofline.copy_bytes(400) == 800
+    # half x: 2-byte elements, float32 (4-byte) per-channel vectors
+    assert roofline.itemsizes("bfloat16") == {"itemsize": 2, "vector_itemsize": 4}
+    assert roofline.itemsizes("float64") == {"itemsize": 8, "vector_itemsize": 8}
+    assert roofline.bytes_moved(Op.BACKWARD, 100, 2, **roofline.itemsizes("float16")) == \
+        2 * 3 * 100 + 4 * 5 * 2
+    assert roofline.read_write_bytes(Op.BACKWARD, 100, 2, 2, vector_itemsize=4) == \
+        (2 * 2 * 100 + 4 * 5 * 2, 2 * 100)
 
 
 # --------------------------------------------------------------------------------- runs
@@ -316,6 +324,34 @@ def test_rows_carry_paired_ratios_and_their_intervals():
     assert set(ratios["vs_backend"]) == {"cpu", "numpy", "torch-cpu", "copy", "read"}
     nhwc = df[df["layout"] == "NHWC"]
     assert set(nhwc["x_shape"]) == {"4x2x3x3"}  # (N, H, W, C)
+
+
+def test_half_dtypes_run_on_cpu_and_torch_with_two_byte_bytes():
+    """--dtype float16,bfloat16: cpu and torch-cpu (PyTorch's mixed-precision batch norm) are
+    checked against the float64 reference with the half tolerances and timed, kernel and api
+    calls; bytes, GB/s and the copy count 2 bytes per element (per-channel vectors float32);
+    numpy, which runs float32 and float64 only, is a skipped row with its reason."""
+    half = [d.name for d in validate.HALF_DTYPES]
+    df = run(backends="cpu,torch-cpu,numpy", ops="inference", dtypes=",".join(half),
+             shapes="NC:5", batch_sizes="4", calls="kernel,api", caches="warm", **FAST)
+    ok = df[df["status"] == "ok"]
+    assert set(ok["backend"]) == {"cpu", "torch-cpu"} and ok["passed"].all()
+    assert len(ok) == 2 * 2 * len(half)  # backends × calls × dtypes
+    assert set(ok["dtype"]) == set(half)
+    for _, r in ok.iterrows():
+        assert r["tolerance"] == tolerance(r["worst_output"], r["dtype"])
+        assert r["x_bytes"] == 2 * r["m"] * r["C"]  # itemsize 2
+        assert r["bytes"] == 2 * 2 * r["m"] * r["C"] + 4 * 4 * r["C"]  # x, y; 4 float32 vectors
+        assert r["bytes"] == roofline.bytes_moved(Op.INFERENCE, r["m"] * r["C"], r["C"], 2,
+                                                  vector_itemsize=4)
+        assert r["gbps"] == pytest.approx(r["bytes"] / (r["time_ms_p50"] * 1e-3) / 1e9)
+        assert r["copy_gbps"] == pytest.approx(2 * r["x_bytes"] / (r["copy_ms_p50"] * 1e-3)
+                                               / 1e9)
+    skipped = df[df["status"] == "skipped"]
+    assert set(skipped["backend"]) == {"numpy"} and len(skipped) == 2 * len(half)
+    for _, r in skipped.iterrows():
+        assert r["skip_reason"] == (f"numpy default does not run {r['dtype']} "
+                                    "(it runs float32, float64)")
 
 
 def test_a_slowed_backend_comes_out_slower(throwaway):
@@ -454,6 +490,18 @@ def test_cuda_timer_path_under_the_simulator():
     assert r["status"] == "ok", r["error"]
     assert r["device"] == "cuda" and r["device_name"] == "CUDA simulator"
     assert r["timer"] == "wall-simulator" and r["rounds"] >= 3 and r["passed"]
+
+
+def test_half_dtypes_on_the_cuda_device_path():
+    """float16 and bfloat16 through the CUDA device path (the simulator's device arrays): the
+    cuda backend is checked with the half tolerances and the device copy moves the half
+    array's bytes (its bits: the simulator cannot copy a bfloat16 array as such)."""
+    half = [d.name for d in validate.HALF_DTYPES]
+    df = run(backends="cuda", ops="inference", dtypes=",".join(half), shapes="NC:3",
+             batch_sizes="4", calls="kernel,api", caches="warm", allow_simulator=True, **FAST)
+    assert (df["status"] == "ok").all(), df[["dtype", "call", "error"]]
+    assert df["passed"].all() and sorted(set(df["dtype"])) == sorted(half)
+    assert (df["x_bytes"] == 2 * 4 * 3).all() and (df["limit"] == "copy:device").all()
 
 
 def test_bad_input_raises_one_line_errors():

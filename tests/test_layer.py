@@ -8,12 +8,19 @@ import pytest
 
 import nbbn
 from nbbn import reference as ref
+from nbbn import validate
 from nbbn.spec import Op
 from nbbn.tolerances import rel_err, tolerance
 
 from .helpers import assert_close, make_params, make_x
 
 DTYPES = [np.float32, np.float64]
+#: Half storage: float16 in the fast tier -- the one half dtype tests/conftest.py's warm-up
+#: compiles for the layer's NC calls (forward-train, backward, inference; serial twins) --, every
+#: half dtype (bfloat16 with ml_dtypes) in the exhaustive one.
+_F16 = np.dtype(np.float16)
+HALF = [pytest.param(d, id=d.name, marks=() if d == _F16 else pytest.mark.slow)
+        for d in validate.HALF_DTYPES]
 
 
 def _layer(C, dtype, **kw):
@@ -211,7 +218,7 @@ def test_errors():
         nbbn.BatchNorm(3, momentum=1.5)
     with pytest.raises(ValueError, match="channel_axis"):
         nbbn.BatchNorm(3, channel_axis=2)
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match="unknown dtype .*; choose from float32, float64, float16"):
         nbbn.BatchNorm(3, dtype=np.int32)
     with pytest.raises(ValueError, match="backend"):
         nbbn.BatchNorm(3, backend="nope")
@@ -287,3 +294,81 @@ def test_residual_without_relu_gradient_is_dy():
     assert bn.dresidual is dy
     with pytest.raises(TypeError, match="residual"):
         bn(x, residual=z.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_storage_is_pytorch_mixed_precision(dtype):
+    """dtype=float16/bfloat16: x, y, dy, dx (and dresidual) in the half dtype; γ, β, the running
+    statistics, dγ and dβ float32, as PyTorch's mixed-precision batch norm; every output within
+    the half tolerances of the float64 reference (training, running update, backward, eval)."""
+    C, shape = 5, (9, 5)
+    bn = nbbn.BatchNorm(C, dtype=dtype)
+    f32 = np.dtype(np.float32)
+    assert bn.dtype == dtype and bn.param_dtype == f32
+    assert {getattr(bn, n).dtype for n in ("gamma", "beta", "running_mean", "running_var")} \
+        == {f32}
+    bn.gamma[...], bn.beta[...] = make_params(C, dtype=f32)
+    rm0, rv0 = bn.running_mean.copy(), bn.running_var.copy()
+    x = make_x(shape, dtype, offset=10.0)
+    y = bn(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    ry, rmean, rinvstd, rvar = ref.forward_train(x, bn.gamma, bn.beta, 1e-5)
+    assert rel_err(y, ry) <= tolerance("y", dtype)
+    for name, r in zip(("running_mean", "running_var"),
+                       ref.running_update(rm0, rv0, rmean, rvar, shape[0], 0.1), strict=True):
+        assert getattr(bn, name).dtype == f32
+        assert rel_err(getattr(bn, name), r) <= tolerance(name, dtype), name
+    dy = make_x(shape, dtype, seed=3)
+    dx = bn.backward(dy)
+    assert dx.dtype == dtype and bn.dgamma.dtype == f32 and bn.dbeta.dtype == f32
+    assert_close(Op.BACKWARD, (dx, bn.dgamma, bn.dbeta),
+                 ref.backward(dy, x, rmean, rinvstd, bn.gamma), dtype,
+                 {"dx": ref.dx_scale(dy, rinvstd, bn.gamma)})
+    ye = bn.eval()(x)
+    assert ye.dtype == dtype
+    r = ref.inference(x, bn.running_mean, bn.running_var, bn.gamma, bn.beta, 1e-5)
+    assert rel_err(ye, r) <= tolerance("y", dtype)
+    # the state is float32 and goes round trip; half vectors are refused, as x of another dtype
+    state = bn.state_dict()
+    assert all(v.dtype == f32 for k, v in state.items() if k != "num_batches_tracked")
+    other = nbbn.BatchNorm(C, dtype=dtype)
+    other.load_state_dict(state)
+    np.testing.assert_array_equal(other.eval()(x), ye)
+    with pytest.raises(TypeError, match=f"gamma has dtype {dtype.name}.*float32"):
+        other.load_state_dict({**state, "gamma": state["gamma"].astype(dtype)})
+    with pytest.raises(TypeError, match=f"x has dtype float32 but the layer's dtype is "
+                                        f"{dtype.name}"):
+        bn(x.astype(np.float32))
+    assert f"dtype={dtype.name}" in repr(bn)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", list(validate.HALF_DTYPES), ids=lambda d: d.name)
+@pytest.mark.parametrize("channel_axis", [1, -1])
+def test_half_storage_fused_spatial(dtype, channel_axis):
+    """Half storage through NCHW and NHWC with the fused ReLU and residual: y, dx, dγ, dβ within
+    the half tolerances; dresidual = dy·[y > 0], exactly, in the half dtype."""
+    shape = (4, 3, 5, 6) if channel_axis == 1 else (4, 5, 6, 3)
+    C = shape[channel_axis]
+    bn = nbbn.BatchNorm(C, dtype=dtype, relu=True, channel_axis=channel_axis)
+    bn.gamma[...], bn.beta[...] = make_params(C, dtype=np.float32)
+    x = make_x(shape, dtype, offset=3.0)
+    z = make_x(shape, dtype, seed=5)
+    y = bn(x, residual=z)
+    ry, rmean, rinvstd, _ = ref.forward_train(x, bn.gamma, bn.beta, 1e-5,
+                                              channel_axis=channel_axis, relu=True, residual=z)
+    assert y.dtype == dtype and rel_err(y, ry) <= tolerance("y", dtype)
+    dy = make_x(shape, dtype, seed=3)
+    dx = bn.backward(dy)
+    refs = ref.backward(dy, x, rmean, rinvstd, bn.gamma, channel_axis=channel_axis, relu=True,
+                        y=y)
+    assert_close(Op.BACKWARD, (dx, bn.dgamma, bn.dbeta), refs[:3], dtype,
+                 {"dx": ref.dx_scale(dy, rinvstd, bn.gamma, channel_axis=channel_axis,
+                                     relu=True, y=y)})
+    assert bn.dresidual.dtype == dtype
+    np.testing.assert_array_equal(bn.dresidual.astype(np.float32),
+                                  np.where(y > 0, dy, 0).astype(np.float32))
+    ye = bn.eval()(x, residual=z)
+    re = ref.inference(x, bn.running_mean, bn.running_var, bn.gamma, bn.beta, 1e-5,
+                       channel_axis=channel_axis, relu=True, residual=z)
+    assert rel_err(ye, re) <= tolerance("y", dtype)

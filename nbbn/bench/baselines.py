@@ -20,6 +20,11 @@ backend alike. The public API refuses them (:func:`nbbn.api._kernel_backend`).
                       the unfused backward on dz): what fusion saves. Planned only for fused
                       configurations (:func:`fusion_only`).
 
+Half x (float16, bfloat16): ``cpu``, ``cpu-slowed`` and the torch baselines run it (PyTorch's
+mixed-precision path: float32 per-channel tensors); ``numpy``, ``nbbn-unfused`` and the peers
+register float32 and float64 only (KernelSpec's default ``dtypes``), so the plan skips them with
+the reason "... does not run bfloat16 (it runs float32, float64)" (:func:`.sweep.skip_reason`).
+
 The harness's ``--call api`` (the whole allocating call a user makes) needs each baseline's own
 allocating call: :func:`api_call` returns it (PyTorch: the allocating ATen ops; the others: their
 registered function with no ``out=``).
@@ -33,7 +38,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .. import registry
+from .. import registry, validate
 from ..registry import BackendInfo, KernelSpec
 from ..spec import BackwardArgs, InferArgs, Layout, Op, TrainArgs, inverse_perm
 from . import peers
@@ -291,10 +296,10 @@ def _register_slowed() -> None:
 BASELINES = (
     BackendInfo(name="torch-cpu", description="PyTorch ATen native_batch_norm on the CPU",
                 availability=_torch_missing, load=_load_torch("torch-cpu"), kind="baseline",
-                device="cpu"),
+                device="cpu", dtypes=validate.STORAGE_DTYPES),
     BackendInfo(name="torch-cuda", description="PyTorch ATen native_batch_norm on a CUDA GPU",
                 availability=_torch_cuda_availability, load=_load_torch("torch-cuda"),
-                kind="baseline", device="cuda"),
+                kind="baseline", device="cuda", dtypes=validate.STORAGE_DTYPES),
     BackendInfo(name="numpy", description="vectorized NumPy (float64 statistics)",
                 availability=lambda: None, load=_register_numpy, kind="baseline", device="cpu"),
     BackendInfo(name="nbbn-unfused",

@@ -53,6 +53,8 @@ CHUNK = 1 << 22
 #: Most buffer sets a cold point rotates through (tiny points would want hundreds of thousands).
 MAX_SETS = 1024
 X_INPUTS = ("x", "dy", "residual", "y")
+#: Outputs of x's shape and dtype; the others are per-channel, in validate.channel_dtype.
+X_OUTPUTS = ("y", "dx", "dz")
 
 
 @dataclass
@@ -92,25 +94,27 @@ def point_data(p: Point, reference_outputs: bool = True) -> PointData:
     (same seed; a backward's saved statistics still come from the reference forward), no
     reference outputs (``refs`` then hold uninitialized arrays)."""
     rng = np.random.default_rng(point_seed(p))
-    dt = np.dtype(p.dtype)
+    dt = validate.storage_dtype(p.dtype)
+    cd = validate.channel_dtype(dt)  # per-channel inputs: x's dtype, float32 for a half x
     C, ca = p.C, p.channel_axis
     fusion = Fusion(p.fusion)
 
-    def randn(shape, loc, scale):
-        return (loc + scale * rng.standard_normal(shape, dtype=np.float32)).astype(dt, copy=False)
+    def randn(shape, loc, scale, dtype=dt):
+        return (loc + scale * rng.standard_normal(shape, dtype=np.float32)).astype(dtype,
+                                                                                    copy=False)
 
     x = randn(p.x_shape, -2.3, 0.5)
-    gamma = randn(C, 1.0, 0.1)
-    beta = randn(C, 0.0, 0.1)
+    gamma = randn(C, 1.0, 0.1, cd)
+    beta = randn(C, 0.0, 0.1, cd)
     residual = randn(p.x_shape, 0.2, 1.0) if fusion.residual and p.op is not Op.BACKWARD \
         else None
     names = op_outputs(p.op, fusion)
-    full = {n: np.empty(p.x_shape) for n in names if n in ("y", "dx", "dz")}
+    full = {n: np.empty(p.x_shape) for n in names if n in X_OUTPUTS}
     vec = {n: np.empty(C) for n in names if n not in full}
     running: dict[str, np.ndarray] = {}
     scales: dict[str, float] = {}
     if p.op is Op.FORWARD_TRAIN:
-        rm, rv = randn(C, 0.0, 0.1), (1.0 + rng.random(C)).astype(dt)
+        rm, rv = randn(C, 0.0, 0.1, cd), (1.0 + rng.random(C)).astype(cd)
         inputs = {"x": x, "gamma": gamma, "beta": beta, "running_mean": rm, "running_var": rv}
         var = np.empty(C)
         for cs, xs in _channel_blocks(p) if reference_outputs else ():
@@ -124,7 +128,7 @@ def point_data(p: Point, reference_outputs: bool = True) -> PointData:
             running = {"running_mean": rm1, "running_var": rv1}
     elif p.op is Op.BACKWARD:
         dy = randn(p.x_shape, 0.1, 0.5)
-        save_mean, save_invstd = np.empty(C, dt), np.empty(C, dt)
+        save_mean, save_invstd = np.empty(C, cd), np.empty(C, cd)
         y_in = np.empty(p.x_shape, dt) if fusion.relu else None
         scale2 = 0.0
         for cs, xs in _channel_blocks(p):
@@ -149,8 +153,8 @@ def point_data(p: Point, reference_outputs: bool = True) -> PointData:
             inputs["y"] = y_in
         scales = {"dx": math.sqrt(scale2)}
     else:
-        rm = randn(C, -2.3, 0.05)
-        rv = (0.25 * (1.0 + 0.2 * rng.random(C))).astype(dt)
+        rm = randn(C, -2.3, 0.05, cd)
+        rv = (0.25 * (1.0 + 0.2 * rng.random(C))).astype(cd)
         inputs = {"x": x, "running_mean": rm, "running_var": rv, "gamma": gamma, "beta": beta}
         for cs, xs in _channel_blocks(p) if reference_outputs else ():
             full["y"][xs] = reference.inference(
@@ -294,7 +298,8 @@ def _rel_err(out, ref: np.ndarray, scale: float = 0.0) -> float:
 def make_case(cfg: Config, data: PointData, sets: BufferSets, dev) -> Case:
     """The calls of one configuration on every buffer set, and its check (see the module)."""
     p = cfg.point
-    dt = np.dtype(p.dtype)
+    dt = validate.storage_dtype(p.dtype)
+    cd = validate.channel_dtype(dt)  # per-channel outputs: float32 for a half x
     fusion, ca, op = Fusion(p.fusion), p.channel_axis, p.op
     info = registry.backend_info(cfg.backend)
     spec = registry.select(cfg.backend, op, p.layout, cfg.variant)
@@ -309,7 +314,7 @@ def make_case(cfg: Config, data: PointData, sets: BufferSets, dev) -> Case:
     if p.call == "kernel":
         # Outputs per set; arguments validated once (set 0) and re-pointed at each set's arrays
         # (same shapes, dtypes and strides, so the validation holds for every set).
-        per_name = [sets.empty(p.x_shape if n in ("y", "dx", "dz") else (p.C,), dt)
+        per_name = [sets.empty(p.x_shape, dt) if n in X_OUTPUTS else sets.empty((p.C,), cd)
                     for n in names]
         args0 = None
         for k, s in enumerate(sets.sets):
@@ -339,7 +344,7 @@ def make_case(cfg: Config, data: PointData, sets: BufferSets, dev) -> Case:
                     return fn(_bundle(op, a, fusion, ca, None))
             calls.append(call)
             outs_by_set.append(None)
-    out_bytes = sum(math.prod(p.x_shape if n in ("y", "dx", "dz") else (p.C,)) * dt.itemsize
+    out_bytes = sum(p.numel * dt.itemsize if n in X_OUTPUTS else p.C * cd.itemsize
                     for n in names)
 
     def check(result):
@@ -366,10 +371,14 @@ def make_case(cfg: Config, data: PointData, sets: BufferSets, dev) -> Case:
 
 def copy_case(p: Point, sets: BufferSets, dev) -> Case:
     """The copy of x on every buffer set: into a preallocated destination per set
-    (``--call kernel``) or allocating (``--call api``)."""
+    (``--call kernel``) or allocating (``--call api``); a half x as its raw bits
+    (:func:`.limits.bits`: the same bytes)."""
+    from .limits import bits
+
     calls = []
-    dsts = sets.empty(p.x_shape, np.dtype(p.dtype)) if p.call == "kernel" else [None] * sets.K
+    dsts = sets.empty(p.x_shape, validate.storage_dtype(p.dtype)) if p.call == "kernel" \
+        else [None] * sets.K
     for s, dst in zip(sets.sets, dsts, strict=True):
-        calls.append(dev.copy_call(s["x"], dst))
+        calls.append(dev.copy_call(bits(s["x"]), None if dst is None else bits(dst)))
     nbytes = sets.sets[0]["x"].nbytes
     return Case("copy", calls, lambda r: ({}, {}, []), 2 * nbytes, "copy of x")

@@ -10,7 +10,8 @@ import click
 
 from .. import registry
 from ..output import command_line, markdown_table
-from ..spec import FLOAT_DTYPES, Fusion, Layout, Op
+from ..spec import Fusion, Layout, Op
+from ..validate import STORAGE_DTYPE_NAMES
 from . import baselines  # noqa: F401  (registers the baselines: --backend choices include them)
 from .compare import DEFAULT_MARGIN, DEFAULT_RUN_SD, METRICS
 from .run import FULL, QUICK, HarnessError, RunRefused
@@ -149,8 +150,12 @@ def _sizes(d):
                    "layout, or these names (a backend with none of them runs its default). "
                    "[default: default]")
 @click.option("--dtype", multiple=True,
-              type=ListChoice(lambda: [d.name for d in FLOAT_DTYPES], "dtype"),
-              help="float32 and/or float64. [default: float32]")
+              type=ListChoice(lambda: list(STORAGE_DTYPE_NAMES), "dtype"),
+              help="dtypes of x: float32, float64, float16, bfloat16 (bfloat16 needs ml_dtypes). "
+                   "Half dtypes are storage: per-channel inputs and outputs are float32 (as "
+                   "PyTorch's mixed-precision batch norm), bytes and GB/s count 2 bytes per "
+                   "element, the check uses the half tolerances; a backend that does not run a "
+                   "dtype is skipped with the reason. [default: float32]")
 @click.option("--fusion", multiple=True, type=ListChoice(lambda: [f.value for f in Fusion],
                                                          "fusion"),
               help="What follows the normalization: none, relu, add, add-relu (backward: none, "

@@ -23,6 +23,10 @@ minimal model) is limited to
 backward reads two: copy + read). ``pct_of_limit`` = 100 · median over rounds and trials of
 limit_r / time_r (paired): at most 100 unless the minimal bytes model is wrong.
 The GPU keeps its one device-to-device copy (``limit`` = ``copy:device``).
+
+Half data (float16, bfloat16) are timed as their raw 16-bit patterns (:func:`bits`): a copy of
+the bits is the copy of x, byte for byte, and the read stream sums the patterns as integers --
+the same bytes read, a meaningless sum (Numba and PyTorch's ``from_numpy`` know no bfloat16).
 """
 
 from __future__ import annotations
@@ -65,14 +69,22 @@ def prange_sum(src):
     return parts.sum()
 
 
+def bits(a):
+    """A 2-byte array (float16, bfloat16) as its raw bits (a uint16 view, host or device);
+    others as they are."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
 def _flat(a: np.ndarray) -> np.ndarray:
+    a = bits(a)
     return a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
 
 
 def host_limit_calls(src: np.ndarray, dst: np.ndarray) -> dict:
     """name -> zero-argument call on one buffer set (see the module)."""
     s, d = _flat(src), _flat(dst)
-    calls = {"copy:numpy": lambda: np.copyto(dst, src),
+    bs, bd = bits(src), bits(dst)
+    calls = {"copy:numpy": lambda: np.copyto(bd, bs),
              "copy:numba": lambda: prange_copy(s, d),
              "read:numba": lambda: prange_sum(s)}
     if importlib.util.find_spec("torch") is not None:
@@ -85,7 +97,7 @@ def host_limit_calls(src: np.ndarray, dst: np.ndarray) -> dict:
 
 def warm(dtype) -> None:
     """Compile (or load from cache) the two kernels for ``dtype`` outside any timed region."""
-    a = np.zeros(8, dtype)
+    a = bits(np.zeros(8, dtype))
     prange_copy(a, a.copy())
     prange_sum(a)
 

@@ -1,6 +1,8 @@
 """The one bytes model: bytes each op must move, for GB/s and the comparison with a copy.
 
-Per element of x (S = itemsize bytes), with C per-channel vectors of S bytes each on top:
+Per element of x (S = itemsize bytes: 2 for float16 and bfloat16), with C per-channel vectors
+on top, of V bytes each (``vector_itemsize``: the per-channel dtype,
+:func:`nbbn.validate.channel_dtype` -- x's own, so V = S, except float32 (V = 4) for a half x):
 
 =============  =============================  =================================================
 op             minimal model (``bytes``)      two-pass model (``bytes_2pass``)
@@ -29,6 +31,7 @@ two-pass traffic. The copy the harness times beside every kernel reads and write
 
 from __future__ import annotations
 
+from .. import validate
 from ..spec import Fusion, Op
 
 ELEMENT_TRAFFIC = {Op.INFERENCE: 2, Op.FORWARD_TRAIN: 2, Op.BACKWARD: 3}
@@ -44,11 +47,20 @@ def fusion_traffic(op: Op, fusion: Fusion, two_pass: bool = False) -> int:
     return 1 if fusion.residual else 0
 
 
+def itemsizes(dtype) -> dict:
+    """S and V of x's ``dtype`` (a name or a dtype) as keyword arguments of
+    :func:`bytes_moved` and :func:`read_write_bytes`: ``itemsize`` and ``vector_itemsize``."""
+    dt = validate.storage_dtype(dtype)
+    return {"itemsize": dt.itemsize, "vector_itemsize": validate.channel_dtype(dt).itemsize}
+
+
 def bytes_moved(op: Op, numel: int, C: int, itemsize: int, two_pass: bool = False,
-                fusion: Fusion = Fusion.NONE) -> int:
+                fusion: Fusion = Fusion.NONE, vector_itemsize: int | None = None) -> int:
+    """S·(elements' traffic)·numel + V·(vectors' traffic)·C (V = S unless given)."""
     per_element = (ELEMENT_TRAFFIC_2PASS if two_pass else ELEMENT_TRAFFIC)[Op(op)]
     per_element += fusion_traffic(op, fusion, two_pass)
-    return itemsize * (per_element * numel + VECTOR_TRAFFIC[Op(op)] * C)
+    v = itemsize if vector_itemsize is None else vector_itemsize
+    return itemsize * per_element * numel + v * VECTOR_TRAFFIC[Op(op)] * C
 
 
 def copy_bytes(x_nbytes: int) -> int:
@@ -61,7 +73,8 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 
 def read_write_bytes(op: Op, numel: int, C: int, itemsize: int,
-                     fusion: Fusion = Fusion.NONE) -> tuple[int, int]:
+                     fusion: Fusion = Fusion.NONE,
+                     vector_itemsize: int | None = None) -> tuple[int, int]:
     """(read, write) bytes of the minimal model (``bytes_moved`` is their sum): inference and
     forward-train read x (and a residual) and write y; backward reads dy and x (and y with a
     ReLU) and writes dx (and dz). Per-channel vectors are counted as reads."""
@@ -72,7 +85,7 @@ def read_write_bytes(op: Op, numel: int, C: int, itemsize: int,
             r, w = 3, 2
     else:
         r, w = 1 + (1 if fusion.residual else 0), 1
-    total = bytes_moved(op, numel, C, itemsize, fusion=fusion)
+    total = bytes_moved(op, numel, C, itemsize, fusion=fusion, vector_itemsize=vector_itemsize)
     write = itemsize * w * numel
     assert itemsize * (r + w) * numel <= total
     return total - write, write

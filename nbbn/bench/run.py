@@ -18,6 +18,7 @@ import pandas as pd
 
 from .. import output, registry
 from ..spec import Fusion, Layout, Op
+from ..validate import STORAGE_DTYPE_NAMES
 from . import baselines  # noqa: F401  (registers the baselines)
 from .devices import TimingConfig
 from .report import RATIOS_FILE, ROWS_FILE, RUN_FILE, tidy, tidy_ratios, write_report
@@ -264,7 +265,7 @@ def make_sweep(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=Non
             or d.get("backends") or tuple(b for b in registry.backend_names() if b not in skip)
         ops_t = tuple(Op(o) for o in (_names(ops, "op", [o.value for o in Op])
                                       or [o.value for o in Op]))
-        dtypes_t = _names(dtypes, "dtype", ["float32", "float64"]) or d.get("dtypes") \
+        dtypes_t = _names(dtypes, "dtype", STORAGE_DTYPE_NAMES) or d.get("dtypes") \
             or ("float32",)
         fusions_t = tuple(Fusion(f) for f in (_names(fusions, "fusion", [f.value for f in Fusion])
                                               or ("none",)))

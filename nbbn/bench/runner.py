@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .. import output, registry
+from .. import output, registry, validate
 from ..seeds import rng_for
 from ..spec import Op
 from . import devices, roofline, stats
@@ -378,8 +378,9 @@ class Runner:
             return ["copy:device"], [copy.calls]
         from . import limits
 
-        limits.warm(np.dtype(p.dtype))
-        dsts = sets.empty(p.x_shape, np.dtype(p.dtype))
+        dt = validate.storage_dtype(p.dtype)
+        limits.warm(dt)
+        dsts = sets.empty(p.x_shape, dt)
         per_set = [limits.host_limit_calls(s["x"], d) for s, d in zip(sets.sets, dsts,
                                                                         strict=True)]
         names = list(per_set[0])
@@ -493,11 +494,10 @@ class Runner:
         copy_iv = copy_ivs[best]
         read = reads[0] if reads else None
         read_iv = stats.trial_time(blocks, read, seeded(labels[read]), boot, U) if read else None
-        itemsize = np.dtype(p.dtype).itemsize
-        nbytes = roofline.bytes_moved(p.op, p.numel, p.C, itemsize, fusion=p.fusion)
-        nbytes2 = roofline.bytes_moved(p.op, p.numel, p.C, itemsize, two_pass=True,
-                                       fusion=p.fusion)
-        rb, wb = roofline.read_write_bytes(p.op, p.numel, p.C, itemsize, fusion=p.fusion)
+        sizes = dict(roofline.itemsizes(p.dtype), fusion=p.fusion)
+        nbytes = roofline.bytes_moved(p.op, p.numel, p.C, **sizes)
+        nbytes2 = roofline.bytes_moved(p.op, p.numel, p.C, two_pass=True, **sizes)
+        rb, wb = roofline.read_write_bytes(p.op, p.numel, p.C, **sizes)
         xb = data.x_bytes
         cbytes = roofline.copy_bytes(xb)
         L = len(labels)  # the limit's column in the augmented blocks

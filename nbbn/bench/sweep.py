@@ -35,10 +35,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .. import registry
 from ..spec import Fusion, Layout, Op
+from ..validate import storage_dtype
 from . import baselines
 
 SPATIAL = (Layout.NCHW, Layout.NHWC)
@@ -357,7 +356,7 @@ class Sweep:
                         for call in self.calls:
                             for cache in self.caches:
                                 yield Point(Op(op), Layout(ps.layout), Fusion(fusion), call,
-                                            cache, str(np.dtype(dtype)), ps.N, ps.dims,
+                                            cache, storage_dtype(dtype).name, ps.N, ps.dims,
                                             ps.min_rounds, ps.tag)
 
 
@@ -435,7 +434,7 @@ def skip_reason(cfg: Config, reasons: dict[str, str | None]) -> str | None:
     if p.op in (Op.FORWARD_TRAIN, Op.BACKWARD) and p.m < 2:
         return "m = 1 in training: the unbiased variance needs more than 1 value per channel"
     spec = registry.select(cfg.backend, p.op, p.layout, cfg.variant)
-    if np.dtype(p.dtype) not in spec.dtypes:
+    if storage_dtype(p.dtype) not in spec.dtypes:
         return (f"{cfg.backend} {cfg.variant} does not run {p.dtype} (it runs "
                 f"{', '.join(str(d) for d in spec.dtypes)})")
     return None

@@ -15,8 +15,16 @@ Two ways to call (the harness's ``--call``):
 
 Fusion as a PyTorch user writes it: the normalization, then ``y.add_(residual)`` and
 ``y.relu_()`` in place; backward with a ReLU computes dz = dy·[y > 0] (``torch.mul``) and then
-the normalization's backward on dz. Per-channel vectors of another dtype than x are cast (C
-values; running statistics are cast back after the update).
+the normalization's backward on dz. Per-channel vectors of another dtype than ATen's are cast
+(C values; running statistics are cast back after the update).
+
+Half x (float16, bfloat16) runs PyTorch's mixed-precision batch norm, the path that autocast and
+a half ``nn.BatchNorm2d`` with float32 parameters reach: x, y, dy, dx in the half dtype; γ, β,
+running and saved statistics, dγ, dβ float32 -- the per-channel dtype nbbn uses too
+(:func:`nbbn.validate.channel_dtype`). PyTorch 2.13's CPU ops run it for every layout, op and
+fusion here (channels_last included), so no configuration is skipped. ``torch.from_numpy``
+knows no bfloat16: such an array is wrapped as its raw bits and viewed as ``torch.bfloat16``
+(no copy), and bfloat16 results go back to NumPy widened to float32 (exact) for the check.
 """
 
 from __future__ import annotations
@@ -24,20 +32,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import registry
+from .. import registry, validate
 from ..registry import KernelSpec
 from ..spec import BackwardArgs, InferArgs, Layout, Op, TrainArgs
 
 aten = torch.ops.aten
 
 
+_BF16 = validate.STORAGE_DTYPE_NAMES.get("bfloat16")
+
+
 def _t(a):
     if a is None:
         return None
-    if isinstance(a, np.ndarray):
-        return torch.from_numpy(a)
     if isinstance(a, torch.Tensor):
         return a
+    if _BF16 is not None and a.dtype == _BF16:  # no bfloat16 in from_numpy / the interface
+        return _t(a.view(np.uint16)).view(torch.bfloat16)
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a)
     return torch.as_tensor(a, device="cuda")  # zero-copy through __cuda_array_interface__
 
 
@@ -50,9 +63,16 @@ def _x(a, channel_axis: int):
     return t.movedim(channel_axis, 1)
 
 
+def _param_dtype(x):
+    """ATen's dtype for the per-channel tensors of x: x's own, float32 for a half x (the
+    mixed-precision path)."""
+    return torch.float32 if x.element_size() == 2 else x.dtype
+
+
 def _vec(v, like):
     t = _t(v)
-    return t if t is None or t.dtype == like.dtype else t.to(like.dtype)
+    want = _param_dtype(like)
+    return t if t is None or t.dtype == want else t.to(want)
 
 
 def _empty_like(x):
@@ -60,7 +80,8 @@ def _empty_like(x):
 
 
 def _empty(like, shape):
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+    """A per-channel output for x = ``like``."""
+    return torch.empty(shape, dtype=_param_dtype(like), device=like.device)
 
 
 def _fuse(y, residual):
@@ -146,7 +167,8 @@ _FNS = {Op.FORWARD_TRAIN: forward_train, Op.BACKWARD: backward, Op.INFERENCE: in
 def register_kernels(backend: str) -> None:
     for op, fn in _FNS.items():
         for layout in Layout:
-            registry.register(KernelSpec(backend, op, layout, fn, "PyTorch ATen native_batch_norm"))
+            registry.register(KernelSpec(backend, op, layout, fn, "PyTorch ATen native_batch_norm",
+                                         dtypes=validate.STORAGE_DTYPES))
 
 
 def api_call(inputs):
@@ -166,8 +188,9 @@ def api_call(inputs):
     eps, mo = inputs.eps, inputs.momentum
     if inputs.op is Op.FORWARD_TRAIN:
         rm, rv = a["running_mean"], a["running_var"]
-        if rm.dtype != x.dtype or rv.dtype != x.dtype:
-            raise TypeError("torch baselines need running statistics in x's dtype")
+        if rm.dtype != _param_dtype(x) or rv.dtype != _param_dtype(x):
+            raise TypeError("torch baselines need running statistics in x's dtype (float32 "
+                            "for a half x)")
 
         def call():
             y, sm, si = aten.native_batch_norm(x, w, b, rm, rv, True, mo, eps)
@@ -202,10 +225,14 @@ def api_call(inputs):
 
 
 def to_user(result, channel_axis: int):
-    """ATen's outputs (x-shaped ones as (N, C, ...) tensors) in the user's axes."""
+    """ATen's outputs (x-shaped ones as (N, C, ...) tensors) in the user's axes; bfloat16 ones
+    widened to float32 (exact), which NumPy can take."""
     out = []
     for t in result:
-        if isinstance(t, torch.Tensor) and t.dim() > 2 and channel_axis != 1:
-            t = t.movedim(1, channel_axis)
+        if isinstance(t, torch.Tensor):
+            if t.dim() > 2 and channel_axis != 1:
+                t = t.movedim(1, channel_axis)
+            if t.dtype == torch.bfloat16:
+                t = t.float()
         out.append(t)
     return tuple(out)

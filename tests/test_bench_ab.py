@@ -32,7 +32,9 @@ from nbbn.spec import Layout, Op
 from .test_cli_bench import invoke, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
-AB_RUN = ROOT / "results" / "reliability" / "ab-run"
+#: A frozen copy of round 4's results/reliability/ab-run (cpu-slowed, 1.15x cpu by construction,
+#: timed beside cpu): the fixed input of the labelling tests below.
+AB_RUN = ROOT / "tests" / "data" / "ab-run-round4"
 POINT = {"op": "inference", "layout": "NC", "fusion": "none", "call": "kernel", "cache": "cold",
          "dtype": "float32", "C": 8, "H": 1, "W": 1}
 
@@ -104,7 +106,7 @@ def test_pair_errors_are_one_line():
 
 
 def test_ab_run_calls_cpu_slowed_slower_in_run():
-    """results/reliability/ab-run timed cpu-slowed (1.15x cpu by construction) beside cpu."""
+    """Round 4's A/B run timed cpu-slowed (1.15x cpu by construction) beside cpu."""
     ratios, rows = load_ratios(AB_RUN), load_results(AB_RUN)
     t = compare_in_run(ratios, *parse_pair("cpu-slowed=cpu"), rows=rows)
     counts = t["label"].value_counts()
@@ -198,8 +200,9 @@ def test_against_runs_the_copys_own_kernel(package_copy):
     assert backend == "cpu@copy" and registry.backend_info(backend).kind == "kernel"
     assert against.register(f"copy={package_copy}") == backend  # the same again: a no-op
     spec = registry.select(backend, Op.INFERENCE, Layout.NC, "serial")
-    kernel = spec.fn.__wrapped__
-    assert Path(kernel.__code__.co_filename).is_relative_to(package_copy)
+    # Its spec.py is ours byte for byte, so it takes our bundles: its kernel, unwrapped.
+    assert not hasattr(spec.fn, "__wrapped__")
+    assert Path(spec.fn.__code__.co_filename).is_relative_to(package_copy)
     rng = np.random.default_rng(0)
     x = (-2.3 + 0.5 * rng.standard_normal((6, 5))).astype(np.float32)
     rm, rv = rng.standard_normal(5), rng.uniform(0.5, 2, 5)
@@ -232,3 +235,20 @@ def test_bench_against_a_copy_then_compare_pairs(package_copy, tmp_path):
         assert res.exit_code == 0, res.output
         t = pd.read_csv(tmp_path / "p.csv")
         assert len(t) == 6 and t["label"].isin(["faster", "slower", "same", "ambiguous"]).all()
+
+
+@pytest.mark.slow  # a second fresh copy compiles its kernel again (~5 s)
+def test_against_converts_bundles_when_the_copys_spec_differs(package_copy):
+    """A copy whose spec.py is not ours byte for byte gets our bundles converted to its classes
+    (the wrapped path), and still computes what ours does."""
+    spec_py = package_copy / "nbbn" / "spec.py"
+    spec_py.write_text(spec_py.read_text() + "\n# a different spec.py\n")
+    backend = against.register(str(package_copy))
+    spec = registry.select(backend, Op.INFERENCE, Layout.NC, "serial")
+    assert hasattr(spec.fn, "__wrapped__")
+    x = np.arange(30, dtype=np.float32).reshape(6, 5)
+    args = validate.infer_args(x, np.zeros(5), np.ones(5), None, None, 1e-5, None, 1, False,
+                               None)
+    (y,) = spec.fn(args)
+    (ref,) = registry.select("cpu", Op.INFERENCE, Layout.NC, "serial").fn(args)
+    np.testing.assert_array_equal(y, ref)

@@ -286,7 +286,7 @@ def test_budget_caps_each_points_sampling_and_is_recorded(tmp_path):
 
 
 def test_budget_defaults_to_the_default_sweep_only():
-    """No axes and no --max-time is the default sweep: 170 s; a sweep the user shaped: none."""
+    """No axes and no --max-time is the default sweep: 165 s; a sweep the user shaped: none."""
     from nbbn.bench.run import DEFAULT_BUDGET_S, HarnessError, run_budget
 
     plain = {"quick": False, "sweep": None, "shapes": None, "batch_sizes": None,

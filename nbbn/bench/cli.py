@@ -211,7 +211,7 @@ def _sizes(d):
 @click.option("--budget", type=FiniteFloat(0), default=None, metavar="SECONDS",
               help="Wall-time budget of the whole run: each point's sampling (--max-time) "
                    "shrinks where the run's remaining time is short (--min-trials still run); "
-                   "0: none. [default: 170 for the default sweep (no --sweep, --shapes, "
+                   "0: none. [default: 165 for the default sweep (no --sweep, --shapes, "
                    "--batch-sizes, --max-time or --quick), else none]")
 @click.option("--sets-per-process", type=click.IntRange(1), default=1, show_default=True,
               help="Trials (buffer sets) per worker process with --isolate process.")

@@ -205,8 +205,12 @@ def test_auto_depends_on_the_shape_only():
     K_, L = B.nc_plan(256, 4096, 4)
     assert (K_, L) == (8, 1) and K_ * 3 * 4096 * 8 <= 256 * 4096 * 4 // 4
     assert B.nchw_group(32, 2048, 49, 4) * 32 * 49 * 4 <= B.GROUP_BYTES
-    assert B._twin(("par", "ser"), 128, "auto") == "ser"
-    assert B._twin(("par", "ser"), 1 << 20, "auto") == "par"
+    for family, limit in B.SERIAL_MAX.items():
+        assert B._twin(("par", "ser"), 128, "auto", family) == "ser"
+        assert B._twin(("par", "ser"), limit, "auto", family) == "ser"
+        assert B._twin(("par", "ser"), limit + 1, "auto", family) == "par"
+        assert B._twin(("par", "ser"), 1 << 20, "serial", family) == "ser"
+    assert B.SERIAL_MAX["nc"] < B.SERIAL_MAX["nchw"]  # round 6: the NC twins are slower
 
 
 def test_scratch_is_reused_across_calls():

@@ -12,9 +12,9 @@ Variants (registry key ``variant``; ``auto`` is the default):
 * NCHW: ``grouped`` (a task per group of channels, one parallel region), ``split`` (a task per
   (channel, chunk of positions); for few channels), ``serial``.
 * ``auto`` picks by shape alone -- never by the thread count, so a result does not change with
-  the number of threads: ``serial`` up to ``SERIAL_MAX`` elements (a parallel region's wake-up
-  costs more than such a call), ``split`` for NCHW with fewer than ``SPLIT_BELOW_C`` channels,
-  else ``rows`` / ``grouped``.
+  the number of threads: ``serial`` up to ``SERIAL_MAX`` elements of its layout family (a
+  parallel region's wake-up costs more than such a call), ``split`` for NCHW with fewer than
+  ``SPLIT_BELOW_C`` channels, else ``rows`` / ``grouped``.
 
 Scratch (partial sums, coefficients) is cached per thread and reused, so a steady-state call
 allocates only its outputs (none with ``out=``).
@@ -37,8 +37,13 @@ from . import kernels as K
 # ---------------------------------------------------------------------------------------------
 # Shape-only tuning constants (see the module docstring; measured in results/cpu-kernels.md)
 # ---------------------------------------------------------------------------------------------
-#: Calls with at most this many elements run the serial kernels.
-SERIAL_MAX = 1 << 15
+#: Calls with at most this many elements run the serial kernels, per layout family: NCHW's
+#: serial twins match or beat the parallel kernels up to 32768 elements; the NC family's do not
+#: beyond ~4096 (their serial twins run 2-3x slower per element than the parallel kernels on
+#: one thread -- Numba compiles the two apart and the serial one's row loops come out slower,
+#: not explained; at 32768: inference 28 vs 14 µs, forward 36 vs 27 µs; round 6's
+#: measurements in results/cpu-kernels/round6.md).
+SERIAL_MAX = {"nc": 1 << 12, "nchw": 1 << 15}
 #: NC: rows are widened to at least this many values (L = ⌈WIDE/C⌉ rows per wide row).
 WIDE = 64
 #: NC: bytes of x per row chunk (at least), and the most chunks (the partials' count).
@@ -109,9 +114,9 @@ def nchw_split_chunks(N: int, C: int, S: int) -> int:
     return max(1, min(-(-SPLIT_TASKS // C), m // SPLIT_CHUNK if m >= SPLIT_CHUNK else 1))
 
 
-def _twin(pair, numel: int, variant: str):
+def _twin(pair, numel: int, variant: str, family: str):
     """The parallel or the serial dispatcher of a kernel pair."""
-    if variant == "serial" or (variant == "auto" and numel <= SERIAL_MAX):
+    if variant == "serial" or (variant == "auto" and numel <= SERIAL_MAX[family]):
         return pair[1]
     return pair[0]
 
@@ -129,24 +134,26 @@ def _make_plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
         K_, L = nc_plan(M, C, itemsize)
         W = L * C
         if op == "forward":
-            return Plan(_twin(K.NC_FORWARD, numel, variant), (K_, L), ((K_, 2, W), (W,)), (5, W))
+            return Plan(_twin(K.NC_FORWARD, numel, variant, "nc"), (K_, L),
+                        ((K_, 2, W), (W,)), (5, W))
         if op == "apply":
-            return Plan(_twin(K.NC_INFER, numel, variant), (K_, L), (), (5, W))
-        return Plan(_twin(K.NC_BACKWARD, numel, variant), (K_, L), ((K_, 3, W), (W,)), (5, W))
+            return Plan(_twin(K.NC_INFER, numel, variant, "nc"), (K_, L), (), (5, W))
+        return Plan(_twin(K.NC_BACKWARD, numel, variant, "nc"), (K_, L), ((K_, 3, W), (W,)), (5, W))
     N, C, S = shape
     if op == "apply":
         R = max(1, INFER_TASK_BYTES // (S * itemsize))
-        return Plan(_twin(K.NCHW_INFER, numel, variant), (R,), (), (5, C))
+        return Plan(_twin(K.NCHW_INFER, numel, variant, "nchw"), (R,), (), (5, C))
     if _nchw_split(C, variant):
         K_ = nchw_split_chunks(N, C, S)
         if op == "forward":
-            return Plan(_twin(K.NCHW_FORWARD_SPLIT, numel, variant), (K_,), ((C, K_, 2), (C,)),
-                        (5, C))
-        return Plan(_twin(K.NCHW_BACKWARD_SPLIT, numel, variant), (K_,), ((C, K_, 3),), (5, C))
+            return Plan(_twin(K.NCHW_FORWARD_SPLIT, numel, variant, "nchw"), (K_,),
+                        ((C, K_, 2), (C,)), (5, C))
+        return Plan(_twin(K.NCHW_BACKWARD_SPLIT, numel, variant, "nchw"), (K_,),
+                    ((C, K_, 3),), (5, C))
     G = nchw_group(N, C, S, itemsize)
     if op == "forward":
-        return Plan(_twin(K.NCHW_FORWARD_GROUPED, numel, variant), (G,), ())
-    return Plan(_twin(K.NCHW_BACKWARD_GROUPED, numel, variant), (G,), ())
+        return Plan(_twin(K.NCHW_FORWARD_GROUPED, numel, variant, "nchw"), (G,), ())
+    return Plan(_twin(K.NCHW_BACKWARD_GROUPED, numel, variant, "nchw"), (G,), ())
 
 
 def plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:

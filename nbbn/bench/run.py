@@ -396,12 +396,16 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     out = Path(out) if out is not None else None
     command = command or f"nbbn.bench.run(sweep={sweep!r}, quick={quick})"
 
+    quiet_wait = 0.0
     if require_quiet:
         quiet, load = output.wait_for_quiet(quiet_load, quiet_timeout, echo=echo)
         if not quiet:
             raise RunRefused(f"host not quiet: 1-minute load {load:.2f} >= {quiet_load:g} "
                                f"after waiting {quiet_timeout:g} s (--quiet-timeout); stop other "
                                "work or drop --require-quiet")
+        # The budget and wall_s count the run, not the wait for a quiet host.
+        quiet_wait = time.monotonic() - started
+        started = time.monotonic()
     done, skips = set(), {}
     if out is not None:
         _check_out(out)
@@ -475,7 +479,8 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
     interrupted = False
     meta = {"command": command, "run_id": run_id, "schema": SCHEMA,
             "load_before_1m": load_before, "timing": dataclasses.asdict(timing), "sweep": sweep,
-            "quiet_required": require_quiet, "estimated_s": est, "budget_s": budget}
+            "quiet_required": require_quiet, "quiet_wait_s": round(quiet_wait, 1),
+            "estimated_s": est, "budget_s": budget}
     try:
         if timing.isolate == "workers" and plan.run:
             from . import worker

@@ -101,6 +101,7 @@ def test_tiny_sweep_writes_every_report(tmp_path):
     assert "## Headline" in md and "## Skipped" in md
 
 
+@pytest.mark.slow  # half kernels the fast tier's warm-up does not compile
 def test_half_dtype_from_the_cli(tmp_path):
     """--dtype float16 through forward-train and backward: cpu and torch-cpu ok (float32
     per-channel outputs and running statistics, half tolerances), numpy skipped with the

@@ -326,6 +326,7 @@ def test_rows_carry_paired_ratios_and_their_intervals():
     assert set(nhwc["x_shape"]) == {"4x2x3x3"}  # (N, H, W, C)
 
 
+@pytest.mark.slow  # half kernels the fast tier's warm-up does not compile
 def test_half_dtypes_run_on_cpu_and_torch_with_two_byte_bytes():
     """--dtype float16,bfloat16: cpu and torch-cpu (PyTorch's mixed-precision batch norm) are
     checked against the float64 reference with the half tolerances and timed, kernel and api

@@ -95,8 +95,8 @@ WARMUP_TIMEOUT_S = 900.0
 #:
 #: Together the parts compile three sets:
 #:   - float32 and float64 with vectors of x's dtype, every variant, but float64 backward
-#:     the serial twins only (the fast tier runs no other: tests/test_conformance.py's
-#:     FAST_F64_BACKWARD);
+#:     the serial twins only (the conformance tests run no other: tests/test_conformance.py's
+#:     FAST_F64_BACKWARD) and NC's parallel kernel (the paper's test calls it);
 #:   - float32 x with float64 vectors (the tests' make_params default; :func:`_vector_dtype`):
 #:     the serial twins;
 #:   - the one half-format specialization the fast tier calls (float16 NC inference, serial);
@@ -123,8 +123,10 @@ _WARMUP_PARTS = {
     ],
     "nc-backward": [
         dict(dtypes=("float32",), mixed=False, layouts=("NC",), ops=("backward",)),
+        # float64 NC backward: the serial twin (conformance) and, since round 6's NC serial
+        # threshold of 4096 elements, the parallel kernel (nbbn paper's 60×100 batches).
         dict(dtypes=("float64",), mixed=False, layouts=("NC",), ops=("backward",),
-             variants=("serial",)),
+             variants=("serial", "rows")),
         dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("backward",),
              variants=("serial",)),
     ],

@@ -194,6 +194,7 @@ def package_copy(tmp_path):
         against.unregister("cpu@copy")
 
 
+@pytest.mark.slow  # a fresh copy compiles its kernel (~5 s of the fast tier's budget)
 def test_against_runs_the_copys_own_kernel(package_copy):
     """One small kernel (NC inference, float32, serial): a fresh copy compiles it (~5 s)."""
     backend = against.register(str(package_copy))

@@ -311,6 +311,7 @@ def test_isolate_process_runs_each_trial_group_in_a_new_worker(tmp_path):
     assert len({r["process"] for r in recs}) == 2
 
 
+@pytest.mark.slow  # two worker processes start and load the kernels (~5 s)
 def test_isolate_workers_spreads_trials_over_long_lived_workers(tmp_path):
     """Trial k runs in worker k mod W; the rows say how many processes, the interval has the
     process as its top level, and two points reuse the same W workers (no start per point)."""

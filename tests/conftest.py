@@ -84,9 +84,9 @@ def pytest_collection_modifyitems(session, config, items):
 #: How long a test waits for the warm-up before failing (a compile of every kernel is ~1 min).
 WARMUP_TIMEOUT_S = 900.0
 #: The warm-up's processes, one per kernel family (NC forward's parallel kernel and its serial
-#: twin, NC inference, NC backward, NCHW).
+#: twin, NC inference, NC backward, NCHW forward and inference, NCHW backward).
 #: Each compiles a disjoint set of kernel *functions*, together they cover what the fast tier
-#: calls, and five uneven parts on two cores finish together where two did not (measured: two
+#: calls, and six uneven parts on two cores finish together where two did not (measured: two
 #: parts split NC forward+inference / the rest finished 23 s apart). Splitting by x dtype
 #: instead, as rounds 3-4 did, had two processes save the same functions' cache indexes at
 #: the same time. Numba updates an index by an unlocked read-modify-write, so one process's
@@ -130,14 +130,20 @@ _WARMUP_PARTS = {
         dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("backward",),
              variants=("serial",)),
     ],
-    "nchw": [
+    # NCHW in two parts by kernel family (forward and inference; backward): one part was the
+    # warm-up's last by ~14 s, with one core idle (round 6).
+    "nchw-forward": [
         dict(dtypes=("float32", "float64"), mixed=False, layouts=("NCHW",),
              ops=("forward-train", "inference")),
+        dict(dtypes=("float32",), mixed=True, layouts=("NCHW",),
+             ops=("forward-train", "inference"), variants=("serial",)),
+    ],
+    "nchw-backward": [
         dict(dtypes=("float32",), mixed=False, layouts=("NCHW",), ops=("backward",)),
         dict(dtypes=("float64",), mixed=False, layouts=("NCHW",), ops=("backward",),
              variants=("serial",)),
-        dict(dtypes=("float32",), mixed=True, layouts=("NCHW",),
-             ops=("forward-train", "backward", "inference"), variants=("serial",)),
+        dict(dtypes=("float32",), mixed=True, layouts=("NCHW",), ops=("backward",),
+             variants=("serial",)),
     ],
 }
 _WARMUP_CODE = """\

@@ -100,7 +100,6 @@ class RunBudget:
     REPORT_S = 5.0
 
     def __init__(self, seconds: float, timing: TimingConfig, groups, start: float):
-        self.seconds = seconds
         self.deadline = start + seconds - self.REPORT_S
         self.timing = timing
         workers = min(timing.workers, timing.max_trials) if timing.isolate == "workers" else 0
@@ -109,10 +108,11 @@ class RunBudget:
         self.extra: list[float] = []  # measured set-up over the estimate, per point
 
     def point_budget(self, group, now: float) -> float:
-        left = [k for k in self.setup_est]
-        bias = float(sum(self.extra) / len(self.extra)) if self.extra else 0.0
-        setup = sum(self.setup_est[k] + bias for k in left)
-        share = (self.deadline - now - setup) / max(1, len(left))
+        """``group``'s sampling budget at time ``now`` (``group`` is among those left)."""
+        n = len(self.setup_est)  # the points left, this one included
+        bias = sum(self.extra) / len(self.extra) if self.extra else 0.0
+        setup = sum(self.setup_est.values()) + bias * n
+        share = (self.deadline - now - setup) / max(1, n)
         return float(min(self.timing.max_time, max(0.0, share)))
 
     def done(self, group, wall_s: float, sampling_s: float) -> None:

@@ -129,31 +129,33 @@ def _nchw_split(C: int, variant: str) -> bool:
 
 def _make_plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
     numel = math.prod(shape)
-    if len(shape) == 2:  # NC family: (M, C)
+    family = "nc" if len(shape) == 2 else "nchw"
+
+    def pick(pair):
+        return _twin(pair, numel, variant, family)
+
+    if family == "nc":  # (M, C)
         M, C = shape
         K_, L = nc_plan(M, C, itemsize)
         W = L * C
         if op == "forward":
-            return Plan(_twin(K.NC_FORWARD, numel, variant, "nc"), (K_, L),
-                        ((K_, 2, W), (W,)), (5, W))
+            return Plan(pick(K.NC_FORWARD), (K_, L), ((K_, 2, W), (W,)), (5, W))
         if op == "apply":
-            return Plan(_twin(K.NC_INFER, numel, variant, "nc"), (K_, L), (), (5, W))
-        return Plan(_twin(K.NC_BACKWARD, numel, variant, "nc"), (K_, L), ((K_, 3, W), (W,)), (5, W))
+            return Plan(pick(K.NC_INFER), (K_, L), (), (5, W))
+        return Plan(pick(K.NC_BACKWARD), (K_, L), ((K_, 3, W), (W,)), (5, W))
     N, C, S = shape
     if op == "apply":
         R = max(1, INFER_TASK_BYTES // (S * itemsize))
-        return Plan(_twin(K.NCHW_INFER, numel, variant, "nchw"), (R,), (), (5, C))
+        return Plan(pick(K.NCHW_INFER), (R,), (), (5, C))
     if _nchw_split(C, variant):
         K_ = nchw_split_chunks(N, C, S)
         if op == "forward":
-            return Plan(_twin(K.NCHW_FORWARD_SPLIT, numel, variant, "nchw"), (K_,),
-                        ((C, K_, 2), (C,)), (5, C))
-        return Plan(_twin(K.NCHW_BACKWARD_SPLIT, numel, variant, "nchw"), (K_,),
-                    ((C, K_, 3),), (5, C))
+            return Plan(pick(K.NCHW_FORWARD_SPLIT), (K_,), ((C, K_, 2), (C,)), (5, C))
+        return Plan(pick(K.NCHW_BACKWARD_SPLIT), (K_,), ((C, K_, 3),), (5, C))
     G = nchw_group(N, C, S, itemsize)
     if op == "forward":
-        return Plan(_twin(K.NCHW_FORWARD_GROUPED, numel, variant, "nchw"), (G,), ())
-    return Plan(_twin(K.NCHW_BACKWARD_GROUPED, numel, variant, "nchw"), (G,), ())
+        return Plan(pick(K.NCHW_FORWARD_GROUPED), (G,), ())
+    return Plan(pick(K.NCHW_BACKWARD_GROUPED), (G,), ())
 
 
 def plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:

@@ -157,13 +157,14 @@ DIRECT_MAX = 8.0
 # was 0; the ReLU outputs, float32 included, were garbage). Call sites bind such an expression
 # to a name first; tests/test_half.py and the conformance suite would catch a relapse.
 #
-# The conversions: bfloat16 by integer ops (:func:`bf16_decode`, :func:`bf16_encode`); float16
-# by LLVM's ``half`` type (fpext/fptrunc: F16C's vcvtph2ps/vcvtps2ph) where the target CPU has
-# F16C (:data:`F16C`), else by integer ops (:func:`f16_decode`, :func:`f16_encode`). The integer
-# codecs are compiled ``forceinline`` (LLVM's alwaysinline), not Numba-IR-inlined: called as
-# functions they stayed calls and kept every half loop scalar; Numba's IR inliner, on these
-# branchy bodies, raises SSA warnings. Inlined by LLVM, the loops vectorize (the branches
-# become selects).
+# The conversions: bfloat16 by integer ops (:func:`bf16_decode`; :func:`bf16_encode`, an LLVM
+# intrinsic on i32 lanes, see there); float16 by LLVM's ``half`` type (fpext/fptrunc: F16C's
+# vcvtph2ps/vcvtps2ph) where the target CPU has F16C (:data:`F16C`), else by integer ops
+# (:func:`f16_decode`, :func:`f16_encode`). The integer codecs are compiled ``forceinline``
+# (LLVM's alwaysinline), not Numba-IR-inlined: called as functions they stayed calls and kept
+# every half loop scalar; Numba's IR inliner, on these branchy bodies, raises SSA warnings.
+# Inlined by LLVM, the loops vectorize (the branches become selects). The @njit integer codecs
+# compute on 64-bit lanes (Numba widens integer arithmetic): that is why bf16_encode is not one.
 _U32 = np.uint32
 
 
@@ -173,20 +174,34 @@ def bf16_decode(b):
     return _U32((_U32(b) & _U32(0xFFFF)) << _U32(16)).view(np.float32)
 
 
-@njit(cache=True, forceinline=True)
-def bf16_encode(v):
-    """bfloat16 bits (uint32 < 2¹⁶) of float32(v), rounded to nearest even: add 0x7FFF plus the
+@intrinsic
+def bf16_encode(typingctx, v):
+    """bfloat16 bits (uint16) of a float32 v, rounded to nearest even: add 0x7FFF plus the
     lowest kept bit and truncate (carries into the exponent give the next binade or ±inf, which
-    is round-to-nearest's overflow). NaN keeps its sign and top payload bits (truncated), with
-    the quiet bit set only when truncation would leave no payload (it would read as inf); so
-    every bfloat16 NaN comes back with its bits."""
-    u = np.float32(v).view(np.uint32)
-    if (u & _U32(0x7FFFFFFF)) > _U32(0x7F800000):
-        o = u >> _U32(16)
-        if (o & _U32(0x7F)) == _U32(0):
-            o |= _U32(0x40)
-        return o
-    return (u + _U32(0x7FFF) + ((u >> _U32(16)) & _U32(1))) >> _U32(16)
+    is round-to-nearest's overflow). NaN keeps its sign and top payload bits, with the quiet
+    bit set (IEEE 754's conversion of a NaN; a NaN that arithmetic produced is already quiet,
+    so for every value the kernels store this is plain truncation).
+
+    An LLVM intrinsic on i32, not an @njit function: Numba types every integer operation on
+    uint32 as 64-bit, so the @njit version of these steps vectorized on 64-bit lanes -- 8 values
+    per AVX-512 register, with widenings and narrowings around them -- and bfloat16 inference
+    ran 2-4× slower than float32 on half the bytes (round 7, results/cpu-kernels/round7.md).
+    On i32 lanes it is 16 values per register and seven operations (shift, and, two adds,
+    shift, unordered compare, masked or): the same as ATen's ``cvtfp32_bf16``, whose NaN is
+    the canonical 0x7FFF instead."""
+    def codegen(context, builder, sig, args):
+        i32 = _ir.IntType(32)
+
+        def k(n):
+            return _ir.Constant(i32, n)
+        u = builder.bitcast(args[0], i32)
+        top = builder.lshr(u, k(16))
+        rounded = builder.lshr(builder.add(builder.add(u, k(0x7FFF)), builder.and_(top, k(1))),
+                               k(16))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        out = builder.select(is_nan, builder.or_(top, k(0x40)), rounded)
+        return builder.trunc(out, _ir.IntType(16))
+    return types.uint16(types.float32), codegen
 
 
 @njit(cache=True, forceinline=True)
@@ -310,7 +325,7 @@ def _ld(a, i):
 def _st(a, i, v):
     if a.dtype == types.uint16:
         def st_bf16(a, i, v):
-            a[i] = np.uint16(bf16_encode(v))
+            a[i] = bf16_encode(np.float32(v))
         return st_bf16
     if a.dtype == types.int16:
         if F16C:

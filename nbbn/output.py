@@ -306,6 +306,83 @@ def load_average() -> float | None:
         return None
 
 
+#: The quiet rule, stated once: a run is quiet when the 1-minute load before it and the CPU
+#: that other processes used during it (cores, averaged over the run) are both below this.
+QUIET_BELOW = 0.5
+
+
+def _host_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, steal): CPU seconds all CPUs spent busy (user, nice, system, irq, softirq) and
+    stolen by the hypervisor since boot, from Linux's /proc/stat (None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have been waited for (the bench's
+    worker processes, once the pool is shut down)."""
+    import resource
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class OtherCpu:
+    """The CPU that other processes used while a run went on, in cores on average: the host's
+    busy time from /proc/stat minus this process tree's own, over the wall time. The 1-minute
+    load average cannot say this: during a run it counts the run's own threads (~threads), so
+    every run read as busy; and steal, the hypervisor's share, is what a shared VM loses.
+
+    ``start()`` before the run; ``stop()`` after every child process has been waited for
+    returns {"other_cpu_cores": ..., "steal_cores": ...} (empty off Linux)."""
+
+    def __init__(self):
+        self._t0 = self._host0 = self._own0 = None
+
+    def start(self) -> None:
+        self._t0, self._host0, self._own0 = (time.monotonic(), _host_cpu_seconds(),
+                                             _own_cpu_seconds())
+
+    def stop(self) -> dict:
+        host = _host_cpu_seconds()
+        if host is None or self._host0 is None:
+            return {}
+        wall = max(time.monotonic() - self._t0, 1e-9)
+        others = (host[0] - self._host0[0]) - (_own_cpu_seconds() - self._own0)
+        return {"other_cpu_cores": round(max(others, 0.0) / wall, 3),
+                "steal_cores": round((host[1] - self._host0[1]) / wall, 3)}
+
+
+def quiet_verdict(meta: dict) -> tuple[str, bool]:
+    """(text, quiet) of a run's ``run.json`` by :data:`QUIET_BELOW`: the load before the run,
+    and other processes' CPU during it where measured (runs before round 7 have only the
+    load before). The loads during and after are not judged: they include the run's own
+    threads."""
+    before = meta.get("load_before_1m")
+    other = meta.get("other_cpu_cores")
+    steal = meta.get("steal_cores")
+    quiet = before is not None and before < QUIET_BELOW and (other is None
+                                                             or other < QUIET_BELOW)
+    parts = [f"1-minute load average before the run {before:g}" if before is not None
+             else "1-minute load average before the run -"]
+    if other is not None:
+        parts.append(f"other processes' CPU during the run {other:.2f} cores"
+                     + (f" (hypervisor steal {steal:.2f})" if steal is not None else ""))
+    else:
+        parts.append("other processes' CPU during the run not measured")
+    return (f"{'; '.join(parts)}: the host was **{'quiet' if quiet else 'NOT quiet'}** "
+            f"(quiet: both < {QUIET_BELOW:g})", quiet)
+
+
 def wait_for_quiet(threshold: float, timeout: float, poll: float = 5.0,
                    echo: Callable[[str], None] | None = None,
                    sleep: Callable[[float], None] = time.sleep) -> tuple[bool, float | None]:

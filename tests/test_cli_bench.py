@@ -350,7 +350,7 @@ def test_targets_report(target_run, tmp_path):
                        str(notes)]) == 0
     md = (tmp_path / "t.md").read_text()
     assert "Command: `nbbn bench --backend cpu,torch-cpu --call api" in md
-    assert "Load (1-minute average): before" in md
+    assert "1-minute load average before the run" in md and "the host was" in md
     for line in ("at least as fast as PyTorch on every point", "by geometric mean",
                  "per call on (8, 16)"):
         assert line in md

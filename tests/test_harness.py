@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nbbn import reference, registry, validate
+from nbbn import output, reference, registry, validate
 from nbbn.bench import HarnessError, baselines, cases, devices, roofline, run, stats
 from nbbn.bench.compare import compare, label_change, load_results
 from nbbn.bench.report import summary_markdown, tidy
@@ -590,6 +590,44 @@ def test_run_writes_logs_tables_and_a_summary(tmp_path):
         "gbps-inference-NC-none-kernel-cold-float32.png",
         "gbps-inference-NCHW-none-kernel-cold-float32.png"]
     assert df.attrs["meta"]["load_after_1m"] is not None
+    if os.path.exists("/proc/stat"):  # Linux: other processes' CPU during the run, in cores
+        assert 0.0 <= df.attrs["meta"]["other_cpu_cores"] <= os.cpu_count()
+
+
+def test_quiet_rule_judges_the_load_before_and_other_processes_cpu_not_the_runs_own():
+    """During a run the 1-minute load counts the run's own threads (~threads): the rule reads
+    the load before the run and what other processes used during it."""
+    verdict = output.quiet_verdict
+    assert verdict({"load_before_1m": 0.3, "other_cpu_cores": 0.1, "steal_cores": 0.0})[1]
+    assert not verdict({"load_before_1m": 0.3, "other_cpu_cores": 0.9})[1]
+    assert not verdict({"load_before_1m": 0.7, "other_cpu_cores": 0.0})[1]
+    text, quiet = verdict({"load_before_1m": 0.3})  # a run.json from before the measure
+    assert quiet and "not measured" in text
+    assert not verdict({})[1]
+
+
+def test_other_cpu_is_the_hosts_busy_time_less_this_process_trees(monkeypatch):
+    host = iter([(100.0, 1.0), (104.0, 1.5)])  # (busy, steal) CPU seconds since boot
+    own = iter([10.0, 12.5])
+    clock = iter([50.0, 52.0])
+    monkeypatch.setattr(output, "_host_cpu_seconds", lambda: next(host))
+    monkeypatch.setattr(output, "_own_cpu_seconds", lambda: next(own))
+    monkeypatch.setattr(output.time, "monotonic", lambda: next(clock))
+    meter = output.OtherCpu()
+    meter.start()
+    # 4 s busy in 2 s of wall time, 2.5 of them this process tree's: 0.75 cores for the others
+    assert meter.stop() == {"other_cpu_cores": 0.75, "steal_cores": 0.25}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_cpu_seconds_of_the_host_and_of_this_process_grow_with_work():
+    host0, own0 = output._host_cpu_seconds(), output._own_cpu_seconds()
+    end = time.process_time() + 0.2
+    while time.process_time() < end:
+        pass
+    host1, own1 = output._host_cpu_seconds(), output._own_cpu_seconds()
+    assert own1 - own0 >= 0.19
+    assert host1[0] - host0[0] >= 0.15  # the host's clock ticks (100 Hz) saw the same work
 
 
 def test_summary_of_failed_and_skipped_rows():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import registry
+from .. import output, registry
 from ..output import frame, markdown_table, pyplot, read_rows, save_figure, write_tables, write_text
 from .runner import COLUMNS
 from .sweep import KEY_COLUMNS
@@ -117,15 +117,13 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
 
 def _load_line(df: pd.DataFrame, meta: dict) -> str:
     during = pd.to_numeric(df["load_avg_1m"], errors="coerce").dropna()
-    before, after = meta.get("load_before_1m"), meta.get("load_after_1m")
-    parts = [f"before {before:g}" if before is not None else "before -"]
-    if len(during):
-        parts.append(f"during {during.min():g}–{during.max():g}")
-    parts.append(f"after {after:g}" if after is not None else "after -")
-    worst = max([v for v in (before, after, *during.tolist()) if v is not None], default=None)
-    quiet = "quiet" if worst is not None and worst < 0.5 else "NOT quiet"
-    return (f"1-minute load average {', '.join(parts)}: the host was **{quiet}** (quiet: < 0.5 "
-            "throughout; a load near the CPU count means other work shared the cores)")
+    text, _ = output.quiet_verdict(meta)
+    after = meta.get("load_after_1m")
+    shown = [f"during {during.min():g}–{during.max():g}" if len(during) else None,
+             f"after {after:g}" if after is not None else None]
+    shown = [p for p in shown if p]
+    return text + (f"; 1-minute load {', '.join(shown)}, which counts the run's own threads"
+                   if shown else "")
 
 
 def _gib(v) -> str:

@@ -421,6 +421,8 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
 
     restore = _set_threads(threads) if threads is not None else (lambda: None)
     load_before = output.load_average()
+    other_cpu = output.OtherCpu()
+    other_cpu.start()
     env = output.environment()
     run_id = uuid.uuid4().hex[:12]
     n_points = len({g.point for g in plan.groups})
@@ -523,6 +525,7 @@ def run(*, backends=None, ops=None, layouts=None, dtypes=None, shapes=None, batc
         for log in logs:
             log.close()
         restore()
+        meta.update(other_cpu.stop())  # after the pool's workers were waited for
         meta["load_after_1m"] = output.load_average()
         meta["wall_s"] = round(time.monotonic() - started, 1)
         meta["interrupted"] = interrupted

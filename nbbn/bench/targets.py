@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import output
 from ..output import markdown_table
 from .report import TABLE_STEM, interval, label
 
@@ -80,16 +81,10 @@ def _geomean(s) -> float:
 
 
 def load_summary(df: pd.DataFrame, meta: dict) -> tuple[str, bool]:
-    during = pd.to_numeric(df.get("load_avg_1m"), errors="coerce").dropna()
-    before, after = meta.get("load_before_1m"), meta.get("load_after_1m")
-    # The run keeps `threads` cores busy itself, so the load during and after it is ~threads
-    # by construction; only the load before says whether anything else was running.
-    quiet = before is not None and before < 0.5
-    text = (f"before {before if before is not None else '-'}, during "
-            f"{f'{during.min():g}–{during.max():g}' if len(during) else '-'}, after "
-            f"{after if after is not None else '-'} (during and after include the run's own "
-            "threads)")
-    return text, quiet
+    """(text, quiet) by the one quiet rule, :func:`nbbn.output.quiet_verdict`; the text leaves
+    out its own "the host was" clause (callers add it)."""
+    text, quiet = output.quiet_verdict(meta)
+    return text.split(": the host was")[0], quiet
 
 
 def verdicts(ok: pd.DataFrame, per_call: pd.DataFrame | None = None) -> list[str]:
@@ -183,8 +178,8 @@ def markdown(df: pd.DataFrame, meta: dict, notes: str | None = None,
         f"{_mib(first.get('cache_l2_bytes'))} per core, L3 {_mib(first.get('cache_l3_bytes'))}. "
         f"Versions: nbbn {first.get('nbbn_version', '?')}, numba {first.get('numba_version', '?')}"
         f", numpy {first.get('numpy_version', '?')}, torch {first.get('torch_version', '?')}.", "",
-        f"Load (1-minute average): {load} -- the host was **{'quiet' if quiet else 'NOT quiet'}**"
-        " (target: < 0.5 before the run; nothing else ran during it).", "",
+        f"{load[0].upper()}{load[1:]} -- the host was **{'quiet' if quiet else 'NOT quiet'}**"
+        ".", "",
         f"Method: float32; call {calls} (api: the whole allocating call, "
         "`nbbn.batch_norm_*` against `torch.ops.aten.native_batch_norm[_backward]`); cache "
         f"{caches} (cold: every call on the next of enough buffer sets to exceed twice the L3); "
@@ -215,7 +210,7 @@ def markdown(df: pd.DataFrame, meta: dict, notes: str | None = None,
         pbase = baseline_times(per_call[0])
         load_pc, quiet_pc = load_summary(per_call[0], per_call[1])
         lines += ["## Per-call cost, warm (the per-call target)", "",
-                  f"Command: `{per_call[1].get('command', '?')}`; load {load_pc} -- "
+                  f"Command: `{per_call[1].get('command', '?')}`; {load_pc} -- "
                   f"**{'quiet' if quiet_pc else 'NOT quiet'}**. The same arrays every call "
                   "(PyTorch's ~11–13 µs in the issue were measured so).", "",
                   markdown_table(point_table(pc, pbase), ".3g", index=False), ""]

@@ -4,7 +4,7 @@ from . import (
     _backends,  # noqa: F401  (registers the built-in backends; imports no kernels yet)
     pool,  # nbbn.pool: configure, clear, stats of the CPU backend's output pool
 )
-from .api import batch_norm_backward, batch_norm_infer, batch_norm_train
+from .api import batch_norm_backward, batch_norm_infer, batch_norm_train, bind
 from .layer import BatchNorm
 from .registry import BackendUnavailable, availability
 from .spec import Layout, Op
@@ -21,5 +21,6 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_infer",
     "batch_norm_train",
+    "bind",
     "pool",
 ]

@@ -59,6 +59,10 @@ class KernelSpec:
     dtypes: tuple = FLOAT_DTYPES
     #: Fusions it computes in its passes (:class:`nbbn.spec.Fusion`); others raise ValueError.
     fusions: frozenset = frozenset({Fusion.NONE})
+    #: ``bind(args) -> call``: the call of ``fn(args)`` prepared once, for a bundle whose
+    #: outputs are preallocated: ``call()`` computes from the bound arrays' contents of the
+    #: moment and returns what ``fn(args)`` returns (:func:`nbbn.bind`). None: ``fn(args)``.
+    bind: Callable | None = None
 
     @property
     def key(self) -> tuple[str, Op, Layout, str]:
@@ -103,7 +107,7 @@ def register(spec: KernelSpec) -> KernelSpec:
         raise KeyError(f"register backend {spec.backend!r} before its kernels")
     spec = KernelSpec(spec.backend, Op(spec.op), Layout(spec.layout), spec.fn, spec.description,
                       spec.variant, tuple(np.dtype(d) for d in spec.dtypes),
-                      frozenset(Fusion(f) for f in spec.fusions))
+                      frozenset(Fusion(f) for f in spec.fusions), spec.bind)
     _STATE.kernels[spec.key] = spec
     _changed()
     return spec

@@ -184,3 +184,83 @@ def test_bad_channel_axis(axis):
     exc = TypeError if not isinstance(axis, int) or isinstance(axis, bool) else ValueError
     with pytest.raises(exc, match="channel_axis"):
         nbbn.batch_norm_train(x, channel_axis=axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# nbbn.bind: a call prepared once, on the same buffers every time
+@pytest.mark.parametrize("shape", [(11, 5), (2, 5, 3, 3)], ids=str)
+def test_a_bound_call_reads_its_arrays_contents_at_each_call(shape):
+    """Each bound call equals the plain call on the arrays' contents of that moment (new data
+    written into x between calls), returns the bound outputs, and updates running statistics
+    as the plain calls do."""
+    C = shape[1]
+    g, b = make_params(C, dtype=np.float32)
+    x = make_x(shape, np.float32, 2.0)
+    y, sm, si = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    rm1, rv1 = rm.copy(), rv.copy()
+    train = nbbn.bind(nbbn.batch_norm_train, x, g, b, running_mean=rm, running_var=rv,
+                      out=(y, sm, si), relu=True)
+    dy = make_x(shape, np.float32, seed=7)
+    dx, dg, db, dz = (np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32),
+                      np.empty_like(x))
+    back = nbbn.bind(nbbn.batch_norm_backward, dy, x, sm, si, g, relu=True, y=y,
+                     out=(dx, dg, db, dz))
+    yi = np.empty_like(x)
+    infer = nbbn.bind(nbbn.batch_norm_infer, x, rm, rv, g, b, out=yi)
+    for seed in (1, 2):
+        x[...] = make_x(shape, np.float32, 2.0, seed=seed)
+        got = train()
+        assert got[0] is y and got[1] is sm and got[2] is si
+        want = nbbn.batch_norm_train(x, g, b, running_mean=rm1, running_var=rv1, relu=True)
+        for a, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, w)
+        np.testing.assert_array_equal(rm, rm1)
+        np.testing.assert_array_equal(rv, rv1)
+        for a, w in zip(back(), nbbn.batch_norm_backward(dy, x, sm, si, g, relu=True, y=y),
+                        strict=True):
+            np.testing.assert_array_equal(a, w)
+        assert infer() is yi
+        np.testing.assert_array_equal(yi, nbbn.batch_norm_infer(x, rm, rv, g, b))
+
+
+def test_a_bound_call_whose_input_needed_a_copy_does_not_go_stale():
+    """A strided x, and a float32 γ among float64 vectors, are copied for the kernels: the bound
+    call prepares again each time instead of reading a copy made at bind time."""
+    base = make_x((11, 10), np.float32, 2.0)
+    x = base[:, ::2]
+    rm, rv = np.zeros(5), np.ones(5)
+    y = np.empty((11, 5), np.float32)
+    infer = nbbn.bind(nbbn.batch_norm_infer, x, rm, rv, out=y)
+    base[...] = make_x((11, 10), np.float32, 2.0, seed=9)
+    np.testing.assert_array_equal(infer(), nbbn.batch_norm_infer(x, rm, rv))
+    xc = np.ascontiguousarray(x)
+    gamma = np.ones(5, np.float32)  # with float64 statistics: converted to float64
+    infer = nbbn.bind(nbbn.batch_norm_infer, xc, rm, rv, gamma, out=y)
+    gamma[...] = 3.0
+    np.testing.assert_array_equal(infer(), nbbn.batch_norm_infer(xc, rm, rv, gamma))
+
+
+def test_the_cpu_backend_binds_what_it_can_view_and_prepares_the_rest_each_time():
+    from nbbn import registry, validate
+    from nbbn.spec import Layout
+
+    bind = registry.select("cpu", Op.INFERENCE, Layout.NC).bind
+    base = make_x((11, 10), np.float32, 2.0)
+    rm, rv = np.zeros(5, np.float32), np.ones(5, np.float32)
+    y = np.empty((11, 5), np.float32)
+    for x, gamma, prepared in ((np.ascontiguousarray(base[:, ::2]), None, True),
+                               (base[:, ::2], None, False),
+                               (np.ascontiguousarray(base[:, ::2]), np.ones(5), False)):
+        args = validate.infer_args(x, rm, rv, gamma, None, 1e-5, y)
+        assert bind(args).prepared is prepared
+
+
+def test_bind_needs_out_and_one_of_the_three_functions():
+    x = make_x((6, 3), np.float32, 1.0)
+    with pytest.raises(ValueError, match="needs out="):
+        nbbn.bind(nbbn.batch_norm_infer, x, np.zeros(3, np.float32), np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="binds nbbn.batch_norm_train"):
+        nbbn.bind(np.add, x, x, out=x)
+    with pytest.raises(TypeError):  # the function's own signature decides
+        nbbn.bind(nbbn.batch_norm_infer, x, out=x, colour="red")

@@ -285,7 +285,10 @@ def _load(name: str, pkg: Path) -> Callable[[], None]:
                 f"{pkg.parent}: {s.description}",
                 variant=s.variant, dtypes=getattr(s, "dtypes", spec.FLOAT_DTYPES),
                 fusions=frozenset(spec.Fusion(f.value)
-                                  for f in getattr(s, "fusions", (spec.Fusion.NONE,)))))
+                                  for f in getattr(s, "fusions", (spec.Fusion.NONE,))),
+                # its bound call where it has one and shares our spec (a checkout from before
+                # nbbn.bind is timed by its plain call, as its users would call it)
+                bind=getattr(s, "bind", None) if theirs_spec is spec else None))
 
     return load
 

@@ -32,6 +32,7 @@ registered function with no ``out=``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import time
 from collections.abc import Callable
@@ -282,6 +283,17 @@ def _slowed(fn: Callable) -> Callable:
     return call
 
 
+def _slowed_bind(bind: Callable | None) -> Callable | None:
+    """cpu's bound call (:func:`nbbn.bind`), slowed as :func:`_slowed` slows its call."""
+    if bind is None:
+        return None
+
+    def bind_slowed(args):
+        call = bind(args)  # bound once, as cpu's
+        return functools.partial(_slowed(lambda _: call()), None)
+    return bind_slowed
+
+
 def _register_slowed() -> None:
     for op in Op:
         for layout in Layout:
@@ -290,7 +302,7 @@ def _register_slowed() -> None:
                                          f"cpu ({spec.variant}) + busy-wait of "
                                          f"{SLOWDOWN:.0%} of the call's own time",
                                          variant=spec.variant, dtypes=spec.dtypes,
-                                         fusions=spec.fusions))
+                                         fusions=spec.fusions, bind=_slowed_bind(spec.bind)))
 
 
 BASELINES = (

@@ -329,7 +329,10 @@ def make_case(cfg: Config, data: PointData, sets: BufferSets, dev) -> Case:
                 args = dataclasses.replace(args0, out=out, **fields)
             if prepare is not None:
                 prepare(args, EPS)
-            calls.append(lambda fn=spec.fn, args=args: fn(args))
+            # a backend's bound call where it has one (nbbn.bind; ONNX Runtime's IOBinding
+            # is its prepare): what a caller on these same buffers would run
+            calls.append(spec.bind(args) if spec.bind is not None
+                         else (lambda fn=spec.fn, args=args: fn(args)))
             outs_by_set.append(outs)
     else:
         builder = baselines.api_call(cfg.backend) if info.kind != "kernel" else None

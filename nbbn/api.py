@@ -24,19 +24,10 @@ def _kernel_backend(backend: str) -> str:
     return backend
 
 
-#: Each op's validation, from its public function's parameters by name (``locals()`` there,
-#: the bound arguments in :func:`bind`): the mapping is stated once.
-_BUNDLE = {
-    Op.FORWARD_TRAIN: lambda a: validate.train_args(
-        a["x"], a["gamma"], a["beta"], a["eps"], a["running_mean"], a["running_var"],
-        a["momentum"], a["out"], a["channel_axis"], a["relu"], a["residual"]),
-    Op.BACKWARD: lambda a: validate.backward_args(
-        a["dy"], a["x"], a["save_mean"], a["save_invstd"], a["gamma"], a["out"],
-        a["channel_axis"], a["relu"], a["y"]),
-    Op.INFERENCE: lambda a: validate.infer_args(
-        a["x"], a["running_mean"], a["running_var"], a["gamma"], a["beta"], a["eps"], a["out"],
-        a["channel_axis"], a["relu"], a["residual"]),
-}
+#: Each op's validation; its parameters have the public function's names, which is how
+#: :func:`bind` passes it the bound arguments.
+_VALIDATE = {Op.FORWARD_TRAIN: validate.train_args, Op.BACKWARD: validate.backward_args,
+             Op.INFERENCE: validate.infer_args}
 
 _CHECKED: dict[tuple, object] = {}
 registry._ON_CHANGE.append(_CHECKED.clear)
@@ -96,7 +87,8 @@ def batch_norm_train(x, gamma=None, beta=None, *, eps=1e-5, running_mean=None, r
     ``eps`` and ``momentum`` are real numbers (not bool, not str): TypeError otherwise.
     """
     b = _kernel_backend(backend)
-    args = _BUNDLE[Op.FORWARD_TRAIN](locals())
+    args = validate.train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
+                               channel_axis, relu, residual)
     return _kernel(b, Op.FORWARD_TRAIN, args)(args)
 
 
@@ -115,7 +107,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, gamma=None, *, channel_ax
     may be the very same array as dy (in place); other shared memory raises ValueError.
     """
     b = _kernel_backend(backend)
-    args = _BUNDLE[Op.BACKWARD](locals())
+    args = validate.backward_args(dy, x, save_mean, save_invstd, gamma, out, channel_axis, relu, y)
     return _kernel(b, Op.BACKWARD, args)(args)
 
 
@@ -128,7 +120,8 @@ def batch_norm_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps
     the very same array as x or the residual (in place); other shared memory raises ValueError.
     """
     b = _kernel_backend(backend)
-    args = _BUNDLE[Op.INFERENCE](locals())
+    args = validate.infer_args(x, running_mean, running_var, gamma, beta, eps, out, channel_axis,
+                               relu, residual)
     (y,) = _kernel(b, Op.INFERENCE, args)(args)
     return y
 
@@ -171,7 +164,8 @@ def bind(fn, *args, **kwargs):
         raise ValueError(f"nbbn.bind({fn.__name__}, ...) needs out=: a bound call writes into "
                          "the same preallocated outputs every time")
     b = _kernel_backend(a["backend"])
-    bundle = _BUNDLE[op](a)
+    check = _VALIDATE[op]
+    bundle = check(**{n: a[n] for n in inspect.signature(check).parameters if n in a})
     kernel = _kernel(b, op, bundle)  # the dtype and fusion checks of a call
     spec = registry.select(b, op, bundle.geom.layout)
     call = spec.bind(bundle) if spec.bind is not None else (lambda: kernel(bundle))

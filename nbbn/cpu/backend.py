@@ -373,20 +373,15 @@ def _flags(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # The three ops
 # ---------------------------------------------------------------------------------------------
-class _Call(NamedTuple):
-    """One op call, prepared: ``kernel(*kargs)`` computes it; then ``after()`` (if any) copies
-    converted running statistics back; ``result`` holds the caller's outputs."""
-
-    kernel: object
-    kargs: tuple
-    result: tuple
-    after: object = None
-
-    def run(self):
-        self.kernel(*self.kargs)
-        if self.after is not None:
-            self.after()
-        return self.result
+def _run(call):
+    """Run a prepared call, ``(kernel, kernel arguments, result, after or None)``: the kernel,
+    then ``after()`` (copies converted running statistics back); returns the result. (A plain
+    tuple: a NamedTuple's construction cost ~0.3 µs a call, round 7.)"""
+    kernel, kargs, result, after = call
+    kernel(*kargs)
+    if after is not None:
+        after()
+    return result
 
 
 class _OwnScratch:
@@ -406,7 +401,7 @@ class _ThreadScratch:
     typed = staticmethod(_typed)
 
 
-def _prep_forward(args, variant: str, *, stats_only=False, scratch=_ThreadScratch) -> _Call:
+def _prep_forward(args, variant: str, *, stats_only=False, scratch=_ThreadScratch):
     """Forward-train, prepared; result (y_user, save_mean, save_invstd, mean64, var64) -- the
     last two are scratch (the thread's unless ``scratch`` says otherwise): copy them to keep
     them."""
@@ -439,14 +434,14 @@ def _prep_forward(args, variant: str, *, stats_only=False, scratch=_ThreadScratc
     mean64, var64, *scr = scratch.carve((geom.C,), (geom.C,), *p.scratch)
     if p.typed is not None:
         scr.append(scratch.typed(p.typed, dt))
-    return _Call(p.kernel, (x, y, res, gamma, beta, rm, rv, save_mean, save_invstd, mean64,
-                            var64, flags, args.eps, args.momentum, *p.params, *scr),
-                 (y_user, save_mean, save_invstd, mean64, var64), after)
+    return (p.kernel, (x, y, res, gamma, beta, rm, rv, save_mean, save_invstd, mean64, var64,
+                       flags, args.eps, args.momentum, *p.params, *scr),
+            (y_user, save_mean, save_invstd, mean64, var64), after)
 
 
 def _forward(args, variant: str, *, stats_only=False):
     """Run forward-train; returns :func:`_prep_forward`'s result."""
-    return _prep_forward(args, variant, stats_only=stats_only).run()
+    return _run(_prep_forward(args, variant, stats_only=stats_only))
 
 
 def forward_train(args, variant: str = "auto"):
@@ -454,7 +449,7 @@ def forward_train(args, variant: str = "auto"):
     return y, save_mean, save_invstd
 
 
-def _prep_apply(args, variant: str, coef_given=None, scratch=_ThreadScratch) -> _Call:
+def _prep_apply(args, variant: str, coef_given=None, scratch=_ThreadScratch):
     """y = (x − c0)·c1 + c2 (+ residual, ReLU), prepared: inference with the population
     statistics, or with ``coef_given`` (3, C) float64; result (y_user,)."""
     geom = args.geom
@@ -472,13 +467,13 @@ def _prep_apply(args, variant: str, coef_given=None, scratch=_ThreadScratch) -> 
     else:
         vd = _vector_dtype(dt, args.running_mean, args.running_var, args.gamma, args.beta)
         rm, rv, gamma, beta = _vecs(vd, args, ("running_mean", "running_var", "gamma", "beta"))
-    return _Call(p.kernel, (x, y, res, rm, rv, gamma, beta, coef, scratch.typed(p.typed, dt),
-                            flags, args.eps, *p.params), (y_user,))
+    return (p.kernel, (x, y, res, rm, rv, gamma, beta, coef, scratch.typed(p.typed, dt), flags,
+                       args.eps, *p.params), (y_user,), None)
 
 
 def _apply(args, variant: str, coef_given=None):
     """Run :func:`_prep_apply`; returns y_user."""
-    return _prep_apply(args, variant, coef_given).run()[0]
+    return _run(_prep_apply(args, variant, coef_given))[0]
 
 
 def inference(args, variant: str = "auto"):
@@ -486,7 +481,7 @@ def inference(args, variant: str = "auto"):
 
 
 def _prep_backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, fold=True,
-                   scratch=_ThreadScratch) -> _Call:
+                   scratch=_ThreadScratch):
     """Backward, prepared; result (dx_user, dgamma, dbeta, dz_user or None, sums (3, C))."""
     geom = args.geom
     dt = channel_dtype(geom.dtype)  # per-channel outputs and elementwise arithmetic
@@ -523,15 +518,15 @@ def _prep_backward(args, variant: str, *, sums=None, sums_only=False, m_total=No
     scr = scratch.carve(*p.scratch) if p.scratch else ()
     if p.typed is not None:
         scr = (*scr, scratch.typed(p.typed, dt))
-    return _Call(p.kernel, (dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta,
-                            sums, flags, m, precision, *p.params, *scr),
-                 (dx_user, dgamma, dbeta, dz_user, sums))
+    return (p.kernel, (dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums,
+                       flags, m, precision, *p.params, *scr),
+            (dx_user, dgamma, dbeta, dz_user, sums), None)
 
 
 def _backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, fold=True):
     """Run backward; returns (dx_user, dgamma, dbeta, dz_user or None, sums (3, C))."""
-    return _prep_backward(args, variant, sums=sums, sums_only=sums_only, m_total=m_total,
-                          fold=fold).run()
+    return _run(_prep_backward(args, variant, sums=sums, sums_only=sums_only, m_total=m_total,
+                               fold=fold))
 
 
 def backward(args, variant: str = "auto"):
@@ -708,21 +703,21 @@ def _binder(op: Op, variant: str):
     def bind(args):
         if args.out is None:
             raise ValueError("a bound call needs preallocated outputs (out=)")
-        call = prepare(args, variant)
+        kernel, kargs, result, after = prepare(args, variant)
         users = [getattr(args, n, None) for n in x_names]
         if op is Op.BACKWARD and not args.relu:
             users[2] = None  # y is not read (x stands in)
-        ok = call.after is None and all(
-            u is None or np.shares_memory(call.kargs[i], u)
+        ok = after is None and all(
+            u is None or np.shares_memory(kargs[i], u)
             for i, u in zip(x_like, users, strict=True))
-        ok = ok and all(getattr(args, n) is None or call.kargs[i] is getattr(args, n)
+        ok = ok and all(getattr(args, n) is None or kargs[i] is getattr(args, n)
                         for i, n in zip(vectors, v_names, strict=True))
         if not ok:
             def prepared_each_time():
                 return unbound(args)
             prepared_each_time.prepared = False
             return prepared_each_time
-        kernel, kargs, result = call.kernel, call.kargs, public(call.result, args)
+        result = public(result, args)
 
         def bound():
             kernel(*kargs)

@@ -188,40 +188,43 @@ def test_bad_channel_axis(axis):
 
 # ---------------------------------------------------------------------------------------------
 # nbbn.bind: a call prepared once, on the same buffers every time
-@pytest.mark.parametrize("shape", [(11, 5), (2, 5, 3, 3)], ids=str)
-def test_a_bound_call_reads_its_arrays_contents_at_each_call(shape):
+@pytest.mark.parametrize("shape, axis", [((11, 5), 1), ((2, 5, 3, 3), 1), ((2, 3, 3, 5), -1)],
+                         ids=str)
+def test_a_bound_call_reads_its_arrays_contents_at_each_call(shape, axis):
     """Each bound call equals the plain call on the arrays' contents of that moment (new data
     written into x between calls), returns the bound outputs, and updates running statistics
-    as the plain calls do."""
-    C = shape[1]
+    as the plain calls do; NC, NCHW and channels-last."""
+    C = shape[axis]
     g, b = make_params(C, dtype=np.float32)
     x = make_x(shape, np.float32, 2.0)
     y, sm, si = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
     rm1, rv1 = rm.copy(), rv.copy()
     train = nbbn.bind(nbbn.batch_norm_train, x, g, b, running_mean=rm, running_var=rv,
-                      out=(y, sm, si), relu=True)
+                      out=(y, sm, si), relu=True, channel_axis=axis)
     dy = make_x(shape, np.float32, seed=7)
     dx, dg, db, dz = (np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32),
                       np.empty_like(x))
     back = nbbn.bind(nbbn.batch_norm_backward, dy, x, sm, si, g, relu=True, y=y,
-                     out=(dx, dg, db, dz))
+                     out=(dx, dg, db, dz), channel_axis=axis)
     yi = np.empty_like(x)
-    infer = nbbn.bind(nbbn.batch_norm_infer, x, rm, rv, g, b, out=yi)
+    infer = nbbn.bind(nbbn.batch_norm_infer, x, rm, rv, g, b, out=yi, channel_axis=axis)
     for seed in (1, 2):
         x[...] = make_x(shape, np.float32, 2.0, seed=seed)
         got = train()
         assert got[0] is y and got[1] is sm and got[2] is si
-        want = nbbn.batch_norm_train(x, g, b, running_mean=rm1, running_var=rv1, relu=True)
+        want = nbbn.batch_norm_train(x, g, b, running_mean=rm1, running_var=rv1, relu=True,
+                                     channel_axis=axis)
         for a, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, w)
         np.testing.assert_array_equal(rm, rm1)
         np.testing.assert_array_equal(rv, rv1)
-        for a, w in zip(back(), nbbn.batch_norm_backward(dy, x, sm, si, g, relu=True, y=y),
-                        strict=True):
+        for a, w in zip(back(), nbbn.batch_norm_backward(dy, x, sm, si, g, relu=True, y=y,
+                                                         channel_axis=axis), strict=True):
             np.testing.assert_array_equal(a, w)
         assert infer() is yi
-        np.testing.assert_array_equal(yi, nbbn.batch_norm_infer(x, rm, rv, g, b))
+        np.testing.assert_array_equal(yi, nbbn.batch_norm_infer(x, rm, rv, g, b,
+                                                                channel_axis=axis))
 
 
 def test_a_bound_call_whose_input_needed_a_copy_does_not_go_stale():

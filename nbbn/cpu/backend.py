@@ -50,8 +50,6 @@ WIDE = 64
 #: NC: bytes of x per row chunk (at least), and the most chunks (the partials' count).
 CHUNK_BYTES = 64 * 1024
 MAX_CHUNKS = 64
-#: NC: the fewest channels in a lane block (see :func:`nc_plan`).
-LANE_BLOCK = 128
 #: NC: at least this many (wide) rows per chunk, so the K chunks' float64 partials (2-3 per
 #: lane) stay a small fraction of x: with 4096 channels and 256 rows, 64 chunks of 4 rows made
 #: 6 MiB of partials for 4 MiB of data, merged serially.
@@ -101,19 +99,11 @@ class Plan(NamedTuple):
 _PLANS: dict[tuple, Plan] = {}
 
 
-def nc_plan(M: int, C: int, itemsize: int) -> tuple[int, int, int]:
-    """(K row chunks, L rows per wide row, B lane blocks) of an (M, C) array; its tasks are the
-    K·B (row chunk, lane block) pairs, at least CHUNK_BYTES of x each. Lanes are split only
-    where the rows make a single chunk though the bytes would make more (batch 1
-    channels-last: 49 rows of 2048 channels, one task on one thread), with L = 1, in blocks of
-    at least LANE_BLOCK channels. Splitting lanes beside K ≥ 2 row chunks measured 1.1–1.4×
-    slower (NC 1024×1024, NHWC 8×7×7×2048), and K = 1 1.2× faster at 1×7×7×2048
-    (results/cpu-kernels/round7.md)."""
+def nc_plan(M: int, C: int, itemsize: int) -> tuple[int, int]:
+    """(K row chunks, L rows per wide row) of an (M, C) array."""
     L = -(-WIDE // C) if C < WIDE else 1
-    by_bytes = min(MAX_CHUNKS, (M * C * itemsize) // CHUNK_BYTES)
-    K_ = max(1, min((M // L) // MIN_CHUNK_ROWS, by_bytes))
-    B = max(1, min(C // LANE_BLOCK, by_bytes)) if L == 1 and K_ == 1 else 1
-    return K_, L, B
+    K_ = max(1, min(MAX_CHUNKS, (M // L) // MIN_CHUNK_ROWS, (M * C * itemsize) // CHUNK_BYTES))
+    return K_, L
 
 
 def nchw_group(N: int, C: int, S: int, itemsize: int) -> int:
@@ -150,13 +140,13 @@ def _make_plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
 
     if family == "nc":  # (M, C)
         M, C = shape
-        K_, L, B = nc_plan(M, C, itemsize)
+        K_, L = nc_plan(M, C, itemsize)
         W = L * C
         if op == "forward":
-            return Plan(pick(K.NC_FORWARD), (K_, L, B), ((K_, 2, W), (W,)), (5, W))
+            return Plan(pick(K.NC_FORWARD), (K_, L), ((K_, 2, W), (W,)), (5, W))
         if op == "apply":
-            return Plan(pick(K.NC_INFER), (K_, L, B), (), (5, W))
-        return Plan(pick(K.NC_BACKWARD), (K_, L, B), ((K_, 3, W), (W,)), (5, W))
+            return Plan(pick(K.NC_INFER), (K_, L), (), (5, W))
+        return Plan(pick(K.NC_BACKWARD), (K_, L), ((K_, 3, W), (W,)), (5, W))
     N, C, S = shape
     if op == "apply":
         R = max(1, INFER_TASK_BYTES // (S * itemsize))

@@ -546,25 +546,21 @@ def _direct(t, C, flags):
 # indexed like the row (NC: per column) or are scalars (NCHW: one channel per row).
 # --------------------------------------------------------------------------------------------
 @njit(fastmath=_FM, inline="always")
-def _rows_shifted_sums(x, r0, r1, shift, a1, a2, j0, j1):
-    """a1 += Σ(x − shift), a2 += Σ(x − shift)² column-wise over rows [r0, r1) and columns
-    [j0, j1) of x (R, W); the column index is unsigned (a signed one that may be negative gets
-    Numba's wraparound check, which kept these loops scalar: 1.2–1.6× slower, round 7).
+def _rows_shifted_sums(x, r0, r1, shift, a1, a2):
+    """a1 += Σ(x − shift), a2 += Σ(x − shift)² column-wise over rows [r0, r1) of x (R, W).
     Four row streams, one per quarter of the rows, each walking its quarter in order: every
     accumulator load and store serves four values, and each stream's addresses only ascend,
     which the hardware prefetchers follow (four *adjacent* rows of 512 B interleave within a
     page, and that pattern read x from DRAM 3× slower than a plain sum; see the notes). The
     rows left over by the quarters follow, one at a time. The order depends on r0, r1 only."""
-    jb = np.uint64(j0)
-    n = np.uint64(j1 - j0)
+    W = x.shape[1]
     Q = (r1 - r0) // 4
     for i in range(r0, r0 + Q):
         x0 = x[i]
         x1 = x[i + Q]
         x2 = x[i + 2 * Q]
         x3 = x[i + 3 * Q]
-        for jj in range(n):
-            j = jb + jj
+        for j in range(W):
             k = shift[j]
             d0 = ld(x0, j) - k
             d1 = ld(x1, j) - k
@@ -572,10 +568,9 @@ def _rows_shifted_sums(x, r0, r1, shift, a1, a2, j0, j1):
             d3 = ld(x3, j) - k
             a1[j] += (d0 + d1) + (d2 + d3)
             a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-    for r in range(r0 + 4 * Q, r1):
-        xr = x[r]
-        for jj in range(n):
-            j = jb + jj
+    for n in range(r0 + 4 * Q, r1):
+        xr = x[n]
+        for j in range(W):
             d = ld(xr, j) - shift[j]
             a1[j] += d
             a2[j] += d * d
@@ -672,20 +667,17 @@ def _span_apply(xf, yf, rf, o, n, h, lo, a, b, flags):
 
 
 @njit(fastmath=_FM, inline="always")
-def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags, j0, j1):
-    """Column-wise Σg, Σg·(x − μ̃), Σ(x − μ̃) over rows [r0, r1) and columns [j0, j1)
-    (unsigned, as in :func:`_rows_shifted_sums`) with g = dy, or g = dy·[y > 0] written to dz
-    (RELU)."""
-    jb = np.uint64(j0)
-    nj = np.uint64(j1 - j0)
+def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags):
+    """Column-wise Σg, Σg·(x − μ̃), Σ(x − μ̃) over rows [r0, r1) with g = dy, or g = dy·[y > 0]
+    written to dz (RELU)."""
+    W = x.shape[1]
     if flags & RELU:
         for n in range(r0, r1):
             xr = x[n]
             gr = dy[n]
             yr = yv[n]
             zr = dz[n]
-            for jj in range(nj):
-                j = jb + jj
+            for j in range(W):
                 u = ld(gr, j)
                 g = u if ld(yr, j) > 0.0 else 0.0
                 st(zr, j, g)
@@ -706,8 +698,7 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags, j0, j1):
             g1 = dy[i + Q]
             g2 = dy[i + 2 * Q]
             g3 = dy[i + 3 * Q]
-            for jj in range(nj):
-                j = jb + jj
+            for j in range(W):
                 k = mu[j]
                 d0 = ld(x0, j) - k
                 d1 = ld(x1, j) - k
@@ -723,8 +714,7 @@ def _rows_grad_sums(dy, x, yv, dz, r0, r1, mu, a1, a2, a3, flags, j0, j1):
         for i in range(r0 + 4 * Q, r1):
             xr = x[i]
             gr = dy[i]
-            for jj in range(nj):
-                j = jb + jj
+            for j in range(W):
                 d = ld(xr, j) - mu[j]
                 u = np.float64(ld(gr, j))
                 a1[j] += u
@@ -777,17 +767,13 @@ def _wide(a, r0, r1, L):
 
 
 @njit(fastmath=_FM, inline="always")
-def _nc_chunk_sums(x, r0, r1, L, wshift, a1, a2, j0, j1):
-    """Shifted sums of rows [r0, r1), lanes [j0, j1), into the W-long lanes a1, a2 (those
-    lanes zeroed here)."""
-    a1[j0:j1] = 0.0
-    a2[j0:j1] = 0.0
+def _nc_chunk_sums(x, r0, r1, L, wshift, a1, a2):
+    """Shifted sums of rows [r0, r1) into the W-long lanes a1, a2 (zeroed here)."""
+    a1[:] = 0.0
+    a2[:] = 0.0
     xw, tail = _wide(x, r0, r1, L)
-    _rows_shifted_sums(xw, 0, xw.shape[0], wshift, a1, a2, j0, j1)
-    # leftover rows are C wide and use lanes 0..C−1 (lanes are split only when L = 1: W = C)
-    jt = min(j1, x.shape[1])
-    if jt > j0:
-        _rows_shifted_sums(x, tail, r1, wshift, a1, a2, j0, jt)
+    _rows_shifted_sums(xw, 0, xw.shape[0], wshift, a1, a2)
+    _rows_shifted_sums(x, tail, r1, wshift, a1, a2)  # leftover rows use lanes 0..C−1
 
 
 @njit(fastmath=_FM, inline="always")
@@ -811,21 +797,17 @@ def _tile(v, C, L):
 
 
 def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean64, var64,
-               flags, eps, momentum, K, L, B, part, shift, t):
-    """Forward-train over x (M, C) in K row chunks × B lane blocks (tasks). Scratch: ``part``
-    (K, 2, W) and ``shift`` (W,) float64, ``t`` (5, W) in x's dtype (the apply pass's h, l,
-    α, β)."""
+               flags, eps, momentum, K, L, part, shift, t):
+    """Forward-train over x (M, C). Scratch: ``part`` (K, 2, W) and ``shift`` (W,) float64,
+    ``t`` (5, W) in x's dtype (the apply pass's h, l, α, β)."""
     M, C = x.shape
     m = float(M)
     for j in range(C):
         shift[j] = ld(x[0], j)
     _tile(shift, C, L)
-    W = L * C
-    for task in prange(K * B):
-        k = task // B
+    for k in prange(K):
         r0, r1 = _chunk(M, K, k)
-        j0, j1 = _chunk(W, B, task - k * B)
-        _nc_chunk_sums(x, r0, r1, L, shift, part[k, 0], part[k, 1], j0, j1)
+        _nc_chunk_sums(x, r0, r1, L, shift, part[k, 0], part[k, 1])
     _merge(part, 0, C, L, mean64)  # Σ(x − K), then Σ(x − K)², per channel
     _merge(part, 1, C, L, var64)
     far = 0  # a count, not `or`, so the loop has no branch and vectorizes
@@ -837,11 +819,9 @@ def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean
         for j in range(C):
             shift[j] = mean64[j]
         _tile(shift, C, L)
-        for task in prange(K * B):
-            k = task // B
+        for k in prange(K):
             r0, r1 = _chunk(M, K, k)
-            j0, j1 = _chunk(W, B, task - k * B)
-            _nc_chunk_sums(x, r0, r1, L, shift, part[k, 0], part[k, 1], j0, j1)
+            _nc_chunk_sums(x, r0, r1, L, shift, part[k, 0], part[k, 1])
         _merge(part, 0, C, L, mean64)
         _merge(part, 1, C, L, var64)
         for c in range(C):
@@ -854,37 +834,33 @@ def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean
     flags = _direct(t, C, flags)
     for q in range(4):
         _tile(t[q], C, L)
-    for task in prange(K * B):
-        k = task // B
+    for k in prange(K):
         r0, r1 = _chunk(M, K, k)
-        j0, j1 = _chunk(W, B, task - k * B)
-        _nc_apply_rows(x, y, res, r0, r1, L, t, flags, j0, j1)
+        _nc_apply_rows(x, y, res, r0, r1, L, t, flags)
 
 
 @njit(fastmath=_FM, inline="always")
-def _nc_apply_rows(x, y, res, r0, r1, L, t, flags, j0, j1):
-    """Rows [r0, r1), lanes [j0, j1): y = ((x − h) − l)·a + b (+ res, ReLU), as wide rows of
-    W = L·C values, then the leftover rows (C wide: the plan splits lanes only when L = 1).
-    The rows are contiguous: flat unsigned offsets, coefficient rows taken once (no per-row
-    views: a row can be as short as 64 values)."""
+def _nc_apply_rows(x, y, res, r0, r1, L, t, flags):
+    """Rows [r0, r1): y = ((x − h) − l)·a + b (+ res, ReLU), as wide rows of W = L·C values,
+    then the leftover rows. The rows are contiguous: flat unsigned offsets, coefficient rows
+    taken once (no per-row views: a row can be as short as 64 values)."""
     C = x.shape[1]
+    W = L * C
     xf = _flat(x)
     yf = _flat(y)
     rf = _flat(res)  # res is y itself when there is no residual (never read)
-    h = t[0, j0:j1]
-    lo = t[1, j0:j1]
-    a = t[2, j0:j1]
-    b = t[3, j0:j1]
+    h = t[0]
+    lo = t[1]
+    a = t[2]
+    b = t[3]
     R = (r1 - r0) // L
     for i in range(R):
-        _span_apply_vec(xf, yf, rf, (r0 + i * L) * C + j0, j1 - j0, h, lo, a, b, flags)
-    jt = min(j1, C)  # leftover rows are C wide
-    if jt > j0:
-        for n in range(r0 + R * L, r1):
-            _span_apply_vec(xf, yf, rf, n * C + j0, jt - j0, h, lo, a, b, flags)
+        _span_apply_vec(xf, yf, rf, (r0 + i * L) * C, W, h, lo, a, b, flags)
+    for n in range(r0 + R * L, r1):
+        _span_apply_vec(xf, yf, rf, n * C, C, h, lo, a, b, flags)
 
 
-def nc_infer(x, y, res, rmean, rvar, gamma, beta, coef, t, flags, eps, K, L, B):
+def nc_infer(x, y, res, rmean, rvar, gamma, beta, coef, t, flags, eps, K, L):
     """Inference (or any apply pass) over x (M, C): y = (x − μ)·α + β with ``coef`` (3, C)
     float64 = (μ, α, β), computed here from the population statistics unless COEF_GIVEN;
     ``t`` (5, W) in x's dtype is scratch for the split form."""
@@ -893,16 +869,13 @@ def nc_infer(x, y, res, rmean, rvar, gamma, beta, coef, t, flags, eps, K, L, B):
     flags = _direct(t, C, flags)
     for q in range(4):
         _tile(t[q], C, L)
-    W = L * C
-    for task in prange(K * B):
-        k = task // B
+    for k in prange(K):
         r0, r1 = _chunk(M, K, k)
-        j0, j1 = _chunk(W, B, task - k * B)
-        _nc_apply_rows(x, y, res, r0, r1, L, t, flags, j0, j1)
+        _nc_apply_rows(x, y, res, r0, r1, L, t, flags)
 
 
 def nc_backward(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums, flags,
-                m, precision, K, L, B, part, mu, t):
+                m, precision, K, L, part, mu, t):
     """Backward over x (M, C) (RELU: g = dy·[yv > 0], written to dz). Scratch: ``part``
     (K, 3, W) and ``mu`` (W,) float64, ``t`` (5, W) in x's dtype. ``sums`` (3, C) receives
     Σg, Σg·(x − μ̃), Σ(x − μ̃), or holds them (COEF_GIVEN: sums of every process, m values per
@@ -911,27 +884,22 @@ def nc_backward(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta,
     for j in range(C):
         mu[j] = save_mean[j]
     _tile(mu, C, L)
-    W = L * C
     if not flags & COEF_GIVEN:
-        for task in prange(K * B):
-            k = task // B
+        for k in prange(K):
             r0, r1 = _chunk(M, K, k)
-            j0, j1 = _chunk(W, B, task - k * B)
             a1 = part[k, 0]
             a2 = part[k, 1]
             a3 = part[k, 2]
-            a1[j0:j1] = 0.0
-            a2[j0:j1] = 0.0
-            a3[j0:j1] = 0.0
+            a1[:] = 0.0
+            a2[:] = 0.0
+            a3[:] = 0.0
             # Without a ReLU, yv is x and dz is dx: placeholders, never read or written here.
             xw, tail = _wide(x, r0, r1, L)
             gw, _ = _wide(dy, r0, r1, L)
             yw, _ = _wide(yv, r0, r1, L)
             zw, _ = _wide(dz, r0, r1, L)
-            _rows_grad_sums(gw, xw, yw, zw, 0, xw.shape[0], mu, a1, a2, a3, flags, j0, j1)
-            jt = min(j1, C)  # leftover rows are C wide
-            if jt > j0:
-                _rows_grad_sums(dy, x, yv, dz, tail, r1, mu, a1, a2, a3, flags, j0, jt)
+            _rows_grad_sums(gw, xw, yw, zw, 0, xw.shape[0], mu, a1, a2, a3, flags)
+            _rows_grad_sums(dy, x, yv, dz, tail, r1, mu, a1, a2, a3, flags)
         for q in range(3):
             _merge(part, q, C, L, sums[q])
     if flags & SUMS_ONLY:
@@ -942,36 +910,33 @@ def nc_backward(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta,
     flags = _direct(t, C, flags)
     for q in range(5):
         _tile(t[q], C, L)
-    for task in prange(K * B):
-        k = task // B
+    for k in prange(K):
         r0, r1 = _chunk(M, K, k)
-        j0, j1 = _chunk(W, B, task - k * B)
         if flags & RELU:  # g = dz, written by the sums pass
-            _nc_dx_rows(dz, x, dx, r0, r1, L, t, flags, j0, j1)
+            _nc_dx_rows(dz, x, dx, r0, r1, L, t, flags)
         else:
-            _nc_dx_rows(dy, x, dx, r0, r1, L, t, flags, j0, j1)
+            _nc_dx_rows(dy, x, dx, r0, r1, L, t, flags)
 
 
 @njit(fastmath=_FM, inline="always")
-def _nc_dx_rows(g, x, dx, r0, r1, L, t, flags, j0, j1):
-    """dx = k1·g + k2·((x − h) − l) + k3 over rows [r0, r1), lanes [j0, j1), wide rows first
-    (flat offsets, as :func:`_nc_apply_rows`)."""
+def _nc_dx_rows(g, x, dx, r0, r1, L, t, flags):
+    """dx = k1·g + k2·((x − h) − l) + k3 over rows [r0, r1), wide rows first (flat offsets, as
+    :func:`_nc_apply_rows`)."""
     C = x.shape[1]
+    W = L * C
     gf = _flat(g)
     xf = _flat(x)
     df = _flat(dx)
-    h = t[0, j0:j1]
-    lo = t[1, j0:j1]
-    k1 = t[2, j0:j1]
-    k2 = t[3, j0:j1]
-    k3 = t[4, j0:j1]
+    h = t[0]
+    lo = t[1]
+    k1 = t[2]
+    k2 = t[3]
+    k3 = t[4]
     R = (r1 - r0) // L
     for i in range(R):
-        _span_dx_vec(gf, xf, df, (r0 + i * L) * C + j0, j1 - j0, h, lo, k1, k2, k3, flags)
-    jt = min(j1, C)  # leftover rows are C wide
-    if jt > j0:
-        for n in range(r0 + R * L, r1):
-            _span_dx_vec(gf, xf, df, n * C + j0, jt - j0, h, lo, k1, k2, k3, flags)
+        _span_dx_vec(gf, xf, df, (r0 + i * L) * C, W, h, lo, k1, k2, k3, flags)
+    for n in range(r0 + R * L, r1):
+        _span_dx_vec(gf, xf, df, n * C, C, h, lo, k1, k2, k3, flags)
 
 
 # --------------------------------------------------------------------------------------------

@@ -486,7 +486,7 @@ def markdown(meta: dict, tables: dict[str, pd.DataFrame], figures: list[str],
              f"threads), Python {meta['python_version']}, NumPy {meta['numpy_version']}, Numba "
              f"{meta['numba_version']}, nbbn {meta['nbbn_version']}; seed {meta['seed']}; wall "
              f"time {meta['wall_s']:.0f} s.", "",
-             "Tables beside this file (CSV and JSON, one row per point): "
+             "Tables beside this file (CSV, one row per point): "
              + ", ".join(f"`{k}.csv`" for k in tables)
              + ". Method and formulas: the docstring of `nbbn/accuracy/across_ranks.py`. The "
              "ranks' arithmetic is nbbn.distributed's own (cpu statistics per slice, "

@@ -69,7 +69,7 @@ def _header(meta: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
         for name, how in meta.get("peer_how", {}).items():
             L += [f"- `{name}`: {how}"]
         L += [""]
-    L += ["Tidy tables beside this file (CSV and JSON, one row per point, environment in every "
+    L += ["Tidy tables beside this file (CSV, one row per point, environment in every "
           "row): " + ", ".join(f"`{k}.csv`" for k in tables) + ". Formulas: the docstrings of "
           "`nbbn/accuracy/{algorithms,rounding,peers,sampling,estimators,gradients}.py`.", ""]
     return L

@@ -217,7 +217,7 @@ def markdown(meta: dict, res: Results, figures: list[str], note: str | None) -> 
              f"{cfg.momentum:g}, eps 1e-5). Evaluated every {cfg.eval_every} steps in eval mode "
              "(BN with its running statistics). Formulas and plan: the docstrings of "
              "`nbbn/paper/network.py` and `nbbn/paper/experiment.py`.", "",
-             "Tidy tables beside this file (CSV and JSON, environment in every row): "
+             "Tidy tables beside this file (CSV, environment in every row): "
              + ", ".join(f"`{t}.csv`" for t in TABLES) + ".", ""]
     for n in res.notes:
         lines.append(f"**Note:** {n}.")

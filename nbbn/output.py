@@ -362,16 +362,21 @@ class OtherCpu:
                 "steal_cores": round((host[1] - self._host0[1]) / wall, 3)}
 
 
-def quiet_verdict(meta: dict) -> tuple[str, bool]:
-    """(text, quiet) of a run's ``run.json`` by :data:`QUIET_BELOW`: the load before the run,
-    and other processes' CPU during it where measured (runs before round 7 have only the
-    load before). The loads during and after are not judged: they include the run's own
-    threads."""
+def is_quiet(meta: dict) -> bool:
+    """A run's ``run.json`` by :data:`QUIET_BELOW`: the load before the run, and other
+    processes' CPU during it where measured (runs before round 7 have only the load before).
+    The loads during and after are not judged: they include the run's own threads."""
+    before = meta.get("load_before_1m")
+    other = meta.get("other_cpu_cores")
+    return before is not None and before < QUIET_BELOW and (other is None or other < QUIET_BELOW)
+
+
+def load_facts(meta: dict) -> str:
+    """What :func:`is_quiet` reads, as text: the load before, other processes' CPU (and the
+    hypervisor's steal) during the run."""
     before = meta.get("load_before_1m")
     other = meta.get("other_cpu_cores")
     steal = meta.get("steal_cores")
-    quiet = before is not None and before < QUIET_BELOW and (other is None
-                                                             or other < QUIET_BELOW)
     parts = [f"1-minute load average before the run {before:g}" if before is not None
              else "1-minute load average before the run -"]
     if other is not None:
@@ -379,7 +384,13 @@ def quiet_verdict(meta: dict) -> tuple[str, bool]:
                      + (f" (hypervisor steal {steal:.2f})" if steal is not None else ""))
     else:
         parts.append("other processes' CPU during the run not measured")
-    return (f"{'; '.join(parts)}: the host was **{'quiet' if quiet else 'NOT quiet'}** "
+    return "; ".join(parts)
+
+
+def quiet_verdict(meta: dict) -> tuple[str, bool]:
+    """(text, quiet): :func:`load_facts` with :func:`is_quiet`'s verdict."""
+    quiet = is_quiet(meta)
+    return (f"{load_facts(meta)}: the host was **{'quiet' if quiet else 'NOT quiet'}** "
             f"(quiet: both < {QUIET_BELOW:g})", quiet)
 
 

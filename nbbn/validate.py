@@ -35,6 +35,7 @@ the traffic and allocate on every call of a loop that passed ``out=`` to allocat
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -84,9 +85,11 @@ def storage_dtype(dtype) -> np.dtype:
     return dt
 
 
+@functools.cache
 def channel_dtype(dtype) -> np.dtype:
     """dtype of the per-channel outputs (save_mean, save_invstd, dgamma, dbeta) for x of
-    ``dtype``: x's own for float32/float64, float32 for a half x (as PyTorch returns)."""
+    ``dtype``: x's own for float32/float64, float32 for a half x (as PyTorch returns). Cached:
+    every cpu call asks (np.dtype costs ~0.2 µs a call)."""
     dtype = np.dtype(dtype)
     return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
 

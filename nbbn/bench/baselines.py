@@ -32,7 +32,6 @@ registered function with no ``out=``).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import time
 from collections.abc import Callable
@@ -290,7 +289,8 @@ def _slowed_bind(bind: Callable | None) -> Callable | None:
 
     def bind_slowed(args):
         call = bind(args)  # bound once, as cpu's
-        return functools.partial(_slowed(lambda _: call()), None)
+        slowed = _slowed(lambda _: call())
+        return lambda: slowed(None)
     return bind_slowed
 
 

@@ -81,10 +81,9 @@ def _geomean(s) -> float:
 
 
 def load_summary(df: pd.DataFrame, meta: dict) -> tuple[str, bool]:
-    """(text, quiet) by the one quiet rule, :func:`nbbn.output.quiet_verdict`; the text leaves
-    out its own "the host was" clause (callers add it)."""
-    text, quiet = output.quiet_verdict(meta)
-    return text.split(": the host was")[0], quiet
+    """(text, quiet) by the one quiet rule (:func:`nbbn.output.is_quiet`); callers word the
+    verdict themselves."""
+    return output.load_facts(meta), output.is_quiet(meta)
 
 
 def verdicts(ok: pd.DataFrame, per_call: pd.DataFrame | None = None) -> list[str]:
@@ -178,7 +177,7 @@ def markdown(df: pd.DataFrame, meta: dict, notes: str | None = None,
         f"{_mib(first.get('cache_l2_bytes'))} per core, L3 {_mib(first.get('cache_l3_bytes'))}. "
         f"Versions: nbbn {first.get('nbbn_version', '?')}, numba {first.get('numba_version', '?')}"
         f", numpy {first.get('numpy_version', '?')}, torch {first.get('torch_version', '?')}.", "",
-        f"{load[0].upper()}{load[1:]} -- the host was **{'quiet' if quiet else 'NOT quiet'}**"
+        f"{load} -- the host was **{'quiet' if quiet else 'NOT quiet'}**"
         ".", "",
         f"Method: float32; call {calls} (api: the whole allocating call, "
         "`nbbn.batch_norm_*` against `torch.ops.aten.native_batch_norm[_backward]`); cache "

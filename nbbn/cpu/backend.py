@@ -31,8 +31,7 @@ import numpy as np
 from .. import pool, registry
 from ..fold import fold_precision
 from ..spec import Fusion, Layout, Op, inverse_perm
-from ..validate import HALF_DTYPES, STORAGE_DTYPES
-from ..validate import channel_dtype as _channel_dtype
+from ..validate import HALF_DTYPES, STORAGE_DTYPES, channel_dtype
 from . import kernels as K
 
 # ---------------------------------------------------------------------------------------------
@@ -76,9 +75,6 @@ _F64 = np.dtype(np.float64)
 #: cuda kernels see it), float16 as int16. Per-channel outputs and the elementwise arithmetic
 #: of a half x are float32 (:func:`nbbn.validate.channel_dtype`).
 KERNEL_VIEW = {d: np.dtype(np.int16 if d == np.float16 else np.uint16) for d in HALF_DTYPES}
-#: :func:`nbbn.validate.channel_dtype` of each storage dtype, looked up (a call costs ~0.2 µs).
-_CHANNEL_DTYPE = {d: _channel_dtype(d) for d in STORAGE_DTYPES}
-channel_dtype = _CHANNEL_DTYPE.__getitem__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,7 +611,7 @@ def precompile(dtypes=(np.float32, np.float64), *, mixed: bool = True,
     splits its warm-up that way). Returns the number of kernel calls made."""
     calls = 0
     for dt in map(np.dtype, dtypes):
-        cd = _channel_dtype(dt)
+        cd = channel_dtype(dt)
         for vd in dict.fromkeys((cd, _F64) if mixed else (cd,)):
             for layout in layouts:
                 for variant in _VARIANTS[layout]:

@@ -94,18 +94,19 @@ WARMUP_TIMEOUT_S = 900.0
 #: instead of 127 s).
 #:
 #: Together the parts compile three sets:
-#:   - float32 and float64 with vectors of x's dtype, every variant, but float64 backward
-#:     the serial twins only (the conformance tests run no other: tests/test_conformance.py's
-#:     FAST_F64_BACKWARD) and NC's parallel kernel (the paper's test calls it);
-#:   - float32 x with float64 vectors (the tests' make_params default; :func:`_vector_dtype`):
-#:     the serial twins;
+#:   - float32 with vectors of x's dtype, every variant;
+#:   - float64 and float32 x with float64 vectors (the tests' make_params default;
+#:     :func:`_vector_dtype`): the serial twins only. The float64 parallel kernels (~48 CPU-s of
+#:     compilation) are the same code under ``prange`` as their float32 specializations; the
+#:     tests that call them are in the exhaustive tier (tests/test_conformance.py's
+#:     FAST_F64_VARIANTS, tests/test_accuracy.py's large-m gradients);
 #:   - the one half-format specialization the fast tier calls (float16 NC inference, serial);
 #:     the layer's, the bench's and the CLI's half tests are in the exhaustive tier (round 6:
 #:     their four extra specializations took the cold fast tier from 171 s to 200 s).
 #: The session summary names any kernel a test still compiled itself.
 _WARMUP_PARTS = {
     "nc-forward-parallel": [
-        dict(dtypes=("float32", "float64"), mixed=False, layouts=("NC",), ops=("forward-train",),
+        dict(dtypes=("float32",), mixed=False, layouts=("NC",), ops=("forward-train",),
              variants=("rows",)),
     ],
     "nc-forward-serial": [
@@ -115,26 +116,26 @@ _WARMUP_PARTS = {
              variants=("serial",)),
     ],
     "nc-inference": [
-        dict(dtypes=("float32", "float64"), mixed=False, layouts=("NC",), ops=("inference",)),
-        dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("inference",),
+        dict(dtypes=("float32",), mixed=False, layouts=("NC",), ops=("inference",)),
+        dict(dtypes=("float64", "float16"), mixed=False, layouts=("NC",), ops=("inference",),
              variants=("serial",)),
-        dict(dtypes=("float16",), mixed=False, layouts=("NC",), ops=("inference",),
+        dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("inference",),
              variants=("serial",)),
     ],
     "nc-backward": [
         dict(dtypes=("float32",), mixed=False, layouts=("NC",), ops=("backward",)),
-        # float64 NC backward: the serial twin (conformance) and, since round 6's NC serial
-        # threshold of 4096 elements, the parallel kernel (nbbn paper's 60×100 batches).
         dict(dtypes=("float64",), mixed=False, layouts=("NC",), ops=("backward",),
-             variants=("serial", "rows")),
+             variants=("serial",)),
         dict(dtypes=("float32",), mixed=True, layouts=("NC",), ops=("backward",),
              variants=("serial",)),
     ],
     # NCHW in two parts by kernel family (forward and inference; backward): one part was the
     # warm-up's last by ~14 s, with one core idle (round 6).
     "nchw-forward": [
-        dict(dtypes=("float32", "float64"), mixed=False, layouts=("NCHW",),
+        dict(dtypes=("float32",), mixed=False, layouts=("NCHW",),
              ops=("forward-train", "inference")),
+        dict(dtypes=("float64",), mixed=False, layouts=("NCHW",),
+             ops=("forward-train", "inference"), variants=("serial",)),
         dict(dtypes=("float32",), mixed=True, layouts=("NCHW",),
              ops=("forward-train", "inference"), variants=("serial",)),
     ],

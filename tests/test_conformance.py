@@ -148,14 +148,13 @@ FAST_SIMULATED = {((2, 7), 1, "c", np.float32), ((2, 3, 2, 2), 1, "strided", np.
                   ((2, 3, 2, 3), 1, "cl", np.float32)}
 
 
-#: Host backends' float64 backward in the fast tier: the one-thread variant only (its serial
-#: twins). Every other float64 backward variant -- the parallel twins, and "auto", which picks
-#: them above a size -- runs in the exhaustive tier (the "-parallel" cases). The parallel twins
-#: are the serial twins' code under ``prange``, and their float32 specializations run in the
-#: fast tier. No other fast test needs them, and compiling them is ~15 CPU-s of the fast tier's
-#: cold-cache compile (docs/testing.md). float64 forward-train and inference run every variant
-#: in both tiers.
-FAST_F64_BACKWARD = ("serial",)
+#: Host backends' float64 in the fast tier: the one-thread variant only (its serial twins), for
+#: every op. Every other float64 variant -- the parallel twins, and "auto", which picks them
+#: above a size -- runs in the exhaustive tier (the "-parallel" cases). The parallel twins are
+#: the serial twins' code under ``prange``, and their float32 specializations run in the fast
+#: tier. Compiling their float64 ones is ~48 CPU-s of a cold cache (tests/conftest.py's
+#: warm-up; docs/testing.md).
+FAST_F64_VARIANTS = ("serial",)
 
 
 def _params():
@@ -175,18 +174,15 @@ def _params():
                                            marks=[pytest.mark.slow] if slow else [], id=name)
                         continue
                     yield pytest.param(backend, case, dtype, offset, "fast-f64", id=name)
-                    yield pytest.param(backend, case, dtype, offset, "parallel-backward",
+                    yield pytest.param(backend, case, dtype, offset, "parallel",
                                        marks=[pytest.mark.slow], id=name + "-parallel")
 
 
-def _keep(spec, op, part: str) -> bool:
-    """Whether a case's ``part`` runs this (op, variant): "all"; "fast-f64", every forward-train
-    and inference variant and backward's FAST_F64_BACKWARD; "parallel-backward", the other
-    backward variants only (the exhaustive tier's complement of a "fast-f64" case)."""
-    fast_bwd = spec.variant in FAST_F64_BACKWARD
-    return {"all": True,
-            "fast-f64": op is not Op.BACKWARD or fast_bwd,
-            "parallel-backward": op is Op.BACKWARD and not fast_bwd}[part]
+def _keep(spec, part: str) -> bool:
+    """Whether a case's ``part`` runs this variant: "all"; "fast-f64", FAST_F64_VARIANTS;
+    "parallel", the other variants (the exhaustive tier's complement of a "fast-f64" case)."""
+    fast = spec.variant in FAST_F64_VARIANTS
+    return {"all": True, "fast-f64": fast, "parallel": not fast}[part]
 
 
 @pytest.mark.parametrize("backend, case, dtype, offset, part", list(_params()))
@@ -216,7 +212,7 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset, part):
     checked = 0
 
     for spec in _specs(backend, Op.FORWARD_TRAIN, geom.layout):
-        if not _keep(spec, Op.FORWARD_TRAIN, part):
+        if not _keep(spec, part):
             continue
         for fusion in FORWARD_FUSIONS:
             if not _selected(spec, fusion, sim):
@@ -244,7 +240,7 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset, part):
     # Backward gets the statistics rounded to their dtype; the reference uses the exact ones.
     sm, si = rmean.astype(vdt), rinvstd.astype(vdt)
     for spec in _specs(backend, Op.BACKWARD, geom.layout):
-        if not _keep(spec, Op.BACKWARD, part):
+        if not _keep(spec, part):
             continue
         for fusion in BACKWARD_FUSIONS:
             if not _selected(spec, fusion, sim):
@@ -275,7 +271,7 @@ def test_every_kernel_against_the_reference(backend, case, dtype, offset, part):
             checked += 1
 
     for spec in _specs(backend, Op.INFERENCE, geom.layout):
-        if not _keep(spec, Op.INFERENCE, part):
+        if not _keep(spec, part):
             continue
         for fusion in FORWARD_FUSIONS:
             if not _selected(spec, fusion, sim):

@@ -12,7 +12,7 @@ from nbbn import reference as ref
 from nbbn.cpu import backend as B
 from nbbn.tolerances import rel_err, tolerance
 
-from .helpers import make_params, make_x
+from .helpers import exact_backward, make_params, make_x
 
 
 @pytest.mark.slow
@@ -211,6 +211,13 @@ def test_auto_depends_on_the_shape_only():
     # few rows, many channels: chunks of >= MIN_CHUNK_ROWS rows, partials << x
     K_, L = B.nc_plan(256, 4096, 4)
     assert (K_, L) == (8, 1) and K_ * 3 * 4096 * 8 <= 256 * 4096 * 4 // 4
+    # 49 rows of 2048 (batch-1 NHWC 7×7): two chunks for the reductions, one for inference;
+    # one chunk where the array is below two CHUNK_BYTES or the rows below 2·MIN_SPLIT_ROWS
+    assert B.nc_plan(49, 2048, 4, reduces=True) == (2, 1)
+    assert B.nc_plan(49, 2048, 4) == (1, 1)
+    assert B.nc_plan(64, 256, 4, reduces=True) == (1, 1)
+    assert B.nc_plan(15, 4096, 4, reduces=True) == (1, 1)
+    assert B.nc_plan(16, 4096, 4, reduces=True) == (2, 1)
     assert B.nchw_group(32, 2048, 49, 4) * 32 * 49 * 4 <= B.GROUP_BYTES
     for family, limit in B.SERIAL_MAX.items():
         assert B._twin(("par", "ser"), 128, "auto", family) == "ser"
@@ -218,6 +225,57 @@ def test_auto_depends_on_the_shape_only():
         assert B._twin(("par", "ser"), limit + 1, "auto", family) == "par"
         assert B._twin(("par", "ser"), 1 << 20, "serial", family) == "ser"
     assert B.SERIAL_MAX["nc"] < B.SERIAL_MAX["nchw"]  # round 6: the NC twins are slower
+
+
+@pytest.mark.parametrize("shape", [(49, 2048), (17, 4099)], ids=str)
+def test_two_chunks_of_few_rows_match_the_reference(shape):
+    """Few rows and many channels: forward-train and backward sum over two row chunks of
+    24/25 and 8/9 rows (nc_plan's MIN_SPLIT_ROWS; a ragged C), merged in a fixed order."""
+    M, C = shape
+    assert B.nc_plan(M, C, 4, reduces=True)[0] == 2
+    x = make_x(shape, np.float32, 100.0)
+    dy = make_x(shape, np.float32, seed=5)
+    gamma, beta = make_params(C, dtype=np.float32)
+    y, sm, si = nbbn.batch_norm_train(x, gamma, beta)
+    ey, emean, einvstd, _ = ref.forward_train(x, gamma, beta)
+    assert rel_err(y, ey) <= tolerance("y", np.float32)
+    assert rel_err(sm, emean) <= tolerance("save_mean", np.float32)
+    assert rel_err(si, einvstd) <= tolerance("save_invstd", np.float32)
+    dx, dg, db = nbbn.batch_norm_backward(dy, x, sm, si, gamma)
+    edx, edg, edb = exact_backward(dy, x, emean, einvstd, gamma)
+    assert rel_err(dx, edx, ref.dx_scale(dy, einvstd, gamma)) <= tolerance("dx", np.float32)
+    assert rel_err(dg, edg) <= tolerance("dgamma", np.float32)
+    assert rel_err(db, edb) <= tolerance("dbeta", np.float32)
+
+
+def test_the_vectorizable_ulp_equals_frexp_and_ldexp():
+    """The backward's fold computes μ̃'s ulp by integer operations on its bits (kernels._ulp), in
+    place of math.frexp and math.ldexp: bit for bit the same on zeros, subnormals, normals
+    across the exponent range, infinities, NaN and random bit patterns, at every precision the
+    fold uses (float16's 11 bits, bfloat16's 8, float32's 24, float64's 53)."""
+    import math
+
+    from numba import njit
+
+    from nbbn.cpu.kernels import _ulp
+
+    @njit
+    def by_bits(a, p):
+        return np.array([_ulp(v, p) for v in a])
+
+    @njit
+    def by_libm(a, p):
+        return np.array([math.ldexp(1.0, math.frexp(v)[1] - p) for v in a])
+
+    rng = np.random.default_rng(0)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 5e-324, -5e-324, 2.2250738585072014e-308,
+               2.225073858507201e-308, 1e-310, 0.5, 1.0, -1.0, 1.7976931348623157e308]
+    values = np.concatenate([special,
+                             rng.standard_normal(500) * 10.0 ** rng.integers(-320, 308, 500),
+                             rng.integers(0, 2**63, 500, dtype=np.int64).view(np.float64)])
+    for p in (8, 11, 24, 53):
+        np.testing.assert_array_equal(by_bits(values, p).view(np.int64),
+                                      by_libm(values, p).view(np.int64), err_msg=str(p))
 
 
 def test_scratch_is_reused_across_calls():

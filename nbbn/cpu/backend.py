@@ -53,6 +53,13 @@ MAX_CHUNKS = 64
 #: lane) stay a small fraction of x: with 4096 channels and 256 rows, 64 chunks of 4 rows made
 #: 6 MiB of partials for 4 MiB of data, merged serially.
 MIN_CHUNK_ROWS = 32
+#: NC forward-train and backward: but two chunks where the rows make one by MIN_CHUNK_ROWS and
+#: two of at least this many (wide) rows. A batch-1 NHWC call of 7×7 positions and 2048
+#: channels (49 rows, 400 KB) ran both its passes on one thread. Two chunks' partials are 2-3
+#: float64 values per lane each, ≤ 3/8 of x at 16 float32 rows. Inference keeps one chunk
+#: there: in warm caches two came out slower at 33-49 × 2048 (round 8,
+#: results/cpu-kernels/round8.md).
+MIN_SPLIT_ROWS = 8
 #: NCHW: a channel group's data (N·G·S values) fit in this many bytes, to be normalized from L2.
 GROUP_BYTES = 256 * 1024
 #: NCHW: at least this many channel groups (load balance), when there are channels enough.
@@ -95,10 +102,13 @@ class Plan(NamedTuple):
 _PLANS: dict[tuple, Plan] = {}
 
 
-def nc_plan(M: int, C: int, itemsize: int) -> tuple[int, int]:
-    """(K row chunks, L rows per wide row) of an (M, C) array."""
+def nc_plan(M: int, C: int, itemsize: int, reduces: bool = False) -> tuple[int, int]:
+    """(K row chunks, L rows per wide row) of an (M, C) array; ``reduces``: for a kernel that
+    sums over the rows (forward-train, backward; see MIN_SPLIT_ROWS)."""
     L = -(-WIDE // C) if C < WIDE else 1
-    K_ = max(1, min(MAX_CHUNKS, (M // L) // MIN_CHUNK_ROWS, (M * C * itemsize) // CHUNK_BYTES))
+    rows = M // L
+    by_rows = max(rows // MIN_CHUNK_ROWS, 2 if reduces and rows >= 2 * MIN_SPLIT_ROWS else 1)
+    K_ = max(1, min(MAX_CHUNKS, by_rows, (M * C * itemsize) // CHUNK_BYTES))
     return K_, L
 
 
@@ -136,7 +146,7 @@ def _make_plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
 
     if family == "nc":  # (M, C)
         M, C = shape
-        K_, L = nc_plan(M, C, itemsize)
+        K_, L = nc_plan(M, C, itemsize, reduces=op != "apply")
         W = L * C
         if op == "forward":
             return Plan(pick(K.NC_FORWARD), (K_, L), ((K_, 2, W), (W,)), (5, W))

@@ -218,6 +218,9 @@ def test_auto_depends_on_the_shape_only():
     assert B.nc_plan(64, 256, 4, reduces=True) == (1, 1)
     assert B.nc_plan(15, 4096, 4, reduces=True) == (1, 1)
     assert B.nc_plan(16, 4096, 4, reduces=True) == (2, 1)
+    # an odd count below 2·EVEN_BELOW rounds down to even (3 -> 2, 5 -> 4, 7 -> 6)
+    assert [B.nc_plan(M, 1024, 4)[0] for M in (100, 170, 240, 300)] == [2, 4, 6, 9]
+    assert B.nc_plan(196, 256, 4) == (2, 1)
     assert B.nchw_group(32, 2048, 49, 4) * 32 * 49 * 4 <= B.GROUP_BYTES
     for family, limit in B.SERIAL_MAX.items():
         assert B._twin(("par", "ser"), 128, "auto", family) == "ser"

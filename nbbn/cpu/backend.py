@@ -60,6 +60,10 @@ MIN_CHUNK_ROWS = 32
 #: there: in warm caches two came out slower at 33-49 × 2048 (round 8,
 #: results/cpu-kernels/round8.md).
 MIN_SPLIT_ROWS = 8
+#: NC: an odd chunk count below 2·EVEN_BELOW is rounded down to even. On two threads three
+#: chunks take two chunks' time on one thread (2/3 of the work, against 1/2 for two); an even
+#: count divides evenly among 2 and 4 threads. Still a function of the shape only.
+EVEN_BELOW = 4
 #: NCHW: a channel group's data (N·G·S values) fit in this many bytes, to be normalized from L2.
 GROUP_BYTES = 256 * 1024
 #: NCHW: at least this many channel groups (load balance), when there are channels enough.
@@ -109,6 +113,8 @@ def nc_plan(M: int, C: int, itemsize: int, reduces: bool = False) -> tuple[int, 
     rows = M // L
     by_rows = max(rows // MIN_CHUNK_ROWS, 2 if reduces and rows >= 2 * MIN_SPLIT_ROWS else 1)
     K_ = max(1, min(MAX_CHUNKS, by_rows, (M * C * itemsize) // CHUNK_BYTES))
+    if 2 < K_ < 2 * EVEN_BELOW and K_ % 2:
+        K_ -= 1  # see EVEN_BELOW
     return K_, L
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import numba
 import numpy as np
 import torch
+from _timing import median_us as _median_us
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nbbn  # noqa: E402
@@ -26,15 +26,8 @@ CASES = [("NC", (64, 256), 1), ("NC", (64, 1024), 1), ("NCHW", (1, 256, 14, 14),
          ("NCHW", (1, 2048, 7, 7), 1), ("NHWC", (1, 7, 7, 2048), -1), ("NC", (8, 16), 1)]
 
 
-def median_us(fn, rounds=3000) -> float:
-    for _ in range(200):
-        fn()
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter_ns()
-        fn()
-        ts.append(time.perf_counter_ns() - t0)
-    return float(np.median(ts)) / 1e3
+def median_us(fn) -> float:
+    return _median_us(fn, rounds=3000, warmup=200)
 
 
 def _case(lay: str, shape: tuple, axis: int, aten) -> None:

@@ -10,23 +10,16 @@ checkout to measure (it imports the ``nbbn`` that Python finds first):
 from __future__ import annotations
 
 import os
-import time
 
 import numba
 import numpy as np
+from _timing import median_us as _median_us
 
 import nbbn
 
 
-def median_us(fn, rounds=2000) -> float:
-    for _ in range(200):
-        fn()
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter_ns()
-        fn()
-        ts.append(time.perf_counter_ns() - t0)
-    return float(np.median(ts)) / 1e3
+def median_us(fn) -> float:
+    return _median_us(fn, rounds=2000, warmup=200)
 
 
 def main() -> None:

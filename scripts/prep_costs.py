@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import numba
 import numpy as np
+from _timing import median_us as _median_us
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nbbn  # noqa: E402
@@ -25,15 +25,8 @@ from nbbn.fold import fold_precision  # noqa: E402
 CASES = [((1, 2048, 7, 7), 1), ((1, 256, 14, 14), 1), ((64, 256), 1), ((1, 14, 14, 256), -1)]
 
 
-def median_us(fn, rounds=3000) -> float:
-    for _ in range(300):
-        fn()
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter_ns()
-        fn()
-        ts.append(time.perf_counter_ns() - t0)
-    return float(np.median(ts)) / 1e3
+def median_us(fn) -> float:
+    return _median_us(fn, rounds=3000, warmup=300)
 
 
 def _row(shape, ax) -> None:

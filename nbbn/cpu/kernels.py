@@ -537,23 +537,25 @@ def _fold(sx, m, mu_saved, precision):
 
 
 @njit(inline="always")
-def _grad_one(t, c, sums, m, mu, invstd, k1, fold, precision, dgamma, dbeta):
-    """:func:`_grad_coefficients` of channel c with μ̃, invstd and k1 = γ·invstd (or invstd)
-    given, its branches as selects (:func:`_grad_all`)."""
-    sdy = sums[0, c]
-    d = sums[2, c] / m
-    ok = fold & (abs(d) <= FOLD_ULPS * _ulp(mu, precision))
-    delta = d if ok else 0.0  # _fold's δ, when FOLD
-    sdyx = sums[1, c] - delta * sdy  # Σg·(x − μ) with μ = μ̃ + δ
+def _grad_core(t, j, c, sdy, sdyx, sx, m, mu, invstd, k1, fold, precision, dgamma, dbeta):
+    """dγ, dβ of channel c and t[:, j] = (h, l, k1, k2, k3) of x's dtype for
+    dx = k1·g + k2·((x − h) − l) + k3, from its sums Σg, Σg·(x − μ̃), Σ(x − μ̃), with μ̃,
+    invstd and k1 = γ·invstd (or invstd) given: μ = μ̃ + δ when ``fold`` (the rounded-mean
+    fold, :func:`_fold`), split into h + l, or h = l = 0 and k3 − k2·μ (the direct form, see
+    :func:`_split`). No branch on anything but loop invariants, so that a loop over channels
+    vectorizes (:func:`_grad_all`)."""
+    delta = _fold(sx, m, mu, precision) if fold else 0.0
+    sdyx = sdyx - delta * sdy  # Σg·(x − μ) with μ = μ̃ + δ
     dg = sdyx * invstd
     dgamma[c] = dg
     dbeta[c] = sdy
     k2 = -k1 * invstd * dg / m
     k3 = -k1 * sdy / m
-    f = _split(t, c, mu + delta, 1.0 / invstd if invstd > 0.0 else 0.0)
-    t[2, c] = k1
-    t[3, c] = k2
-    t[4, c] = k3 - f * t[3, c]  # with k2 as stored (see _split)
+    # dx's error is relative to ‖γ·invstd·dy‖, so 1/invstd is the scale here (see _split).
+    f = _split(t, j, mu + delta, 1.0 / invstd if invstd > 0.0 else 0.0)
+    t[2, j] = k1
+    t[3, j] = k2
+    t[4, j] = k3 - f * t[3, j]  # with k2 as stored (see _split)
 
 
 @njit(inline="always")
@@ -567,46 +569,24 @@ def _grad_all(t, C, sums, m, save_mean, save_invstd, gamma, flags, precision, dg
     if flags & HAS_GAMMA:
         for c in range(C):
             invstd = np.float64(save_invstd[c])
-            _grad_one(t, c, sums, m, np.float64(save_mean[c]), invstd,
-                      np.float64(gamma[c]) * invstd, fold, precision, dgamma, dbeta)
+            _grad_core(t, c, c, sums[0, c], sums[1, c], sums[2, c], m,
+                       np.float64(save_mean[c]), invstd, np.float64(gamma[c]) * invstd, fold,
+                       precision, dgamma, dbeta)
     else:
         for c in range(C):
             invstd = np.float64(save_invstd[c])
-            _grad_one(t, c, sums, m, np.float64(save_mean[c]), invstd, invstd, fold,
-                      precision, dgamma, dbeta)
+            _grad_core(t, c, c, sums[0, c], sums[1, c], sums[2, c], m,
+                       np.float64(save_mean[c]), invstd, invstd, fold, precision, dgamma, dbeta)
 
 
 @njit(inline="always")
 def _grad_coefficients(t, j, c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags,
                        precision, dgamma, dbeta):
-    """:func:`_grad_channel` of channel c into t[:, j] = (h, l, k1, k2, k3) of x's dtype for
-    dx = k1·g + k2·((x − h) − l) + k3: μ = μ̃ + δ split into h + l, or h = l = 0 and k3 − k2·μ
-    (the direct form, see :func:`_split`)."""
-    k1, k2, k3, mu = _grad_channel(c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags,
-                                   precision, dgamma, dbeta)
-    # dx's error is relative to ‖γ·invstd·dy‖, so 1/invstd is the scale here (see _split).
-    inv = np.float64(save_invstd[c])
-    f = _split(t, j, mu, 1.0 / inv if inv > 0.0 else 0.0)
-    t[2, j] = k1
-    t[3, j] = k2
-    t[4, j] = k3 - f * t[3, j]  # with k2 as stored (see _split)
-
-
-@njit(inline="always")
-def _grad_channel(c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags, precision,
-                  dgamma, dbeta):
-    """dγ, dβ of channel c and (k1, k2, k3, μ) for dx = k1·g + k2·(x − μ) + k3, with μ = μ̃ + δ
-    when the rounded-mean fold applies (``flags``), else μ̃."""
-    mu = np.float64(save_mean[c])
+    """:func:`_grad_core` of channel c into t[:, j], its μ̃, invstd and k1 read here."""
     invstd = np.float64(save_invstd[c])
-    delta = _fold(sx, m, mu, precision) if flags & FOLD else 0.0
-    sdyx = sdyx - delta * sdy  # Σg·(x − μ) with μ = μ̃ + δ
-    dg = sdyx * invstd
-    dgamma[c] = dg
-    dbeta[c] = sdy
     k1 = np.float64(gamma[c]) * invstd if flags & HAS_GAMMA else invstd
-    k2 = -k1 * invstd * dg / m
-    return k1, k2, -k1 * sdy / m, mu + delta
+    _grad_core(t, j, c, sdy, sdyx, sx, m, np.float64(save_mean[c]), invstd, k1,
+               (flags & FOLD) != 0, precision, dgamma, dbeta)
 
 
 @njit(inline="always")

@@ -534,12 +534,13 @@ _TRAIN_OUT = ("y", "save_mean", "save_invstd")
 #: Backward's output names without and with a ReLU (op_outputs, looked up once: its Enum
 #: conversions cost a microsecond per call).
 _BACKWARD_OUT = {False: op_outputs(_Op.BACKWARD, "none"), True: op_outputs(_Op.BACKWARD, "relu")}
-_CF4 = (0, 1, 2, 3)
+_IDENTITY = {3: (0, 1, 2), 4: (0, 1, 2, 3)}
 
 
 def _x(x, channel_axis):
-    """(Geometry, on_device) of x. The common cases -- a C-contiguous float32/float64 NumPy
-    array, channels first, or 2-D -- take a short path (this runs on every call)."""
+    """(Geometry, on_device) of x. The common cases -- a float32/float64 NumPy array, 2-D or
+    C-contiguous in the layout its channel axis names -- take a short path (this runs on every
+    call); the rest are :func:`_geometry`'s, which agrees with it on these."""
     if type(x) is np.ndarray and x.dtype.char in "fd" and x.dtype.isnative and \
             type(channel_axis) is int and (channel_axis == 1 or channel_axis == -1) and \
             0 not in x.shape:
@@ -548,10 +549,14 @@ def _x(x, channel_axis):
         if nd == 2:
             return Geometry(Layout.NC, shape, 1, shape[0], shape[1], 1, x.dtype, _NC_PERM,
                             True), False
-        if channel_axis == 1 and nd == 4 and shape[1] > 1 and shape[2] * shape[3] > 1 \
-                and x.flags.c_contiguous:
-            return Geometry(Layout.NCHW, shape, 1, shape[0], shape[1], shape[2] * shape[3],
-                            x.dtype, _CF4, True), False
+        if nd > 2 and x.flags.c_contiguous:  # (N, C, ...) or (N, ..., C), laid out as named
+            if channel_axis == 1:
+                C, S, layout, ax = shape[1], math.prod(shape[2:]), Layout.NCHW, 1
+            else:
+                C, S, layout, ax = shape[-1], math.prod(shape[1:-1]), Layout.NHWC, nd - 1
+            if C > 1 and S > 1:
+                return Geometry(layout, shape, ax, shape[0], C, S, x.dtype, _IDENTITY[nd],
+                                True), False
     meta = array_meta(x, "x")
     _check_storage(meta, "x")
     return _geometry(meta, channel_axis, "x"), meta.on_device

@@ -1,10 +1,10 @@
-"""Where an allocating cpu call's Python time goes (round 8, issue #24 item 1): median µs of the
-whole public call, its validation, the backend's preparation (views, outputs, flags, plan,
+"""Where an allocating cpu call's Python time goes (rounds 8-9, issue #24 item 1): median µs of
+the whole public call, its validation, the backend's preparation (views, outputs, flags, plan,
 scratch) and the kernel on the prepared arguments, then each preparation step alone, for
 backward (two x-shaped inputs) on the sweep's small shapes that trail PyTorch in the allocating
 mode. Float32, 2 threads, warm caches. Run alone, on a quiet host:
 
-    python scripts/prep_costs.py > results/cpu-kernels/round8/prep-costs.md
+    python scripts/prep_costs.py > results/cpu-kernels/round9/prep-costs.md
 """
 
 from __future__ import annotations
@@ -63,17 +63,16 @@ def main() -> None:
     empty = median_us(lambda: None)
     steps = {
         "view of x for the kernels (`_kview`)": lambda: B._kview(a.x, geom, "x"),
-        "... and read-only (`_readonly`)": lambda: B._readonly(B._kview(a.x, geom, "x")),
+        "... as the kernels take it (`_input`)": lambda: B._input(a.x, geom, "x"),
         "flags": lambda: B._flags(a),
         "dx allocated (`_out`)": lambda: B._out(geom, None),
         "dgamma, dbeta allocated": lambda: (np.empty(geom.C, f32), np.empty(geom.C, f32)),
         "fold precision": lambda: fold_precision(a.save_mean.dtype, f32),
         "vector dtype": lambda: B._vector_dtype(f32, a.save_mean, a.save_invstd, a.gamma),
         "vectors (`_vecs`)": lambda: B._vecs(f32, a, ("save_mean", "save_invstd", "gamma")),
-        "sums allocated": lambda: np.empty((3, geom.C)),
         "plan": lambda: B.plan("backward", geom.kernel_shape, 4, "auto"),
-        "scratch (`_carve`, `_typed`)": lambda: (B._carve(*p.scratch) if p.scratch else (),
-                                                 B._typed(p.typed, f32) if p.typed else None),
+        "sums and scratch (`_carve`, `_typed`)": lambda: (
+            B._carve((3, geom.C), *p.scratch), B._typed(p.typed, f32) if p.typed else None),
     }
     print(f"\nThe preparation's steps, {'×'.join(map(str, shape))} (µs, less an empty call's "
           f"{empty:.2f}):\n\n| step | µs |\n|---|---|")

@@ -6,6 +6,7 @@ import pytest
 
 import nbbn
 from nbbn import reference as ref
+from nbbn import validate
 from nbbn.spec import Op
 
 from .helpers import assert_close, make_params, make_x
@@ -267,3 +268,15 @@ def test_bind_needs_out_and_one_of_the_three_functions():
         nbbn.bind(np.add, x, x, out=x)
     with pytest.raises(TypeError):  # the function's own signature decides
         nbbn.bind(nbbn.batch_norm_infer, x, out=x, colour="red")
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4), (5, 3, 4, 2), (5, 1, 4, 2), (5, 3, 1, 1),
+                                   (5, 3, 2, 1), (2, 4, 3, 3)], ids=str)
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_the_short_path_of_x_agrees_with_the_general_geometry(shape, axis, order):
+    """validate._x's short path for common arrays gives the same Geometry as the general rule
+    (validate._geometry), including the degenerate cases it leaves to the latter."""
+    x = np.zeros(shape, np.float32, order=order)
+    meta = validate.array_meta(x, "x")
+    assert validate._x(x, axis) == (validate._geometry(meta, axis, "x"), False)

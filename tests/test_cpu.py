@@ -10,6 +10,7 @@ import nbbn
 from nbbn import cpu, registry, validate
 from nbbn import reference as ref
 from nbbn.cpu import backend as B
+from nbbn.cpu import kernels as K
 from nbbn.tolerances import rel_err, tolerance
 
 from .helpers import exact_backward, make_params, make_x
@@ -211,11 +212,12 @@ def test_auto_depends_on_the_shape_only():
     # few rows, many channels: chunks of >= MIN_CHUNK_ROWS rows, partials << x
     K_, L = B.nc_plan(256, 4096, 4)
     assert (K_, L) == (8, 1) and K_ * 3 * 4096 * 8 <= 256 * 4096 * 4 // 4
-    # 49 rows of 2048 (batch-1 NHWC 7×7): two chunks for the reductions, one for inference;
-    # one chunk where the array is below two CHUNK_BYTES or the rows below 2·MIN_SPLIT_ROWS
+    # 49 rows of 2048 (batch-1 NHWC 7×7) and 64 of 256: two chunks for the reductions, one for
+    # inference; one chunk where the rows are below 2·MIN_SPLIT_ROWS
     assert B.nc_plan(49, 2048, 4, reduces=True) == (2, 1)
     assert B.nc_plan(49, 2048, 4) == (1, 1)
-    assert B.nc_plan(64, 256, 4, reduces=True) == (1, 1)
+    assert B.nc_plan(64, 256, 4, reduces=True) == (2, 1)
+    assert B.nc_plan(64, 256, 4) == (1, 1)
     assert B.nc_plan(15, 4096, 4, reduces=True) == (1, 1)
     assert B.nc_plan(16, 4096, 4, reduces=True) == (2, 1)
     # an odd count below 2·EVEN_BELOW rounds down to even (3 -> 2, 5 -> 4, 7 -> 6)
@@ -227,7 +229,14 @@ def test_auto_depends_on_the_shape_only():
         assert B._twin(("par", "ser"), limit, "auto", family) == "ser"
         assert B._twin(("par", "ser"), limit + 1, "auto", family) == "par"
         assert B._twin(("par", "ser"), 1 << 20, "serial", family) == "ser"
+        # one task: no parallel region under auto; a variant named asks for it anyway
+        assert B._twin(("par", "ser"), 1 << 20, "auto", family, tasks=1) == "ser"
+        assert B._twin(("par", "ser"), 1 << 20, "rows", family, tasks=1) == "par"
     assert B.SERIAL_MAX["nc"] < B.SERIAL_MAX["nchw"]  # round 6: the NC twins are slower
+    # the plans: inference of 64×256 (one chunk) runs the serial kernel, backward (two) the
+    # parallel one
+    assert B.plan("apply", (64, 256), 4, "auto").kernel is K.NC_INFER[1]
+    assert B.plan("backward", (64, 256), 4, "auto").kernel is K.NC_BACKWARD[0]
 
 
 @pytest.mark.parametrize("shape", [(49, 2048), (17, 4099)], ids=str)
@@ -328,3 +337,21 @@ def test_parts_split_a_batch():
     rdx = ref.backward(dy, x, smf, sif)[0]
     assert rel_err(np.concatenate(dxs), rdx, ref.dx_scale(dy, sif)) <= tolerance("dx",
                                                                                   np.float32)
+
+
+def test_read_only_inputs_are_read_in_place_by_the_writeable_typed_kernels():
+    """A read-only x reaches the kernels as a writeable alias of its own memory (no copy, and
+    the caller's array stays read-only), so no kernel compiles a read-only specialization."""
+    x = make_x((64, 6), np.float32, 3.0)
+    x.flags.writeable = False
+    geom = validate.geometry(x)
+    v = B._input(x, geom, "x")
+    assert v.flags.writeable and not x.flags.writeable
+    assert v.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+    gamma, beta = make_params(6, dtype=np.float32)
+    y, sm, si = nbbn.batch_norm_train(x, gamma, beta)
+    np.testing.assert_array_equal(y, nbbn.batch_norm_train(x.copy(), gamma, beta)[0])
+    np.testing.assert_array_equal(x, make_x((64, 6), np.float32, 3.0))
+    for pair in (K.NC_FORWARD, K.NC_BACKWARD, K.NC_INFER):
+        for sig in pair[1].signatures:
+            assert all(t.mutable for t in sig if isinstance(t, numba.types.Array)), sig

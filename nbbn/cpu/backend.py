@@ -13,8 +13,9 @@ Variants (registry key ``variant``; ``auto`` is the default):
   (channel, chunk of positions); for few channels), ``serial``.
 * ``auto`` picks by shape alone -- never by the thread count, so a result does not change with
   the number of threads: ``serial`` up to ``SERIAL_MAX`` elements of its layout family (a
-  parallel region's wake-up costs more than such a call), ``split`` for NCHW with fewer than
-  ``SPLIT_BELOW_C`` channels, else ``rows`` / ``grouped``.
+  parallel region's wake-up costs more than such a call) and wherever the plan makes one task
+  (a region of one task pays the team's wake-up and barrier for one thread's work), ``split``
+  for NCHW with fewer than ``SPLIT_BELOW_C`` channels, else ``rows`` / ``grouped``.
 
 Scratch (partial sums, coefficients) is cached per thread and reused, so a steady-state call
 allocates only its outputs (none with ``out=``).
@@ -42,8 +43,10 @@ from . import kernels as K
 #: beyond ~4096 (their serial twins run 2-3x slower per element than the parallel kernels on
 #: one thread -- Numba compiles the two apart and the serial one's row loops come out slower,
 #: not explained; at 32768: inference 28 vs 14 µs, forward 36 vs 27 µs; round 6's
-#: measurements in results/cpu-kernels/round6.md).
-SERIAL_MAX = {"nc": 1 << 12, "nchw": 1 << 15}
+#: measurements in results/cpu-kernels/round6.md). Round 9 raised NC's from 4096 to 8192: at
+#: 32×256 the serial kernels took 4.8/3.0/6.5 µs (forward/inference/backward) and the parallel
+#: ones 7.0/3.8/8.2 (results/cpu-kernels/round9.md).
+SERIAL_MAX = {"nc": 1 << 13, "nchw": 1 << 15}
 #: NC: rows are widened to at least this many values (L = ⌈WIDE/C⌉ rows per wide row).
 WIDE = 64
 #: NC: bytes of x per row chunk (at least), and the most chunks (the partials' count).
@@ -53,12 +56,13 @@ MAX_CHUNKS = 64
 #: lane) stay a small fraction of x: with 4096 channels and 256 rows, 64 chunks of 4 rows made
 #: 6 MiB of partials for 4 MiB of data, merged serially.
 MIN_CHUNK_ROWS = 32
-#: NC forward-train and backward: but two chunks where the rows make one by MIN_CHUNK_ROWS and
-#: two of at least this many (wide) rows. A batch-1 NHWC call of 7×7 positions and 2048
-#: channels (49 rows, 400 KB) ran both its passes on one thread. Two chunks' partials are 2-3
-#: float64 values per lane each, ≤ 3/8 of x at 16 float32 rows. Inference keeps one chunk
-#: there: in warm caches two came out slower at 33-49 × 2048 (round 8,
-#: results/cpu-kernels/round8.md).
+#: NC forward-train and backward: but two chunks where the rows make one by MIN_CHUNK_ROWS or
+#: CHUNK_BYTES and two of at least this many (wide) rows. A batch-1 NHWC call of 7×7
+#: positions and 2048 channels (49 rows, 400 KB) ran both its passes on one thread (round 8),
+#: and so did 64×256 (64 KB: 11.0 µs backward, 9.2 with two chunks; round 9). Two chunks'
+#: partials are 2-3 float64 values per lane each, ≤ 3/8 of x at 16 float32 rows. Inference
+#: keeps one chunk by the bytes: in warm caches two came out slower at 33-49 × 2048 (round 8,
+#: results/cpu-kernels/round8.md), and one chunk runs the serial kernel (module docstring).
 MIN_SPLIT_ROWS = 8
 #: NC: an odd chunk count below 2·EVEN_BELOW is rounded down to even. On two threads three
 #: chunks take two chunks' time on one thread (2/3 of the work, against 1/2 for two); an even
@@ -111,8 +115,9 @@ def nc_plan(M: int, C: int, itemsize: int, reduces: bool = False) -> tuple[int, 
     sums over the rows (forward-train, backward; see MIN_SPLIT_ROWS)."""
     L = -(-WIDE // C) if C < WIDE else 1
     rows = M // L
-    by_rows = max(rows // MIN_CHUNK_ROWS, 2 if reduces and rows >= 2 * MIN_SPLIT_ROWS else 1)
-    K_ = max(1, min(MAX_CHUNKS, by_rows, (M * C * itemsize) // CHUNK_BYTES))
+    K_ = max(1, min(MAX_CHUNKS, rows // MIN_CHUNK_ROWS, (M * C * itemsize) // CHUNK_BYTES))
+    if K_ == 1 and reduces and rows >= 2 * MIN_SPLIT_ROWS:
+        K_ = 2  # see MIN_SPLIT_ROWS
     if 2 < K_ < 2 * EVEN_BELOW and K_ % 2:
         K_ -= 1  # see EVEN_BELOW
     return K_, L
@@ -130,9 +135,11 @@ def nchw_split_chunks(N: int, C: int, S: int) -> int:
     return max(1, min(-(-SPLIT_TASKS // C), m // SPLIT_CHUNK if m >= SPLIT_CHUNK else 1))
 
 
-def _twin(pair, numel: int, variant: str, family: str):
-    """The parallel or the serial dispatcher of a kernel pair."""
-    if variant == "serial" or (variant == "auto" and numel <= SERIAL_MAX[family]):
+def _twin(pair, numel: int, variant: str, family: str, tasks: int = 2):
+    """The parallel or the serial dispatcher of a kernel pair; ``tasks``: the parallel loops'
+    trip count (one task runs serially under ``auto``, see the module docstring)."""
+    if variant == "serial" or (variant == "auto" and (numel <= SERIAL_MAX[family]
+                                                      or tasks == 1)):
         return pair[1]
     return pair[0]
 
@@ -147,31 +154,31 @@ def _make_plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
     numel = math.prod(shape)
     family = "nc" if len(shape) == 2 else "nchw"
 
-    def pick(pair):
-        return _twin(pair, numel, variant, family)
+    def pick(pair, tasks=2):
+        return _twin(pair, numel, variant, family, tasks)
 
     if family == "nc":  # (M, C)
         M, C = shape
         K_, L = nc_plan(M, C, itemsize, reduces=op != "apply")
         W = L * C
         if op == "forward":
-            return Plan(pick(K.NC_FORWARD), (K_, L), ((K_, 2, W), (W,)), (5, W))
+            return Plan(pick(K.NC_FORWARD, K_), (K_, L), ((K_, 2, W), (W,)), (5, W))
         if op == "apply":
-            return Plan(pick(K.NC_INFER), (K_, L), (), (5, W))
-        return Plan(pick(K.NC_BACKWARD), (K_, L), ((K_, 3, W), (W,)), (5, W))
+            return Plan(pick(K.NC_INFER, K_), (K_, L), (), (5, W))
+        return Plan(pick(K.NC_BACKWARD, K_), (K_, L), ((K_, 3, W), (W,)), (5, W))
     N, C, S = shape
     if op == "apply":
         R = max(1, INFER_TASK_BYTES // (S * itemsize))
-        return Plan(pick(K.NCHW_INFER), (R,), (), (5, C))
+        return Plan(pick(K.NCHW_INFER, -(-N * C // R)), (R,), (), (5, C))
     if _nchw_split(C, variant):
         K_ = nchw_split_chunks(N, C, S)
         if op == "forward":
-            return Plan(pick(K.NCHW_FORWARD_SPLIT), (K_,), ((C, K_, 2), (C,)), (5, C))
-        return Plan(pick(K.NCHW_BACKWARD_SPLIT), (K_,), ((C, K_, 3),), (5, C))
+            return Plan(pick(K.NCHW_FORWARD_SPLIT, C * K_), (K_,), ((C, K_, 2), (C,)), (5, C))
+        return Plan(pick(K.NCHW_BACKWARD_SPLIT, C * K_), (K_,), ((C, K_, 3),), (5, C))
     G = nchw_group(N, C, S, itemsize)
     if op == "forward":
-        return Plan(pick(K.NCHW_FORWARD_GROUPED), (G,), ())
-    return Plan(pick(K.NCHW_BACKWARD_GROUPED), (G,), ())
+        return Plan(pick(K.NCHW_FORWARD_GROUPED, -(-C // G)), (G,), ())
+    return Plan(pick(K.NCHW_BACKWARD_GROUPED, -(-C // G)), (G,), ())
 
 
 def plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
@@ -288,7 +295,11 @@ def _alloc(geom, out):
 
 
 def _out(geom, out):
-    """:func:`_alloc`, with the kernel view as the kernels index it (:func:`_bits`)."""
+    """:func:`_alloc`, with the kernel view as the kernels index it (:func:`_bits`). A new NC
+    output of float32/float64 (the common case) is one call to :func:`nbbn.pool.empty`."""
+    if out is None and len(geom.shape) == 2 and geom.dtype.char in "fd":
+        buf = pool.empty(geom.shape, geom.dtype)
+        return buf, buf
     user, view = _alloc(geom, out)
     return user, _bits(view)
 
@@ -337,13 +348,32 @@ def _vecs(vd, args, names: tuple) -> list:
     return out
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
-    """A read-only view of an x-shaped input: the kernels get every input typed read-only,
-    whether or not the caller's array is, so a read-only x compiles no second specialization."""
-    if a.flags.writeable:
-        a = a.view()
-        a.flags.writeable = False
-    return a
+class _Alias:
+    """An array interface holder (see :func:`_input`)."""
+
+    __slots__ = ("__array_interface__", "_of")
+
+
+def _input(a, geom, name: str) -> np.ndarray:
+    """An x-shaped input as the kernels read it: :func:`_kview`, typed writeable. The kernels
+    are compiled for writeable arrays only, so that a read-only x or dy compiles no second
+    specialization, and they never write an input: a read-only one reaches them as a writeable
+    alias of its own memory, no copy (a view made read-only, typed as such, cost each call ~0.5
+    µs to make and Numba's dispatcher its slow path; round 9). The common case, a C-contiguous
+    writeable float32/float64 array in x's memory layout, is tested first."""
+    if type(a) is np.ndarray and geom.identity_perm and a.dtype is geom.dtype:
+        f = a.flags
+        if f.c_contiguous and f.writeable and a.dtype.char in "fd":
+            return a if len(geom.shape) == 2 else a.reshape(geom.kernel_shape)
+    v = _kview(a, geom, name)
+    if v.flags.writeable:
+        return v
+    alias = _Alias()
+    iface = dict(v.__array_interface__)
+    iface["data"] = (iface["data"][0], False)  # (address, read-only flag)
+    alias.__array_interface__ = iface
+    alias._of = v  # keeps the memory alive as long as the alias
+    return np.asarray(alias)
 
 
 def _vectors(geom, out):
@@ -421,7 +451,7 @@ def _prep_forward(args, variant: str, *, stats_only=False, scratch=_ThreadScratc
     dt = channel_dtype(geom.dtype)  # per-channel outputs and elementwise arithmetic
     vd = _vector_dtype(dt, args.gamma, args.beta, args.running_mean, args.running_var)
     gamma, beta = _vecs(vd, args, ("gamma", "beta"))
-    x = _readonly(_kview(args.x, geom, "x"))
+    x = _input(args.x, geom, "x")
     flags = _flags(args)
     if stats_only:  # y is never written: an untouched allocation keeps the kernel's types
         flags = (flags | K.STATS_ONLY) & ~(K.RELU | K.RESIDUAL)
@@ -430,7 +460,7 @@ def _prep_forward(args, variant: str, *, stats_only=False, scratch=_ThreadScratc
     else:
         y_user, y = _out(geom, None if args.out is None else args.out[0])
         save_mean, save_invstd = _channel_vectors(geom, args.out, dt)
-    res = _readonly(y if args.residual is None else _kview(args.residual, geom, "residual"))
+    res = y if args.residual is None else _input(args.residual, geom, "residual")
     rm = rv = _EMPTY[vd]
     after = None
     if args.running_mean is not None:
@@ -466,10 +496,10 @@ def _prep_apply(args, variant: str, coef_given=None, scratch=_ThreadScratch):
     statistics, or with ``coef_given`` (3, C) float64; result (y_user,)."""
     geom = args.geom
     dt = channel_dtype(geom.dtype)  # per-channel outputs and elementwise arithmetic
-    x = _readonly(_kview(args.x, geom, "x"))
+    x = _input(args.x, geom, "x")
     flags = _flags(args)
     y_user, y = _out(geom, args.out if not isinstance(args.out, tuple) else args.out[0])
-    res = _readonly(y if args.residual is None else _kview(args.residual, geom, "residual"))
+    res = y if args.residual is None else _input(args.residual, geom, "residual")
     p = plan("apply", x.shape, x.itemsize, variant)
     (coef,) = scratch.carve((3, geom.C))
     if coef_given is not None:
@@ -494,14 +524,15 @@ def inference(args, variant: str = "auto"):
 
 def _prep_backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, fold=True,
                    scratch=_ThreadScratch):
-    """Backward, prepared; result (dx_user, dgamma, dbeta, dz_user or None, sums (3, C))."""
+    """Backward, prepared; result (dx_user, dgamma, dbeta, dz_user or None, sums (3, C)); sums
+    not given are scratch, as :func:`_prep_forward`'s mean64 and var64: copy them to keep them."""
     geom = args.geom
     dt = channel_dtype(geom.dtype)  # per-channel outputs and elementwise arithmetic
-    x = _readonly(_kview(args.x, geom, "x"))
-    dy = _readonly(_kview(args.dy, geom, "dy"))
+    x = _input(args.x, geom, "x")
+    dy = _input(args.dy, geom, "dy")
     flags = _flags(args)
     relu = args.relu
-    yv = _readonly(_kview(args.y, geom, "y")) if relu else x
+    yv = _input(args.y, geom, "y") if relu else x
     out = args.out
     if sums_only:  # dx is never written (untouched allocation, see _forward)
         dx_user, dx = None, np.empty(x.shape, x.dtype)
@@ -517,17 +548,17 @@ def _prep_backward(args, variant: str, *, sums=None, sums_only=False, m_total=No
     precision = fold_precision(args.save_mean.dtype, dt)
     vd = _vector_dtype(dt, args.save_mean, args.save_invstd, args.gamma)
     save_mean, save_invstd, gamma = _vecs(vd, args, ("save_mean", "save_invstd", "gamma"))
+    p = plan("backward", x.shape, x.itemsize, variant)
     if sums is None:
-        sums = np.empty((3, geom.C))
+        sums, *scr = scratch.carve((3, geom.C), *p.scratch)
     else:
         flags |= K.COEF_GIVEN
+        scr = scratch.carve(*p.scratch) if p.scratch else ()
     if sums_only:
         flags |= K.SUMS_ONLY
     if fold:
         flags |= K.FOLD
     m = float(geom.m if m_total is None else m_total)
-    p = plan("backward", x.shape, x.itemsize, variant)
-    scr = scratch.carve(*p.scratch) if p.scratch else ()
     if p.typed is not None:
         scr = (*scr, scratch.typed(p.typed, dt))
     return (p.kernel, (dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums,

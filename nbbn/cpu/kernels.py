@@ -389,71 +389,43 @@ def _far(mean, var, shift):
 
 
 @njit(inline="always")
-def _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rvar, save_mean,
-                   save_invstd, mean64, var64):
-    """Saved and running statistics of channel c; returns (α = γ·invstd, β, invstd)."""
-    invstd = 1.0 / math.sqrt(var + eps)
-    g = np.float64(gamma[c]) if flags & HAS_GAMMA else 1.0
-    b = np.float64(beta[c]) if flags & HAS_BETA else 0.0
-    mean64[c] = mean
-    var64[c] = var
+def _train_all(t, c0, c1, m, eps, gamma, beta, flags, momentum, rmean, rvar, save_mean,
+               save_invstd, mean64, var64, inv):
+    """The forward's per-channel work for channels c0..c1−1: saved statistics, running ones
+    (HAS_RUNNING), and t's columns 0..c1−c0−1 = (h, l, α, β − f·α) of x's dtype with
+    α = γ·invstd, the split or direct form of :func:`_split`. Loops with no branch in their
+    bodies (the flags tests sit outside them), so LLVM vectorizes the square roots and the
+    division, as in :func:`_infer_coefficients`: one channel at a time, this work was ~10 ns a
+    channel, 20 µs of a 45 µs batch-1 call at C = 2048 (round 8, NC; round 9, NCHW's channel
+    groups). ``inv`` (≥ c1 − c0 float64) is scratch; mean64 and var64 hold μ and σ² already."""
+    for c in range(c0, c1):
+        inv[c - c0] = 1.0 / math.sqrt(var64[c] + eps)
     if not flags & STATS_ONLY:
-        save_mean[c] = mean
-        save_invstd[c] = invstd
-        if flags & HAS_RUNNING:
-            # PyTorch's convention; the running variance takes the unbiased σ²·m/(m − 1).
-            rmean[c] = (1.0 - momentum) * rmean[c] + momentum * mean
-            rvar[c] = (1.0 - momentum) * rvar[c] + momentum * (var * (m / (m - 1.0)))
-    return g * invstd, b, invstd
-
-
-@njit(inline="always")
-def _train_coefficients(t, j, c, mean, var, m, eps, gamma, beta, flags, momentum, rmean, rvar,
-                        save_mean, save_invstd, mean64, var64):
-    """:func:`_train_channel` of channel c into t[0:4, j] = (h, l, α, β − f·α) of x's dtype,
-    the split or direct form of :func:`_split`."""
-    a, b, invstd = _train_channel(c, mean, var, m, eps, gamma, beta, flags, momentum, rmean,
-                                  rvar, save_mean, save_invstd, mean64, var64)
-    f = _split(t, j, mean, math.sqrt(max(var, 0.0)))
-    t[2, j] = a
-    t[3, j] = b - f * t[2, j]  # with α as stored (see _split)
-
-
-@njit(inline="always")
-def _train_all(t, C, m, eps, gamma, beta, flags, momentum, rmean, rvar, save_mean, save_invstd,
-               mean64, var64, inv):
-    """:func:`_train_coefficients` of channels 0..C−1 into t's columns 0..C−1, the same values
-    bit for bit, in loops with no branch in their bodies (the flags tests sit outside them), so
-    LLVM vectorizes the square roots and the division, as in :func:`_infer_coefficients`: one
-    channel at a time, the forward's per-channel work was ~10 ns a channel, 20 µs of a 45 µs
-    batch-1 call at C = 2048 (round 8, results/cpu-kernels/round8.md). ``inv`` (≥ C float64)
-    is scratch; mean64 and var64 hold μ and σ² already."""
-    for c in range(C):
-        inv[c] = 1.0 / math.sqrt(var64[c] + eps)
-    if not flags & STATS_ONLY:
-        for c in range(C):
+        for c in range(c0, c1):
             save_mean[c] = mean64[c]
-            save_invstd[c] = inv[c]
+            save_invstd[c] = inv[c - c0]
         if flags & HAS_RUNNING:
             # PyTorch's convention; the running variance takes the unbiased σ²·m/(m − 1).
             unbiased = m / (m - 1.0)
-            for c in range(C):
+            for c in range(c0, c1):
                 rmean[c] = (1.0 - momentum) * rmean[c] + momentum * mean64[c]
                 rvar[c] = (1.0 - momentum) * rvar[c] + momentum * (var64[c] * unbiased)
     if flags & HAS_GAMMA:
-        for c in range(C):
-            t[2, c] = np.float64(gamma[c]) * inv[c]
+        for c in range(c0, c1):
+            t[2, c - c0] = np.float64(gamma[c]) * inv[c - c0]
     else:
-        for c in range(C):
-            t[2, c] = inv[c]
+        for c in range(c0, c1):
+            t[2, c - c0] = inv[c - c0]
     if flags & HAS_BETA:
-        for c in range(C):
-            f = _split(t, c, mean64[c], math.sqrt(max(var64[c], 0.0)))
-            t[3, c] = np.float64(beta[c]) - f * t[2, c]  # with α as stored (see _split)
+        for c in range(c0, c1):
+            j = c - c0
+            f = _split(t, j, mean64[c], math.sqrt(max(var64[c], 0.0)))
+            t[3, j] = np.float64(beta[c]) - f * t[2, j]  # with α as stored (see _split)
     else:
-        for c in range(C):
-            f = _split(t, c, mean64[c], math.sqrt(max(var64[c], 0.0)))
-            t[3, c] = 0.0 - f * t[2, c]
+        for c in range(c0, c1):
+            j = c - c0
+            f = _split(t, j, mean64[c], math.sqrt(max(var64[c], 0.0)))
+            t[3, j] = 0.0 - f * t[2, j]
 
 
 @njit(inline="always")
@@ -559,34 +531,25 @@ def _grad_core(t, j, c, sdy, sdyx, sx, m, mu, invstd, k1, fold, precision, dgamm
 
 
 @njit(inline="always")
-def _grad_all(t, C, sums, m, save_mean, save_invstd, gamma, flags, precision, dgamma, dbeta):
-    """:func:`_grad_coefficients` of channels 0..C−1 into t's columns 0..C−1, the same values
-    bit for bit, in two loops (with γ, without) whose bodies have no branch, so that they
-    vectorize: one channel at a time, with math.frexp and math.ldexp calls in the fold, the
-    backward's per-channel work was ~15 ns a channel, 30 µs of a 60 µs batch-1 call at
-    C = 2048 (round 8)."""
+def _grad_all(t, c0, c1, sums, m, save_mean, save_invstd, gamma, flags, precision, dgamma,
+              dbeta):
+    """:func:`_grad_core` of channels c0..c1−1 into t's columns 0..c1−c0−1 (μ̃, invstd and
+    k1 = γ·invstd read here), in two loops (with γ, without) whose bodies have no branch, so
+    that they vectorize: one channel at a time, with math.frexp and math.ldexp calls in the
+    fold, the backward's per-channel work was ~15 ns a channel, 30 µs of a 60 µs batch-1 call
+    at C = 2048 (round 8, NC; round 9, NCHW's channel groups)."""
     fold = (flags & FOLD) != 0
     if flags & HAS_GAMMA:
-        for c in range(C):
+        for c in range(c0, c1):
             invstd = np.float64(save_invstd[c])
-            _grad_core(t, c, c, sums[0, c], sums[1, c], sums[2, c], m,
+            _grad_core(t, c - c0, c, sums[0, c], sums[1, c], sums[2, c], m,
                        np.float64(save_mean[c]), invstd, np.float64(gamma[c]) * invstd, fold,
                        precision, dgamma, dbeta)
     else:
-        for c in range(C):
+        for c in range(c0, c1):
             invstd = np.float64(save_invstd[c])
-            _grad_core(t, c, c, sums[0, c], sums[1, c], sums[2, c], m,
+            _grad_core(t, c - c0, c, sums[0, c], sums[1, c], sums[2, c], m,
                        np.float64(save_mean[c]), invstd, invstd, fold, precision, dgamma, dbeta)
-
-
-@njit(inline="always")
-def _grad_coefficients(t, j, c, sdy, sdyx, sx, m, save_mean, save_invstd, gamma, flags,
-                       precision, dgamma, dbeta):
-    """:func:`_grad_core` of channel c into t[:, j], its μ̃, invstd and k1 read here."""
-    invstd = np.float64(save_invstd[c])
-    k1 = np.float64(gamma[c]) * invstd if flags & HAS_GAMMA else invstd
-    _grad_core(t, j, c, sdy, sdyx, sx, m, np.float64(save_mean[c]), invstd, k1,
-               (flags & FOLD) != 0, precision, dgamma, dbeta)
 
 
 @njit(inline="always")
@@ -920,8 +883,8 @@ def nc_forward(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invstd, mean
             mean64[c], var64[c] = _finish(mean64[c], var64[c], shift[c], m)
     if flags & STATS_ONLY:
         return
-    _train_all(t, C, m, eps, gamma, beta, flags, momentum, rmean, rvar, save_mean, save_invstd,
-               mean64, var64, shift)  # shift is free now: the invstd scratch
+    _train_all(t, 0, C, m, eps, gamma, beta, flags, momentum, rmean, rvar, save_mean,
+               save_invstd, mean64, var64, shift)  # shift is free now: the invstd scratch
     flags = _direct(t, C, flags)
     for q in range(4):
         _tile(t[q], C, L)
@@ -995,7 +958,7 @@ def nc_backward(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta,
             _merge(part, q, C, L, sums[q])
     if flags & SUMS_ONLY:
         return
-    _grad_all(t, C, sums, m, save_mean, save_invstd, gamma, flags, precision, dgamma, dbeta)
+    _grad_all(t, 0, C, sums, m, save_mean, save_invstd, gamma, flags, precision, dgamma, dbeta)
     flags = _direct(t, C, flags)
     for q in range(5):
         _tile(t[q], C, L)
@@ -1121,10 +1084,9 @@ def nchw_forward_grouped(x, y, res, gamma, beta, rmean, rvar, save_mean, save_in
                 sh[i], _ = _finish(t1[i], t2[i], sh[i], m)
             _group_sums(xf, N, C, S, c0, c1, sh, t1, t2)
         for i in range(w):
-            c = c0 + i
-            mean, var = _finish(t1[i], t2[i], sh[i], m)
-            _train_coefficients(tg, i, c, mean, var, m, eps, gamma, beta, flags, momentum,
-                                rmean, rvar, save_mean, save_invstd, mean64, var64)
+            mean64[c0 + i], var64[c0 + i] = _finish(t1[i], t2[i], sh[i], m)
+        _train_all(tg, c0, c1, m, eps, gamma, beta, flags, momentum, rmean, rvar, save_mean,
+                   save_invstd, mean64, var64, sh)  # sh is free now: the invstd scratch
         if not flags & STATS_ONLY:
             for n in range(N):
                 for i in range(w):
@@ -1194,9 +1156,8 @@ def nchw_forward_split(x, y, res, gamma, beta, rmean, rvar, save_mean, save_invs
                 s1 += part[c, k, 0]
                 s2 += part[c, k, 1]
             mean64[c], var64[c] = _finish(s1, s2, shift[c], fm)
-    for c in range(C):
-        _train_coefficients(t, c, c, mean64[c], var64[c], fm, eps, gamma, beta, flags, momentum,
-                            rmean, rvar, save_mean, save_invstd, mean64, var64)
+    _train_all(t, 0, C, fm, eps, gamma, beta, flags, momentum, rmean, rvar, save_mean,
+               save_invstd, mean64, var64, shift)  # shift is free now: the invstd scratch
     if flags & STATS_ONLY:
         return
     for task in prange(C * K):
@@ -1269,10 +1230,8 @@ def nchw_backward_grouped(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgam
                     sums[2, c] += d
         if not flags & SUMS_ONLY:
             tg = work_empty((5, w), x)  # h, l, k1, k2, k3 of the group's channels
-            for i in range(w):
-                c = c0 + i
-                _grad_coefficients(tg, i, c, sums[0, c], sums[1, c], sums[2, c], m, save_mean,
-                                   save_invstd, gamma, flags, precision, dgamma, dbeta)
+            _grad_all(tg, c0, c1, sums, m, save_mean, save_invstd, gamma, flags, precision,
+                      dgamma, dbeta)
             for n in range(N):
                 for i in range(w):
                     o = (n * C + c0 + i) * S
@@ -1334,9 +1293,7 @@ def nchw_backward_split(dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma
             sums[2, c] = s3
     if flags & SUMS_ONLY:
         return
-    for c in range(C):
-        _grad_coefficients(t, c, c, sums[0, c], sums[1, c], sums[2, c], m, save_mean,
-                           save_invstd, gamma, flags, precision, dgamma, dbeta)
+    _grad_all(t, 0, C, sums, m, save_mean, save_invstd, gamma, flags, precision, dgamma, dbeta)
     for task in prange(C * K):
         c = task // K
         k = task - c * K

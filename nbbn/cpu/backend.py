@@ -294,12 +294,20 @@ def _alloc(geom, out):
     return out, view
 
 
+def _kernel_shape(geom) -> tuple:
+    """``geom.kernel_shape`` of an x whose axes are in memory order (NCHW or NHWC)."""
+    if geom.layout is Layout.NCHW:
+        return (geom.N, geom.C, geom.S)
+    return (geom.N * geom.S, geom.C)
+
+
 def _out(geom, out):
-    """:func:`_alloc`, with the kernel view as the kernels index it (:func:`_bits`). A new NC
-    output of float32/float64 (the common case) is one call to :func:`nbbn.pool.empty`."""
-    if out is None and len(geom.shape) == 2 and geom.dtype.char in "fd":
+    """:func:`_alloc`, with the kernel view as the kernels index it (:func:`_bits`). A new
+    float32/float64 output of an x whose axes are in memory order (the common case) takes a
+    short path."""
+    if out is None and geom.identity_perm and geom.dtype.char in "fd":
         buf = pool.empty(geom.shape, geom.dtype)
-        return buf, buf
+        return buf, (buf if len(geom.shape) == 2 else buf.reshape(_kernel_shape(geom)))
     user, view = _alloc(geom, out)
     return user, _bits(view)
 
@@ -364,7 +372,7 @@ def _input(a, geom, name: str) -> np.ndarray:
     if type(a) is np.ndarray and geom.identity_perm and a.dtype is geom.dtype:
         f = a.flags
         if f.c_contiguous and f.writeable and a.dtype.char in "fd":
-            return a if len(geom.shape) == 2 else a.reshape(geom.kernel_shape)
+            return a if len(geom.shape) == 2 else a.reshape(_kernel_shape(geom))
     v = _kview(a, geom, name)
     if v.flags.writeable:
         return v

@@ -549,7 +549,7 @@ def _x(x, channel_axis):
         if nd == 2:
             return Geometry(Layout.NC, shape, 1, shape[0], shape[1], 1, x.dtype, _NC_PERM,
                             True), False
-        if nd > 2 and x.flags.c_contiguous:  # (N, C, ...) or (N, ..., C), laid out as named
+        if (nd == 3 or nd == 4) and x.flags.c_contiguous:  # laid out as its axes name
             if channel_axis == 1:
                 C, S, layout, ax = shape[1], math.prod(shape[2:]), Layout.NCHW, 1
             else:

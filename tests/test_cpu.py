@@ -223,6 +223,13 @@ def test_auto_depends_on_the_shape_only():
     # an odd count below 2·EVEN_BELOW rounds down to even (3 -> 2, 5 -> 4, 7 -> 6)
     assert [B.nc_plan(M, 1024, 4)[0] for M in (100, 170, 240, 300)] == [2, 4, 6, 9]
     assert B.nc_plan(196, 256, 4) == (2, 1)
+    # NCHW inference: tasks of at most INFER_TASK_BYTES, an even count below 2·EVEN_BELOW, the
+    # rows spread evenly (1×2048×7×7: 6 tasks of 342 rows, not 7 of 334; 1×256×14×14: 4 of 64,
+    # not 83, 83, 83 and 7)
+    assert B.nchw_infer_rows(1, 2048, 49, 4) == 342
+    assert B.nchw_infer_rows(1, 256, 196, 4) == 64
+    assert B.nchw_infer_rows(32, 2048, 49, 4) == 333  # 197 tasks of 333 rows or fewer
+    assert B.nchw_infer_rows(1, 3, 1 << 20, 4) == 2  # 3 rows of 4 MB: 2 tasks, not 3
     assert B.nchw_group(32, 2048, 49, 4) * 32 * 49 * 4 <= B.GROUP_BYTES
     for family, limit in B.SERIAL_MAX.items():
         assert B._twin(("par", "ser"), 128, "auto", family) == "ser"

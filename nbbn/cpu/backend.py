@@ -64,9 +64,10 @@ MIN_CHUNK_ROWS = 32
 #: keeps one chunk by the bytes: in warm caches two came out slower at 33-49 × 2048 (round 8,
 #: results/cpu-kernels/round8.md), and one chunk runs the serial kernel (module docstring).
 MIN_SPLIT_ROWS = 8
-#: NC: an odd chunk count below 2·EVEN_BELOW is rounded down to even. On two threads three
-#: chunks take two chunks' time on one thread (2/3 of the work, against 1/2 for two); an even
-#: count divides evenly among 2 and 4 threads. Still a function of the shape only.
+#: NC, and NCHW inference's tasks: an odd count below 2·EVEN_BELOW is rounded down to even. On
+#: two threads three chunks take two chunks' time on one thread (2/3 of the work, against 1/2
+#: for two); an even count divides evenly among 2 and 4 threads. Still a function of the shape
+#: only.
 EVEN_BELOW = 4
 #: NCHW: a channel group's data (N·G·S values) fit in this many bytes, to be normalized from L2.
 GROUP_BYTES = 256 * 1024
@@ -77,7 +78,8 @@ SPLIT_BELOW_C = 16
 #: NCHW split: chunks per channel so that C·K ≥ this, each of at least SPLIT_CHUNK values.
 SPLIT_TASKS = 64
 SPLIT_CHUNK = 4096
-#: NCHW inference: bytes of x per task.
+#: NCHW inference: bytes of x per task (at most; the rows are then spread evenly over the
+#: tasks, see :func:`nchw_infer_rows`).
 INFER_TASK_BYTES = 64 * 1024
 
 _LOCAL = threading.local()
@@ -130,6 +132,19 @@ def nchw_group(N: int, C: int, S: int, itemsize: int) -> int:
     return max(1, min(fit, C // MIN_GROUPS if C >= MIN_GROUPS else 1))
 
 
+def nchw_infer_rows(N: int, C: int, S: int, itemsize: int) -> int:
+    """Rows (n, c) of the (N·C, S) view per NCHW inference task: tasks of at most
+    INFER_TASK_BYTES, their count rounded down to even below 2·EVEN_BELOW, the rows spread
+    evenly over them. Round 9: 1×2048×7×7 made 7 tasks (4 and 3 on two threads) and
+    1×256×14×14 made tasks of 83, 83, 83 and 7 rows (166 and 90 rows per thread)."""
+    rows = N * C
+    per = max(1, INFER_TASK_BYTES // (S * itemsize))
+    tasks = -(-rows // per)
+    if 2 < tasks < 2 * EVEN_BELOW and tasks % 2:
+        tasks -= 1  # see EVEN_BELOW
+    return -(-rows // tasks)
+
+
 def nchw_split_chunks(N: int, C: int, S: int) -> int:
     m = N * S
     return max(1, min(-(-SPLIT_TASKS // C), m // SPLIT_CHUNK if m >= SPLIT_CHUNK else 1))
@@ -168,7 +183,7 @@ def _make_plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
         return Plan(pick(K.NC_BACKWARD, K_), (K_, L), ((K_, 3, W), (W,)), (5, W))
     N, C, S = shape
     if op == "apply":
-        R = max(1, INFER_TASK_BYTES // (S * itemsize))
+        R = nchw_infer_rows(N, C, S, itemsize)
         return Plan(pick(K.NCHW_INFER, -(-N * C // R)), (R,), (), (5, C))
     if _nchw_split(C, variant):
         K_ = nchw_split_chunks(N, C, S)

@@ -398,32 +398,35 @@ def _train_all(t, c0, c1, m, eps, gamma, beta, flags, momentum, rmean, rvar, sav
     division, as in :func:`_infer_coefficients`: one channel at a time, this work was ~10 ns a
     channel, 20 µs of a 45 µs batch-1 call at C = 2048 (round 8, NC; round 9, NCHW's channel
     groups). ``inv`` (≥ c1 − c0 float64) is scratch; mean64 and var64 hold μ and σ² already."""
-    for c in range(c0, c1):
-        inv[c - c0] = 1.0 / math.sqrt(var64[c] + eps)
+    u0 = np.uint64(c0)  # unsigned indices: no negative-index wraparound, so no gathers
+    n = np.uint64(c1 - c0)
+    for j in range(n):
+        inv[j] = 1.0 / math.sqrt(var64[u0 + j] + eps)
     if not flags & STATS_ONLY:
-        for c in range(c0, c1):
-            save_mean[c] = mean64[c]
-            save_invstd[c] = inv[c - c0]
+        for j in range(n):
+            save_mean[u0 + j] = mean64[u0 + j]
+            save_invstd[u0 + j] = inv[j]
         if flags & HAS_RUNNING:
             # PyTorch's convention; the running variance takes the unbiased σ²·m/(m − 1).
             unbiased = m / (m - 1.0)
-            for c in range(c0, c1):
+            for j in range(n):
+                c = u0 + j
                 rmean[c] = (1.0 - momentum) * rmean[c] + momentum * mean64[c]
                 rvar[c] = (1.0 - momentum) * rvar[c] + momentum * (var64[c] * unbiased)
     if flags & HAS_GAMMA:
-        for c in range(c0, c1):
-            t[2, c - c0] = np.float64(gamma[c]) * inv[c - c0]
+        for j in range(n):
+            t[2, j] = np.float64(gamma[u0 + j]) * inv[j]
     else:
-        for c in range(c0, c1):
-            t[2, c - c0] = inv[c - c0]
+        for j in range(n):
+            t[2, j] = inv[j]
     if flags & HAS_BETA:
-        for c in range(c0, c1):
-            j = c - c0
+        for j in range(n):
+            c = u0 + j
             f = _split(t, j, mean64[c], math.sqrt(max(var64[c], 0.0)))
             t[3, j] = np.float64(beta[c]) - f * t[2, j]  # with α as stored (see _split)
     else:
-        for c in range(c0, c1):
-            j = c - c0
+        for j in range(n):
+            c = u0 + j
             f = _split(t, j, mean64[c], math.sqrt(max(var64[c], 0.0)))
             t[3, j] = 0.0 - f * t[2, j]
 
@@ -539,16 +542,19 @@ def _grad_all(t, c0, c1, sums, m, save_mean, save_invstd, gamma, flags, precisio
     fold, the backward's per-channel work was ~15 ns a channel, 30 µs of a 60 µs batch-1 call
     at C = 2048 (round 8, NC; round 9, NCHW's channel groups)."""
     fold = (flags & FOLD) != 0
+    u0 = np.uint64(c0)  # unsigned indices: no negative-index wraparound, so no gathers
     if flags & HAS_GAMMA:
-        for c in range(c0, c1):
+        for j in range(np.uint64(c1 - c0)):
+            c = u0 + j
             invstd = np.float64(save_invstd[c])
-            _grad_core(t, c - c0, c, sums[0, c], sums[1, c], sums[2, c], m,
+            _grad_core(t, j, c, sums[0, c], sums[1, c], sums[2, c], m,
                        np.float64(save_mean[c]), invstd, np.float64(gamma[c]) * invstd, fold,
                        precision, dgamma, dbeta)
     else:
-        for c in range(c0, c1):
+        for j in range(np.uint64(c1 - c0)):
+            c = u0 + j
             invstd = np.float64(save_invstd[c])
-            _grad_core(t, c - c0, c, sums[0, c], sums[1, c], sums[2, c], m,
+            _grad_core(t, j, c, sums[0, c], sums[1, c], sums[2, c], m,
                        np.float64(save_mean[c]), invstd, invstd, fold, precision, dgamma, dbeta)
 
 

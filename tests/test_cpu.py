@@ -212,14 +212,15 @@ def test_auto_depends_on_the_shape_only():
     # few rows, many channels: chunks of >= MIN_CHUNK_ROWS rows, partials << x
     K_, L = B.nc_plan(256, 4096, 4)
     assert (K_, L) == (8, 1) and K_ * 3 * 4096 * 8 <= 256 * 4096 * 4 // 4
-    # 49 rows of 2048 (batch-1 NHWC 7×7) and 64 of 256: two chunks for the reductions, one for
-    # inference; one chunk where the rows are below 2·MIN_SPLIT_ROWS
-    assert B.nc_plan(49, 2048, 4, reduces=True) == (2, 1)
+    # 49 rows of 2048 (batch-1 NHWC 7×7): two chunks for the reductions, one for inference;
+    # 64 of 256 (64 KB): two for backward only; one where the rows are below 2·MIN_SPLIT_ROWS
+    fwd, bwd = B.SPLIT_FROM_BYTES["forward"], B.SPLIT_FROM_BYTES["backward"]
+    assert B.nc_plan(49, 2048, 4, fwd) == B.nc_plan(49, 2048, 4, bwd) == (2, 1)
     assert B.nc_plan(49, 2048, 4) == (1, 1)
-    assert B.nc_plan(64, 256, 4, reduces=True) == (2, 1)
-    assert B.nc_plan(64, 256, 4) == (1, 1)
-    assert B.nc_plan(15, 4096, 4, reduces=True) == (1, 1)
-    assert B.nc_plan(16, 4096, 4, reduces=True) == (2, 1)
+    assert B.nc_plan(64, 256, 4, bwd) == (2, 1)
+    assert B.nc_plan(64, 256, 4, fwd) == B.nc_plan(64, 256, 4) == (1, 1)
+    assert B.nc_plan(15, 4096, 4, bwd) == (1, 1)
+    assert B.nc_plan(16, 4096, 4, bwd) == (2, 1)
     # an odd count below 2·EVEN_BELOW rounds down to even (3 -> 2, 5 -> 4, 7 -> 6)
     assert [B.nc_plan(M, 1024, 4)[0] for M in (100, 170, 240, 300)] == [2, 4, 6, 9]
     assert B.nc_plan(196, 256, 4) == (2, 1)
@@ -240,9 +241,10 @@ def test_auto_depends_on_the_shape_only():
         assert B._twin(("par", "ser"), 1 << 20, "auto", family, tasks=1) == "ser"
         assert B._twin(("par", "ser"), 1 << 20, "rows", family, tasks=1) == "par"
     assert B.SERIAL_MAX["nc"] < B.SERIAL_MAX["nchw"]  # round 6: the NC twins are slower
-    # the plans: inference of 64×256 (one chunk) runs the serial kernel, backward (two) the
-    # parallel one
+    # the plans: inference and forward of 64×256 (one chunk) run the serial kernel, backward
+    # (two) the parallel one
     assert B.plan("apply", (64, 256), 4, "auto").kernel is K.NC_INFER[1]
+    assert B.plan("forward", (64, 256), 4, "auto").kernel is K.NC_FORWARD[1]
     assert B.plan("backward", (64, 256), 4, "auto").kernel is K.NC_BACKWARD[0]
 
 
@@ -251,7 +253,7 @@ def test_two_chunks_of_few_rows_match_the_reference(shape):
     """Few rows and many channels: forward-train and backward sum over two row chunks of
     24/25 and 8/9 rows (nc_plan's MIN_SPLIT_ROWS; a ragged C), merged in a fixed order."""
     M, C = shape
-    assert B.nc_plan(M, C, 4, reduces=True)[0] == 2
+    assert B.nc_plan(M, C, 4, B.SPLIT_FROM_BYTES["forward"])[0] == 2
     x = make_x(shape, np.float32, 100.0)
     dy = make_x(shape, np.float32, seed=5)
     gamma, beta = make_params(C, dtype=np.float32)

@@ -57,13 +57,18 @@ MAX_CHUNKS = 64
 #: 6 MiB of partials for 4 MiB of data, merged serially.
 MIN_CHUNK_ROWS = 32
 #: NC forward-train and backward: but two chunks where the rows make one by MIN_CHUNK_ROWS or
-#: CHUNK_BYTES and two of at least this many (wide) rows. A batch-1 NHWC call of 7×7
-#: positions and 2048 channels (49 rows, 400 KB) ran both its passes on one thread (round 8),
-#: and so did 64×256 (64 KB: 11.0 µs backward, 9.2 with two chunks; round 9). Two chunks'
-#: partials are 2-3 float64 values per lane each, ≤ 3/8 of x at 16 float32 rows. Inference
-#: keeps one chunk by the bytes: in warm caches two came out slower at 33-49 × 2048 (round 8,
+#: CHUNK_BYTES and two of at least this many (wide) rows, for x of at least
+#: SPLIT_FROM_BYTES[op]. A batch-1 NHWC call of 7×7 positions and 2048 channels (49 rows,
+#: 400 KB) ran both its passes on one thread (round 8). Two chunks' partials are 2-3 float64
+#: values per lane each, ≤ 3/8 of x at 16 float32 rows. Inference keeps one chunk by the
+#: bytes: in warm caches two came out slower at 33-49 × 2048 (round 8,
 #: results/cpu-kernels/round8.md), and one chunk runs the serial kernel (module docstring).
 MIN_SPLIT_ROWS = 8
+#: Round 9, 64×256 (64 KB), allocating calls in the bench: backward's three float64 sums per
+#: value paid for a second thread (two chunks 9.2 µs against 11.0 on one, kernel alone; the
+#: same as the serial kernel in the bench), forward's two did not (the serial kernel 9% faster
+#: than two chunks). results/cpu-kernels/round9.md.
+SPLIT_FROM_BYTES = {"forward": 2 * CHUNK_BYTES, "backward": 0}
 #: NC, and NCHW inference's tasks: an odd count below 2·EVEN_BELOW is rounded down to even. On
 #: two threads three chunks take two chunks' time on one thread (2/3 of the work, against 1/2
 #: for two); an even count divides evenly among 2 and 4 threads. Still a function of the shape
@@ -112,13 +117,15 @@ class Plan(NamedTuple):
 _PLANS: dict[tuple, Plan] = {}
 
 
-def nc_plan(M: int, C: int, itemsize: int, reduces: bool = False) -> tuple[int, int]:
-    """(K row chunks, L rows per wide row) of an (M, C) array; ``reduces``: for a kernel that
-    sums over the rows (forward-train, backward; see MIN_SPLIT_ROWS)."""
+def nc_plan(M: int, C: int, itemsize: int, split_from: int | None = None) -> tuple[int, int]:
+    """(K row chunks, L rows per wide row) of an (M, C) array; ``split_from``: for a kernel that
+    sums over the rows, the bytes of x from which few rows take two chunks (SPLIT_FROM_BYTES,
+    MIN_SPLIT_ROWS)."""
     L = -(-WIDE // C) if C < WIDE else 1
     rows = M // L
     K_ = max(1, min(MAX_CHUNKS, rows // MIN_CHUNK_ROWS, (M * C * itemsize) // CHUNK_BYTES))
-    if K_ == 1 and reduces and rows >= 2 * MIN_SPLIT_ROWS:
+    if K_ == 1 and split_from is not None and rows >= 2 * MIN_SPLIT_ROWS \
+            and M * C * itemsize >= split_from:
         K_ = 2  # see MIN_SPLIT_ROWS
     if 2 < K_ < 2 * EVEN_BELOW and K_ % 2:
         K_ -= 1  # see EVEN_BELOW
@@ -174,7 +181,7 @@ def _make_plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
 
     if family == "nc":  # (M, C)
         M, C = shape
-        K_, L = nc_plan(M, C, itemsize, reduces=op != "apply")
+        K_, L = nc_plan(M, C, itemsize, SPLIT_FROM_BYTES.get(op))
         W = L * C
         if op == "forward":
             return Plan(pick(K.NC_FORWARD, K_), (K_, L), ((K_, 2, W), (W,)), (5, W))

@@ -176,7 +176,7 @@ def _make_plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
     numel = math.prod(shape)
     family = "nc" if len(shape) == 2 else "nchw"
 
-    def pick(pair, tasks=2):
+    def pick(pair, tasks):
         return _twin(pair, numel, variant, family, tasks)
 
     if family == "nc":  # (M, C)
@@ -316,20 +316,8 @@ def _alloc(geom, out):
     return out, view
 
 
-def _kernel_shape(geom) -> tuple:
-    """``geom.kernel_shape`` of an x whose axes are in memory order (NCHW or NHWC)."""
-    if geom.layout is Layout.NCHW:
-        return (geom.N, geom.C, geom.S)
-    return (geom.N * geom.S, geom.C)
-
-
 def _out(geom, out):
-    """:func:`_alloc`, with the kernel view as the kernels index it (:func:`_bits`). A new
-    float32/float64 output of an x whose axes are in memory order (the common case) takes a
-    short path."""
-    if out is None and geom.identity_perm and geom.dtype.char in "fd":
-        buf = pool.empty(geom.shape, geom.dtype)
-        return buf, (buf if len(geom.shape) == 2 else buf.reshape(_kernel_shape(geom)))
+    """:func:`_alloc`, with the kernel view as the kernels index it (:func:`_bits`)."""
     user, view = _alloc(geom, out)
     return user, _bits(view)
 
@@ -394,7 +382,7 @@ def _input(a, geom, name: str) -> np.ndarray:
     if type(a) is np.ndarray and geom.identity_perm and a.dtype is geom.dtype:
         f = a.flags
         if f.c_contiguous and f.writeable and a.dtype.char in "fd":
-            return a if len(geom.shape) == 2 else a.reshape(_kernel_shape(geom))
+            return a if len(geom.shape) == 2 else a.reshape(geom.kernel_shape)
     v = _kview(a, geom, name)
     if v.flags.writeable:
         return v

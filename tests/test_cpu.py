@@ -214,16 +214,19 @@ def test_auto_depends_on_the_shape_only():
     assert (K_, L) == (8, 1) and K_ * 3 * 4096 * 8 <= 256 * 4096 * 4 // 4
     # 49 rows of 2048 (batch-1 NHWC 7×7): two chunks for the reductions, one for inference;
     # 64 of 256 (64 KB): two for backward only; one where the rows are below 2·MIN_SPLIT_ROWS
-    fwd, bwd = B.SPLIT_FROM_BYTES["forward"], B.SPLIT_FROM_BYTES["backward"]
-    assert B.nc_plan(49, 2048, 4, fwd) == B.nc_plan(49, 2048, 4, bwd) == (2, 1)
+    assert B.nc_plan(49, 2048, 4, "forward") == B.nc_plan(49, 2048, 4, "backward") == (2, 1)
     assert B.nc_plan(49, 2048, 4) == (1, 1)
-    assert B.nc_plan(64, 256, 4, bwd) == (2, 1)
-    assert B.nc_plan(64, 256, 4, fwd) == B.nc_plan(64, 256, 4) == (1, 1)
-    assert B.nc_plan(15, 4096, 4, bwd) == (1, 1)
-    assert B.nc_plan(16, 4096, 4, bwd) == (2, 1)
+    assert B.nc_plan(64, 256, 4, "backward") == (2, 1)
+    assert B.nc_plan(64, 256, 4, "forward") == B.nc_plan(64, 256, 4) == (1, 1)
+    assert B.nc_plan(15, 4096, 4, "backward") == (1, 1)
+    assert B.nc_plan(16, 4096, 4, "backward") == (2, 1)
     # an odd count below 2·EVEN_BELOW rounds down to even (3 -> 2, 5 -> 4, 7 -> 6)
     assert [B.nc_plan(M, 1024, 4)[0] for M in (100, 170, 240, 300)] == [2, 4, 6, 9]
     assert B.nc_plan(196, 256, 4) == (2, 1)
+    # the reductions take chunks of 256 KiB (fresh row streams per chunk cost on cold data),
+    # inference 64 KiB: 1568×512 (3.2 MB) makes 12 and 49
+    assert B.nc_plan(1568, 512, 4, "forward") == B.nc_plan(1568, 512, 4, "backward") == (12, 1)
+    assert B.nc_plan(1568, 512, 4) == (49, 1)
     # NCHW inference: tasks of at most INFER_TASK_BYTES, an even count below 2·EVEN_BELOW, the
     # rows spread evenly (1×2048×7×7: 6 tasks of 342 rows, not 7 of 334; 1×256×14×14: 4 of 64,
     # not 83, 83, 83 and 7)
@@ -253,7 +256,7 @@ def test_two_chunks_of_few_rows_match_the_reference(shape):
     """Few rows and many channels: forward-train and backward sum over two row chunks of
     24/25 and 8/9 rows (nc_plan's MIN_SPLIT_ROWS; a ragged C), merged in a fixed order."""
     M, C = shape
-    assert B.nc_plan(M, C, 4, B.SPLIT_FROM_BYTES["forward"])[0] == 2
+    assert B.nc_plan(M, C, 4, "forward")[0] == 2
     x = make_x(shape, np.float32, 100.0)
     dy = make_x(shape, np.float32, seed=5)
     gamma, beta = make_params(C, dtype=np.float32)

@@ -49,8 +49,17 @@ from . import kernels as K
 SERIAL_MAX = {"nc": 1 << 13, "nchw": 1 << 15}
 #: NC: rows are widened to at least this many values (L = ⌈WIDE/C⌉ rows per wide row).
 WIDE = 64
-#: NC: bytes of x per row chunk (at least), and the most chunks (the partials' count).
-CHUNK_BYTES = 64 * 1024
+#: NC: bytes of x per row chunk (at least), per op, and the most chunks (the partials' count).
+#: The reductions (forward-train, backward) take 256 KiB: their sums walk a chunk as four row
+#: streams (kernels, ``_rows_shifted_sums``), and every chunk starts its streams afresh on cold
+#: data. Round 10 measured 64 KiB chunks (32 rows of 2 KiB: streams of 16 KiB) at 205 µs for
+#: the sums of a cold 1568×512 array on one thread, 128-row chunks at 145 and one chunk at 126;
+#: on two threads the backend call of 1568×512 forward took 195 µs with 49 chunks and 159 with
+#: 12, 4096×256 forward 215 with 64 and 178 with 16 (results/cpu-kernels/round10.md). The
+#: apply pass is one stream per thread whatever the chunks, and inference keeps 64 KiB, so
+#: calls of 128-512 KB still take two threads. 256 KiB is twice ATen's grain (32768 values)
+#: in float32: a 4 MB array still makes 16 tasks for a many-core host.
+CHUNK_BYTES = {"forward": 256 * 1024, "backward": 256 * 1024, "apply": 64 * 1024}
 MAX_CHUNKS = 64
 #: NC: at least this many (wide) rows per chunk, so the K chunks' float64 partials (2-3 per
 #: lane) stay a small fraction of x: with 4096 channels and 256 rows, 64 chunks of 4 rows made
@@ -68,7 +77,7 @@ MIN_SPLIT_ROWS = 8
 #: value paid for a second thread (two chunks 9.2 µs against 11.0 on one, kernel alone; the
 #: same as the serial kernel in the bench), forward's two did not (the serial kernel 9% faster
 #: than two chunks). results/cpu-kernels/round9.md.
-SPLIT_FROM_BYTES = {"forward": 2 * CHUNK_BYTES, "backward": 0}
+SPLIT_FROM_BYTES = {"forward": 128 * 1024, "backward": 0}
 #: NC, and NCHW inference's tasks: an odd count below 2·EVEN_BELOW is rounded down to even. On
 #: two threads three chunks take two chunks' time on one thread (2/3 of the work, against 1/2
 #: for two); an even count divides evenly among 2 and 4 threads. Still a function of the shape
@@ -117,13 +126,14 @@ class Plan(NamedTuple):
 _PLANS: dict[tuple, Plan] = {}
 
 
-def nc_plan(M: int, C: int, itemsize: int, split_from: int | None = None) -> tuple[int, int]:
-    """(K row chunks, L rows per wide row) of an (M, C) array; ``split_from``: for a kernel that
-    sums over the rows, the bytes of x from which few rows take two chunks (SPLIT_FROM_BYTES,
-    MIN_SPLIT_ROWS)."""
+def nc_plan(M: int, C: int, itemsize: int, op: str = "apply") -> tuple[int, int]:
+    """(K row chunks, L rows per wide row) of an (M, C) array for ``op`` ("forward",
+    "backward" or "apply"): chunks of CHUNK_BYTES[op] and MIN_CHUNK_ROWS; for the ops that sum
+    over the rows, two chunks of few rows from SPLIT_FROM_BYTES[op] (MIN_SPLIT_ROWS)."""
     L = -(-WIDE // C) if C < WIDE else 1
     rows = M // L
-    K_ = max(1, min(MAX_CHUNKS, rows // MIN_CHUNK_ROWS, (M * C * itemsize) // CHUNK_BYTES))
+    K_ = max(1, min(MAX_CHUNKS, rows // MIN_CHUNK_ROWS, (M * C * itemsize) // CHUNK_BYTES[op]))
+    split_from = SPLIT_FROM_BYTES.get(op)
     if K_ == 1 and split_from is not None and rows >= 2 * MIN_SPLIT_ROWS \
             and M * C * itemsize >= split_from:
         K_ = 2  # see MIN_SPLIT_ROWS
@@ -181,7 +191,7 @@ def _make_plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
 
     if family == "nc":  # (M, C)
         M, C = shape
-        K_, L = nc_plan(M, C, itemsize, SPLIT_FROM_BYTES.get(op))
+        K_, L = nc_plan(M, C, itemsize, op)
         W = L * C
         if op == "forward":
             return Plan(pick(K.NC_FORWARD, K_), (K_, L), ((K_, 2, W), (W,)), (5, W))

@@ -40,36 +40,38 @@ from typing import Any, NamedTuple
 import numpy as np
 
 
-class Op(str, enum.Enum):
-    FORWARD_TRAIN = "forward-train"
-    BACKWARD = "backward"
-    INFERENCE = "inference"
+class _Named(str, enum.Enum):
+    """A str enum whose members print as their values and hash as them: Enum's own hash is
+    the member's name hashed by a Python method (~0.1 µs, and unlike the hash of the equal
+    str), and these members key the caches that every call looks up (round 10)."""
+
+    __hash__ = str.__hash__
 
     def __str__(self) -> str:
         return self.value
 
 
-class Layout(str, enum.Enum):
+class Op(_Named):
+    FORWARD_TRAIN = "forward-train"
+    BACKWARD = "backward"
+    INFERENCE = "inference"
+
+
+class Layout(_Named):
     """Memory layout the kernels see (see the module docstring)."""
 
     NC = "NC"
     NCHW = "NCHW"
     NHWC = "NHWC"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Fusion(str, enum.Enum):
+class Fusion(_Named):
     """What follows the normalization in the same pass (forward) or precedes it (backward)."""
 
     NONE = "none"
     RELU = "relu"  # y = max(BN(x), 0)
     ADD = "add"  # y = BN(x) + residual
     ADD_RELU = "add-relu"  # y = max(BN(x) + residual, 0)
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def relu(self) -> bool:

@@ -284,6 +284,20 @@ def channel_vector(v, name: str, C: int, required: bool = False):
     return meta
 
 
+def channel_vectors(C: int, vectors: tuple, names: tuple, required: int = 0) -> None:
+    """:func:`channel_vector` of each of ``vectors`` (called ``names``; the first ``required``
+    are required), the usual case -- every one a float32/float64 NumPy array of shape (C,) --
+    tested in one loop (a function call per vector was a visible part of a small call)."""
+    shape = (C,)
+    for v in vectors:
+        if type(v) is not np.ndarray or v.shape != shape or v.dtype.char not in "fd":
+            break
+    else:
+        return
+    for i, (v, name) in enumerate(zip(vectors, names, strict=True)):
+        channel_vector(v, name, C, required=i < required)
+
+
 def real_number(value, name: str) -> float:
     """The rule for the scalar arguments ``eps`` and ``momentum``, of the three functions and of
     :class:`nbbn.BatchNorm` alike: a real number (``numbers.Real``: int, float, NumPy integers
@@ -540,26 +554,48 @@ _IDENTITY = {3: (0, 1, 2), 4: (0, 1, 2, 3)}
 def _x(x, channel_axis):
     """(Geometry, on_device) of x. The common cases -- a float32/float64 NumPy array, 2-D or
     C-contiguous in the layout its channel axis names -- take a short path (this runs on every
-    call); the rest are :func:`_geometry`'s, which agrees with it on these."""
-    if type(x) is np.ndarray and x.dtype.char in "fd" and x.dtype.isnative and \
-            type(channel_axis) is int and (channel_axis == 1 or channel_axis == -1) and \
-            0 not in x.shape:
+    call); the rest are :func:`_geometry`'s, which agrees with it on these. The short path's
+    geometry depends on (shape, dtype, channel_axis) alone, given that contiguity: it is
+    cached by them (:data:`_SHORT`), which saves building it again on every call."""
+    if type(x) is np.ndarray and type(channel_axis) is int:
         shape = x.shape
+        key = (shape, x.dtype, channel_axis)
+        g = _SHORT.get(key)
+        if g is not None and (len(shape) == 2 or x.flags.c_contiguous):
+            return g, False
+        g = _short(x, shape, channel_axis)
+        if g is not None:
+            if len(_SHORT) >= _SHORT_MAX:
+                _SHORT.clear()
+            _SHORT[key] = g
+            return g, False
+    meta = array_meta(x, "x")
+    _check_storage(meta, "x")
+    return _geometry(meta, channel_axis, "x"), meta.on_device
+
+
+#: Short-path geometries by (shape, dtype, channel_axis); cleared when it reaches _SHORT_MAX
+#: (a program calls batch norm on few shapes).
+_SHORT: dict[tuple, Geometry] = {}
+_SHORT_MAX = 512
+
+
+def _short(x: np.ndarray, shape: tuple, channel_axis: int) -> Geometry | None:
+    """:func:`_x`'s short path: the geometry of a float32/float64 NumPy array that is 2-D, or
+    3-D/4-D and C-contiguous in the layout its channel axis (1 or -1) names; None otherwise."""
+    if x.dtype.char in "fd" and x.dtype.isnative and (channel_axis == 1 or channel_axis == -1) \
+            and 0 not in shape:
         nd = len(shape)
         if nd == 2:
-            return Geometry(Layout.NC, shape, 1, shape[0], shape[1], 1, x.dtype, _NC_PERM,
-                            True), False
+            return Geometry(Layout.NC, shape, 1, shape[0], shape[1], 1, x.dtype, _NC_PERM, True)
         if (nd == 3 or nd == 4) and x.flags.c_contiguous:  # laid out as its axes name
             if channel_axis == 1:
                 C, S, layout, ax = shape[1], math.prod(shape[2:]), Layout.NCHW, 1
             else:
                 C, S, layout, ax = shape[-1], math.prod(shape[1:-1]), Layout.NHWC, nd - 1
             if C > 1 and S > 1:
-                return Geometry(layout, shape, ax, shape[0], C, S, x.dtype, _IDENTITY[nd],
-                                True), False
-    meta = array_meta(x, "x")
-    _check_storage(meta, "x")
-    return _geometry(meta, channel_axis, "x"), meta.on_device
+                return Geometry(layout, shape, ax, shape[0], C, S, x.dtype, _IDENTITY[nd], True)
+    return None
 
 
 def train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
@@ -572,8 +608,7 @@ def train_args(x, gamma, beta, eps, running_mean, running_var, momentum, out,
             f"(m = {g.m})"
         )
     C = g.C
-    channel_vector(gamma, "gamma", C)
-    channel_vector(beta, "beta", C)
+    channel_vectors(C, (gamma, beta), ("gamma", "beta"))
     if running_mean is not None or running_var is not None:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var must be given together")
@@ -604,9 +639,8 @@ def backward_args(dy, x, save_mean, save_invstd, gamma, out, channel_axis=1, rel
     g, on_dev = _x(x, channel_axis)
     _like_x(dy, "dy", g, on_dev)
     C = g.C
-    channel_vector(save_mean, "save_mean", C, required=True)
-    channel_vector(save_invstd, "save_invstd", C, required=True)
-    channel_vector(gamma, "gamma", C)
+    channel_vectors(C, (save_mean, save_invstd, gamma), ("save_mean", "save_invstd", "gamma"),
+                    required=2)
     relu = _relu_value(relu)
     if relu:
         if y is None:
@@ -628,10 +662,8 @@ def infer_args(x, running_mean, running_var, gamma, beta, eps, out, channel_axis
                residual=None) -> InferArgs:
     g, on_dev = _x(x, channel_axis)
     C = g.C
-    channel_vector(running_mean, "running_mean", C, required=True)
-    channel_vector(running_var, "running_var", C, required=True)
-    channel_vector(gamma, "gamma", C)
-    channel_vector(beta, "beta", C)
+    channel_vectors(C, (running_mean, running_var, gamma, beta),
+                    ("running_mean", "running_var", "gamma", "beta"), required=2)
     relu = _relu_value(relu)
     if residual is not None:
         _like_x(residual, "residual", g, on_dev)

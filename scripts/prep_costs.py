@@ -68,11 +68,10 @@ def main() -> None:
         "dx allocated (`_out`)": lambda: B._out(geom, None),
         "dgamma, dbeta allocated": lambda: (np.empty(geom.C, f32), np.empty(geom.C, f32)),
         "fold precision": lambda: fold_precision(a.save_mean.dtype, f32),
-        "vector dtype": lambda: B._vector_dtype(f32, a.save_mean, a.save_invstd, a.gamma),
-        "vectors (`_vecs`)": lambda: B._vecs(f32, a, ("save_mean", "save_invstd", "gamma")),
+        "vectors, their dtype (`_vecs`)": lambda: B._vecs(
+            f32, (a.save_mean, a.save_invstd, a.gamma), B._BACKWARD_VECS),
         "plan": lambda: B.plan("backward", geom.kernel_shape, 4, "auto"),
-        "sums and scratch (`_carve`, `_typed`)": lambda: (
-            B._carve((3, geom.C), *p.scratch), B._typed(p.typed, f32) if p.typed else None),
+        "sums and scratch (`_carve`)": lambda: B._carve(p, f32),
     }
     print(f"\nThe preparation's steps, {'×'.join(map(str, shape))} (µs, less an empty call's "
           f"{empty:.2f}):\n\n| step | µs |\n|---|---|")

@@ -280,3 +280,15 @@ def test_the_short_path_of_x_agrees_with_the_general_geometry(shape, axis, order
     x = np.zeros(shape, np.float32, order=order)
     meta = validate.array_meta(x, "x")
     assert validate._x(x, axis) == (validate._geometry(meta, axis, "x"), False)
+
+
+def test_the_short_path_cache_is_not_taken_by_another_memory_layout():
+    """validate._x caches the short path's geometry by (shape, dtype, channel axis); an array of
+    a cached shape laid out otherwise (channels last in memory, channel axis 1) still gets the
+    general rule's geometry, before and after the contiguous one."""
+    c = np.zeros((2, 3, 4, 5), np.float32)
+    last = np.zeros((2, 4, 5, 3), np.float32).transpose(0, 3, 1, 2)  # same shape
+    for x in (c, last, c, last):
+        meta = validate.array_meta(x, "x")
+        assert validate._x(x, 1) == (validate._geometry(meta, 1, "x"), False)
+    assert validate._x(last, 1)[0].perm != validate._x(c, 1)[0].perm

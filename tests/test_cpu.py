@@ -322,6 +322,36 @@ def test_strided_running_statistics_are_updated_in_place():
     np.testing.assert_allclose(big[:, 1], var * 20 / 19, rtol=1e-13)
 
 
+def test_vectors_of_another_dtype_or_layout_give_the_same_results():
+    """Per-channel inputs that are not contiguous writeable arrays of x's dtype (float64 with
+    float32 x, strided, read-only) reach the kernels converted (backend._vecs), with the same
+    outputs as the usual ones, and running statistics converted for the kernel are written back
+    into the caller's arrays."""
+    x = make_x((40, 6), np.float32, 3.0)
+    dy = make_x((40, 6), np.float32, seed=2)
+    gamma, beta = make_params(6, dtype=np.float32)
+    rm, rv = np.zeros(6, np.float32), np.ones(6, np.float32)
+    y, sm, si = nbbn.batch_norm_train(x, gamma, beta, running_mean=rm, running_var=rv)
+    dx = nbbn.batch_norm_backward(dy, x, sm, si, gamma)
+    yi = nbbn.batch_norm_infer(x, rm, rv, gamma, beta)
+    ro = gamma.copy()
+    ro.flags.writeable = False
+    wide = np.zeros((6, 2))  # float64, strided: converted, then written back
+    wide[:, 1] = 1.0
+    strided_beta = np.repeat(beta, 2)[::2]
+    y2, sm2, si2 = nbbn.batch_norm_train(x, ro, strided_beta, running_mean=wide[:, 0],
+                                         running_var=wide[:, 1])
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(sm2, sm)
+    np.testing.assert_allclose(wide[:, 0], rm, rtol=1e-6)
+    np.testing.assert_allclose(wide[:, 1], rv, rtol=1e-6)
+    for a, b in zip(nbbn.batch_norm_backward(dy, x, np.repeat(sm, 2)[::2], si, ro), dx,
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(nbbn.batch_norm_infer(x, rm.astype(np.float64), rv, ro,
+                                                        strided_beta), yi)
+
+
 def test_parts_split_a_batch():
     """registry.Parts: statistics of two halves merged, normalized and differentiated with the
     global sums equal the whole batch's forward and backward."""

@@ -114,8 +114,10 @@ KERNEL_VIEW = {d: np.dtype(np.int16 if d == np.float16 else np.uint16) for d in 
 class Plan(NamedTuple):
     """What a call of one (op, kernel shape, itemsize, variant) runs: the kernel dispatcher, the
     trailing integer parameters it takes (chunks, lanes, group size, rows per task), the shapes
-    of the float64 scratch arrays that follow them, and the shape of the last scratch argument,
-    in x's dtype (the elementwise pass's coefficients), if it takes one."""
+    of its float64 scratch arrays -- first the op's per-channel ones (forward: mean and variance
+    (C,); inference: coefficients (3, C); backward: sums (3, C)), then those that follow the
+    parameters -- and the shape of the last scratch argument, in x's arithmetic dtype (the
+    elementwise pass's coefficients), if it takes one."""
 
     kernel: object
     params: tuple
@@ -194,23 +196,24 @@ def _make_plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
         K_, L = nc_plan(M, C, itemsize, op)
         W = L * C
         if op == "forward":
-            return Plan(pick(K.NC_FORWARD, K_), (K_, L), ((K_, 2, W), (W,)), (5, W))
+            return Plan(pick(K.NC_FORWARD, K_), (K_, L), ((C,), (C,), (K_, 2, W), (W,)), (5, W))
         if op == "apply":
-            return Plan(pick(K.NC_INFER, K_), (K_, L), (), (5, W))
-        return Plan(pick(K.NC_BACKWARD, K_), (K_, L), ((K_, 3, W), (W,)), (5, W))
+            return Plan(pick(K.NC_INFER, K_), (K_, L), ((3, C),), (5, W))
+        return Plan(pick(K.NC_BACKWARD, K_), (K_, L), ((3, C), (K_, 3, W), (W,)), (5, W))
     N, C, S = shape
     if op == "apply":
         R = nchw_infer_rows(N, C, S, itemsize)
-        return Plan(pick(K.NCHW_INFER, -(-N * C // R)), (R,), (), (5, C))
+        return Plan(pick(K.NCHW_INFER, -(-N * C // R)), (R,), ((3, C),), (5, C))
     if _nchw_split(C, variant):
         K_ = nchw_split_chunks(N, C, S)
         if op == "forward":
-            return Plan(pick(K.NCHW_FORWARD_SPLIT, C * K_), (K_,), ((C, K_, 2), (C,)), (5, C))
-        return Plan(pick(K.NCHW_BACKWARD_SPLIT, C * K_), (K_,), ((C, K_, 3),), (5, C))
+            return Plan(pick(K.NCHW_FORWARD_SPLIT, C * K_), (K_,), ((C,), (C,), (C, K_, 2), (C,)),
+                        (5, C))
+        return Plan(pick(K.NCHW_BACKWARD_SPLIT, C * K_), (K_,), ((3, C), (C, K_, 3)), (5, C))
     G = nchw_group(N, C, S, itemsize)
     if op == "forward":
-        return Plan(pick(K.NCHW_FORWARD_GROUPED, -(-C // G)), (G,), ())
-    return Plan(pick(K.NCHW_BACKWARD_GROUPED, -(-C // G)), (G,), ())
+        return Plan(pick(K.NCHW_FORWARD_GROUPED, -(-C // G)), (G,), ((C,), (C,)))
+    return Plan(pick(K.NCHW_BACKWARD_GROUPED, -(-C // G)), (G,), ((3, C),))
 
 
 def plan(op: str, shape: tuple, itemsize: int, variant: str) -> Plan:
@@ -235,36 +238,28 @@ def _scratch(n: int) -> np.ndarray:
     return buf
 
 
-def _carve(*shapes):
-    """Disjoint float64 scratch arrays of the given shapes, from the thread's buffer; the views
-    of a set of shapes are cached (a dict lookup per call)."""
+def _carve(p: Plan, dtype) -> tuple:
+    """A plan's scratch arrays, this thread's: disjoint float64 arrays of the shapes
+    ``p.scratch`` from the thread's buffer, then, when the plan has one, an array of shape
+    ``p.typed`` and ``dtype`` (x's arithmetic dtype). The set is cached per (plan, dtype): one
+    dict lookup per call."""
+    key = (id(p), dtype)  # the entry holds p: the id is p's while the entry lives
     views = getattr(_LOCAL, "views", None)
     if views is not None:
-        got = views.get(shapes)
+        got = views.get(key)
         if got is not None:
-            return got
-    sizes = [math.prod(s) for s in shapes]
+            return got[1]
+    sizes = [math.prod(s) for s in p.scratch]
     buf = _scratch(sum(sizes))
     out, o = [], 0
-    for shape, n in zip(shapes, sizes, strict=True):
+    for shape, n in zip(p.scratch, sizes, strict=True):
         out.append(buf[o:o + n].reshape(shape))
         o += n
+    if p.typed is not None:
+        out.append(np.empty(p.typed, dtype))
     out = tuple(out)
-    _LOCAL.views[shapes] = out
+    _LOCAL.views[key] = (p, out)
     return out
-
-
-def _typed(shape, dtype) -> np.ndarray:
-    """A scratch array of x's dtype (the elementwise passes' coefficients), per thread, cached
-    by (shape, dtype)."""
-    cache = getattr(_LOCAL, "typed", None)
-    if cache is None:
-        cache = _LOCAL.typed = {}
-    key = (shape, dtype)
-    a = cache.get(key)
-    if a is None:
-        a = cache[key] = np.empty(shape, dtype)
-    return a
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,28 +347,30 @@ def _vec(v, name: str, dtype) -> np.ndarray:
         return _EMPTY[dtype]
     if type(v) is not np.ndarray:
         _host(v, name)
-    if v.dtype != dtype or v.strides[0] != v.itemsize or not v.flags.writeable:
+    if v.dtype != dtype or not v.flags.carray:
         v = np.array(v, dtype=dtype)  # one kernel argument type: contiguous, writeable
     return v
 
 
-def _vecs(vd, args, names: tuple) -> list:
-    """The per-channel inputs ``names`` of ``args`` as the kernels take them, in the vector
-    dtype ``vd`` (:func:`_vector_dtype`): :func:`_vec` of each, with the usual case (a
-    contiguous writeable NumPy array of ``vd``, or absent) in one loop -- function calls are
-    most of a small call's Python time (round 7: ~0.4 µs per vector)."""
-    empty = _EMPTY[vd]
-    out = []
-    for n in names:
-        v = getattr(args, n)
+def _vecs(dt, vectors: tuple, names: tuple) -> tuple:
+    """(vd, the per-channel inputs ``vectors`` (called ``names``) as the kernels take them): vd
+    is :func:`_vector_dtype`'s, each vector :func:`_vec`'s. The usual case -- every given vector
+    a C-contiguous writeable NumPy array of ``dt`` itself -- is one loop of identity tests that
+    returns the vectors as they are: function calls and attribute reads are most of a small
+    call's Python time (round 10: 1.6 µs for four vectors before, ~0.6 after)."""
+    absent = 0
+    for v in vectors:
         if v is None:
-            out.append(empty)
-        elif (type(v) is np.ndarray and v.dtype == vd and v.strides[0] == v.itemsize
-              and v.flags.writeable):
-            out.append(v)
-        else:
-            out.append(_vec(v, n, vd))
-    return out
+            absent += 1
+        elif type(v) is not np.ndarray or v.dtype is not dt or not v.flags.carray:
+            break  # carray: C-contiguous, aligned and writeable, as the kernels are typed
+    else:
+        if not absent:
+            return dt, vectors
+        empty = _EMPTY[dt]
+        return dt, [empty if v is None else v for v in vectors]
+    vd = _vector_dtype(dt, *vectors)
+    return vd, [_vec(v, n, vd) for v, n in zip(vectors, names, strict=True)]
 
 
 class _Alias:
@@ -419,14 +416,6 @@ def _channel_vectors(geom, out, dt):
     return _vectors(geom, out)
 
 
-def _running(v, name, dtype):
-    """A running statistic updated in place: (the array the kernel updates, the caller's); the
-    first is a contiguous copy in the call's vector dtype when the caller's is not that."""
-    v = _host(v, name)
-    ok = v.dtype == dtype and v.strides[0] == v.itemsize
-    return (v if ok else np.array(v, dtype=dtype)), v
-
-
 def _flags(args) -> int:
     f = 0
     if args.gamma is not None:
@@ -454,31 +443,25 @@ def _run(call):
     return result
 
 
-class _OwnScratch:
-    """Scratch arrays of a bound call's own (:func:`bind`), where a call takes the thread's."""
-
-    @staticmethod
-    def carve(*shapes):
-        return tuple(np.empty(s) for s in shapes)
-
-    @staticmethod
-    def typed(shape, dtype):
-        return np.empty(shape, dtype)
+def _own(p: Plan, dtype) -> tuple:
+    """:func:`_carve`'s arrays, new: a bound call's own (:func:`bind`)."""
+    own = tuple(np.empty(s) for s in p.scratch)
+    return own if p.typed is None else (*own, np.empty(p.typed, dtype))
 
 
-class _ThreadScratch:
-    carve = staticmethod(_carve)
-    typed = staticmethod(_typed)
+_TRAIN_VECS = ("gamma", "beta", "running_mean", "running_var")
+_INFER_VECS = ("running_mean", "running_var", "gamma", "beta")
+_BACKWARD_VECS = ("save_mean", "save_invstd", "gamma")
 
 
-def _prep_forward(args, variant: str, *, stats_only=False, scratch=_ThreadScratch):
+def _prep_forward(args, variant: str, *, stats_only=False, scratch=_carve):
     """Forward-train, prepared; result (y_user, save_mean, save_invstd, mean64, var64) -- the
     last two are scratch (the thread's unless ``scratch`` says otherwise): copy them to keep
     them."""
     geom = args.geom
     dt = channel_dtype(geom.dtype)  # per-channel outputs and elementwise arithmetic
-    vd = _vector_dtype(dt, args.gamma, args.beta, args.running_mean, args.running_var)
-    gamma, beta = _vecs(vd, args, ("gamma", "beta"))
+    rm_user, rv_user = args.running_mean, args.running_var
+    _, (gamma, beta, rm, rv) = _vecs(dt, (args.gamma, args.beta, rm_user, rv_user), _TRAIN_VECS)
     x = _input(args.x, geom, "x")
     flags = _flags(args)
     if stats_only:  # y is never written: an untouched allocation keeps the kernel's types
@@ -489,21 +472,15 @@ def _prep_forward(args, variant: str, *, stats_only=False, scratch=_ThreadScratc
         y_user, y = _out(geom, None if args.out is None else args.out[0])
         save_mean, save_invstd = _channel_vectors(geom, args.out, dt)
     res = y if args.residual is None else _input(args.residual, geom, "residual")
-    rm = rv = _EMPTY[vd]
     after = None
-    if args.running_mean is not None:
-        rm, rm_user = _running(args.running_mean, "running_mean", vd)
-        rv, rv_user = _running(args.running_var, "running_var", vd)
-        if not stats_only:
-            flags |= K.HAS_RUNNING
-            if rm is not rm_user or rv is not rv_user:
-                def after():
-                    rm_user[...] = rm
-                    rv_user[...] = rv
+    if rm_user is not None and not stats_only:
+        flags |= K.HAS_RUNNING
+        if rm is not rm_user or rv is not rv_user:  # converted copies (_vec): written back
+            def after():
+                rm_user[...] = rm
+                rv_user[...] = rv
     p = plan("forward", x.shape, x.itemsize, variant)
-    mean64, var64, *scr = scratch.carve((geom.C,), (geom.C,), *p.scratch)
-    if p.typed is not None:
-        scr.append(scratch.typed(p.typed, dt))
+    mean64, var64, *scr = scratch(p, dt)
     return (p.kernel, (x, y, res, gamma, beta, rm, rv, save_mean, save_invstd, mean64, var64,
                        flags, args.eps, args.momentum, *p.params, *scr),
             (y_user, save_mean, save_invstd, mean64, var64), after)
@@ -519,7 +496,7 @@ def forward_train(args, variant: str = "auto"):
     return y, save_mean, save_invstd
 
 
-def _prep_apply(args, variant: str, coef_given=None, scratch=_ThreadScratch):
+def _prep_apply(args, variant: str, coef_given=None, scratch=_carve):
     """y = (x − c0)·c1 + c2 (+ residual, ReLU), prepared: inference with the population
     statistics, or with ``coef_given`` (3, C) float64; result (y_user,)."""
     geom = args.geom
@@ -529,15 +506,15 @@ def _prep_apply(args, variant: str, coef_given=None, scratch=_ThreadScratch):
     y_user, y = _out(geom, args.out if not isinstance(args.out, tuple) else args.out[0])
     res = y if args.residual is None else _input(args.residual, geom, "residual")
     p = plan("apply", x.shape, x.itemsize, variant)
-    (coef,) = scratch.carve((3, geom.C))
+    coef, t = scratch(p, dt)
     if coef_given is not None:
         flags |= K.COEF_GIVEN
         coef[...] = coef_given
         rm = rv = gamma = beta = _EMPTY[dt]
     else:
-        vd = _vector_dtype(dt, args.running_mean, args.running_var, args.gamma, args.beta)
-        rm, rv, gamma, beta = _vecs(vd, args, ("running_mean", "running_var", "gamma", "beta"))
-    return (p.kernel, (x, y, res, rm, rv, gamma, beta, coef, scratch.typed(p.typed, dt), flags,
+        _, (rm, rv, gamma, beta) = _vecs(dt, (args.running_mean, args.running_var, args.gamma,
+                                              args.beta), _INFER_VECS)
+    return (p.kernel, (x, y, res, rm, rv, gamma, beta, coef, t, flags,
                        args.eps, *p.params), (y_user,), None)
 
 
@@ -551,7 +528,7 @@ def inference(args, variant: str = "auto"):
 
 
 def _prep_backward(args, variant: str, *, sums=None, sums_only=False, m_total=None, fold=True,
-                   scratch=_ThreadScratch):
+                   scratch=_carve):
     """Backward, prepared; result (dx_user, dgamma, dbeta, dz_user or None, sums (3, C)); sums
     not given are scratch, as :func:`_prep_forward`'s mean64 and var64: copy them to keep them."""
     geom = args.geom
@@ -574,21 +551,19 @@ def _prep_backward(args, variant: str, *, sums=None, sums_only=False, m_total=No
     else:
         dgamma, dbeta = out[1], out[2]
     precision = fold_precision(args.save_mean.dtype, dt)
-    vd = _vector_dtype(dt, args.save_mean, args.save_invstd, args.gamma)
-    save_mean, save_invstd, gamma = _vecs(vd, args, ("save_mean", "save_invstd", "gamma"))
+    _, (save_mean, save_invstd, gamma) = _vecs(dt, (args.save_mean, args.save_invstd,
+                                                    args.gamma), _BACKWARD_VECS)
     p = plan("backward", x.shape, x.itemsize, variant)
+    own_sums, *scr = scratch(p, dt)
     if sums is None:
-        sums, *scr = scratch.carve((3, geom.C), *p.scratch)
-    else:
+        sums = own_sums
+    else:  # the given sums replace the scratch ones
         flags |= K.COEF_GIVEN
-        scr = scratch.carve(*p.scratch) if p.scratch else ()
     if sums_only:
         flags |= K.SUMS_ONLY
     if fold:
         flags |= K.FOLD
     m = float(geom.m if m_total is None else m_total)
-    if p.typed is not None:
-        scr = (*scr, scratch.typed(p.typed, dt))
     return (p.kernel, (dy, x, yv, dx, dz, save_mean, save_invstd, gamma, dgamma, dbeta, sums,
                        flags, m, precision, *p.params, *scr),
             (dx_user, dgamma, dbeta, dz_user, sums), None)
@@ -746,11 +721,11 @@ def _bind(fn, variant):
 #: Per op: (prepare with the call's own scratch, the public result from the prepared one's,
 #: the kernel arguments that are the caller's x-shaped inputs, and its per-channel ones).
 _PREPARED = {
-    Op.FORWARD_TRAIN: (lambda a, v: _prep_forward(a, v, scratch=_OwnScratch),
+    Op.FORWARD_TRAIN: (lambda a, v: _prep_forward(a, v, scratch=_own),
                        lambda r, a: r[:3], (0, 2), (3, 4, 5, 6)),
-    Op.INFERENCE: (lambda a, v: _prep_apply(a, v, scratch=_OwnScratch),
+    Op.INFERENCE: (lambda a, v: _prep_apply(a, v, scratch=_own),
                    lambda r, a: r[:1], (0, 2), (3, 4, 5, 6)),
-    Op.BACKWARD: (lambda a, v: _prep_backward(a, v, scratch=_OwnScratch),
+    Op.BACKWARD: (lambda a, v: _prep_backward(a, v, scratch=_own),
                   lambda r, a: r[:4] if a.relu else r[:3], (0, 1, 2), (5, 6, 7)),
 }
 _INPUTS = {Op.FORWARD_TRAIN: (("x", "residual"), ("gamma", "beta", "running_mean",

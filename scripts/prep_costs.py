@@ -68,7 +68,7 @@ def main() -> None:
         "dx allocated (`_out`)": lambda: B._out(geom, None),
         "dgamma, dbeta allocated": lambda: (np.empty(geom.C, f32), np.empty(geom.C, f32)),
         "fold precision": lambda: fold_precision(a.save_mean.dtype, f32),
-        "vectors, their dtype (`_vecs`)": lambda: B._vecs(
+        "vectors (`_vecs`)": lambda: B._vecs(
             f32, (a.save_mean, a.save_invstd, a.gamma), B._BACKWARD_VECS),
         "plan": lambda: B.plan("backward", geom.kernel_shape, 4, "auto"),
         "sums and scratch (`_carve`)": lambda: B._carve(p, f32),

@@ -52,10 +52,10 @@ WIDE = 64
 #: NC: bytes of x per row chunk (at least), per op, and the most chunks (the partials' count).
 #: The reductions (forward-train, backward) take 256 KiB: their sums walk a chunk as four row
 #: streams (kernels, ``_rows_shifted_sums``), and every chunk starts its streams afresh on cold
-#: data. Round 10 measured 64 KiB chunks (32 rows of 2 KiB: streams of 16 KiB) at 205 µs for
-#: the sums of a cold 1568×512 array on one thread, 128-row chunks at 145 and one chunk at 126;
-#: on two threads the backend call of 1568×512 forward took 195 µs with 49 chunks and 159 with
-#: 12, 4096×256 forward 215 with 64 and 178 with 16 (results/cpu-kernels/round10.md). The
+#: data. Round 10 measured 64 KiB chunks (32 rows of 2 KiB: streams of 16 KiB) at 203 µs for
+#: the sums of a cold 1568×512 array on one thread, 128-row chunks at 145 and one chunk at 116;
+#: on two threads the backend call of 1568×512 forward took 188 µs with 49 chunks and 163 with
+#: 12, 4096×256 forward 247 with 64 and 223 with 16 (results/cpu-kernels/round10.md). The
 #: apply pass is one stream per thread whatever the chunks, and inference keeps 64 KiB, so
 #: calls of 128-512 KB still take two threads. 256 KiB is twice ATen's grain (32768 values)
 #: in float32: a 4 MB array still makes 16 tasks for a many-core host.
@@ -352,12 +352,12 @@ def _vec(v, name: str, dtype) -> np.ndarray:
     return v
 
 
-def _vecs(dt, vectors: tuple, names: tuple) -> tuple:
-    """(vd, the per-channel inputs ``vectors`` (called ``names``) as the kernels take them): vd
-    is :func:`_vector_dtype`'s, each vector :func:`_vec`'s. The usual case -- every given vector
+def _vecs(dt, vectors: tuple, names: tuple):
+    """The per-channel inputs ``vectors`` (called ``names``) as the kernels take them: each
+    :func:`_vec`'s in :func:`_vector_dtype`'s dtype. The usual case -- every given vector
     a C-contiguous writeable NumPy array of ``dt`` itself -- is one loop of identity tests that
     returns the vectors as they are: function calls and attribute reads are most of a small
-    call's Python time (round 10: 1.6 µs for four vectors before, ~0.6 after)."""
+    call's Python time (round 10: 1.6 µs for four vectors before, 0.7 after)."""
     absent = 0
     for v in vectors:
         if v is None:
@@ -366,11 +366,11 @@ def _vecs(dt, vectors: tuple, names: tuple) -> tuple:
             break  # carray: C-contiguous, aligned and writeable, as the kernels are typed
     else:
         if not absent:
-            return dt, vectors
+            return vectors
         empty = _EMPTY[dt]
-        return dt, [empty if v is None else v for v in vectors]
+        return [empty if v is None else v for v in vectors]
     vd = _vector_dtype(dt, *vectors)
-    return vd, [_vec(v, n, vd) for v, n in zip(vectors, names, strict=True)]
+    return [_vec(v, n, vd) for v, n in zip(vectors, names, strict=True)]
 
 
 class _Alias:
@@ -461,7 +461,7 @@ def _prep_forward(args, variant: str, *, stats_only=False, scratch=_carve):
     geom = args.geom
     dt = channel_dtype(geom.dtype)  # per-channel outputs and elementwise arithmetic
     rm_user, rv_user = args.running_mean, args.running_var
-    _, (gamma, beta, rm, rv) = _vecs(dt, (args.gamma, args.beta, rm_user, rv_user), _TRAIN_VECS)
+    gamma, beta, rm, rv = _vecs(dt, (args.gamma, args.beta, rm_user, rv_user), _TRAIN_VECS)
     x = _input(args.x, geom, "x")
     flags = _flags(args)
     if stats_only:  # y is never written: an untouched allocation keeps the kernel's types
@@ -512,8 +512,8 @@ def _prep_apply(args, variant: str, coef_given=None, scratch=_carve):
         coef[...] = coef_given
         rm = rv = gamma = beta = _EMPTY[dt]
     else:
-        _, (rm, rv, gamma, beta) = _vecs(dt, (args.running_mean, args.running_var, args.gamma,
-                                              args.beta), _INFER_VECS)
+        rm, rv, gamma, beta = _vecs(dt, (args.running_mean, args.running_var, args.gamma,
+                                         args.beta), _INFER_VECS)
     return (p.kernel, (x, y, res, rm, rv, gamma, beta, coef, t, flags,
                        args.eps, *p.params), (y_user,), None)
 
@@ -551,8 +551,8 @@ def _prep_backward(args, variant: str, *, sums=None, sums_only=False, m_total=No
     else:
         dgamma, dbeta = out[1], out[2]
     precision = fold_precision(args.save_mean.dtype, dt)
-    _, (save_mean, save_invstd, gamma) = _vecs(dt, (args.save_mean, args.save_invstd,
-                                                    args.gamma), _BACKWARD_VECS)
+    save_mean, save_invstd, gamma = _vecs(dt, (args.save_mean, args.save_invstd, args.gamma),
+                                          _BACKWARD_VECS)
     p = plan("backward", x.shape, x.itemsize, variant)
     own_sums, *scr = scratch(p, dt)
     if sums is None:

@@ -193,6 +193,54 @@ def test_a_different_mean_is_used_as_given():
         assert rel_err(a, b) <= 1e-13
 
 
+def test_a_float64_mean_given_with_float32_data_is_used_exactly():
+    """A float64 save_mean with float32 data is subtracted as it is: a given mean 0.4 float32
+    ulps off any float32 (not this batch's, so used as given) gives dγ to float32 rounding;
+    rounded to float32 first, dγ is off by more than 1e-5 relative."""
+    x = make_x((2, 3, 10, 10), np.float32, 1e3)
+    dy = (1.0 + 0.1 * make_x((2, 3, 10, 10), np.float64, 2.3, seed=2)).astype(np.float32)
+    m32 = np.float32(x.astype(np.float64).mean(axis=(0, 2, 3)) + 0.25)
+    given = m32.astype(np.float64) + 0.4 * np.spacing(m32).astype(np.float64)
+    assert np.all(given.astype(np.float32).astype(np.float64) != given)
+    invstd = np.full(3, 0.8)
+    got = nbbn.batch_norm_backward(dy, x, given, invstd)
+    want = ref.backward(dy, x, given, invstd)
+    rounded = ref.backward(dy, x, given.astype(np.float32), invstd)
+    assert rel_err(rounded[1], want[1]) > 1e-5  # the case tells the two means apart
+    for name, a, b, bound in zip(("dx", "dgamma", "dbeta"), got, want, (1e-6, 2e-7, 2e-7),
+                                 strict=True):
+        assert rel_err(a, b) <= bound, name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(5, 20, 9, 9), (6, 18, 2, 600)], ids=str)
+def test_nchw_rows_four_at_a_time_match_the_reference(shape, dtype):
+    """NCHW grouped kernels stream rows n four at a time (kernels.ROWS_AT_ONCE) and the last
+    N mod 4 one at a time; backward only for runs of ≤ ROWS_AT_ONCE_BELOW bytes: 81-value runs
+    take both loops in both ops, 1200-value runs the four-row loop in forward and the one-row
+    loop in backward. ReLU and residual included (their own loop bodies)."""
+    assert shape[2] * shape[3] * np.dtype(dtype).itemsize > K.ROWS_AT_ONCE_BELOW or \
+        shape[2] * shape[3] * 8 <= K.ROWS_AT_ONCE_BELOW
+    x = make_x(shape, dtype, 1.0)
+    C = shape[1]
+    gamma, beta = make_params(C, dtype=dtype)
+    dy = make_x(shape, dtype, seed=5)
+    res = make_x(shape, dtype, seed=6)
+    assert B.plan("forward", (shape[0], C, shape[2] * shape[3]), x.itemsize,
+                  "auto").kernel in K.NCHW_FORWARD_GROUPED
+    for relu in (False, True):
+        y, sm, si = nbbn.batch_norm_train(x, gamma, beta, relu=relu, residual=res)
+        ry, mean, invstd, _ = ref.forward_train(x, gamma, beta, relu=relu, residual=res)
+        assert rel_err(y, ry) <= tolerance("y", dtype)
+        got = nbbn.batch_norm_backward(dy, x, sm, si, gamma, relu=relu, y=y if relu else None)
+        want = exact_backward(dy, x, mean, invstd, gamma, relu=relu, y=y if relu else None)
+        scale = ref.dx_scale(dy, invstd, gamma)
+        assert rel_err(got[0], want[0], scale) <= tolerance("dx", dtype)
+        for name, a, b in zip(("dgamma", "dbeta"), got[1:3], want[1:3], strict=True):
+            assert rel_err(a, b) <= tolerance(name, dtype), name
+
+
 def test_variants_are_registered_per_layout():
     for op in ("forward-train", "backward", "inference"):
         assert set(registry.variants("cpu", op, "NCHW")) == {"auto", "grouped", "split",

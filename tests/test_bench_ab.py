@@ -244,9 +244,11 @@ def test_against_converts_bundles_when_the_copys_spec_differs(package_copy):
     (the wrapped path), and still computes what ours does."""
     spec_py = package_copy / "nbbn" / "spec.py"
     spec_py.write_text(spec_py.read_text() + "\n# a different spec.py\n")
-    backend = against.register(str(package_copy))
+    with pytest.warns(UserWarning, match="biased slower"):
+        backend = against.register(str(package_copy))
     spec = registry.select(backend, Op.INFERENCE, Layout.NC, "serial")
     assert hasattr(spec.fn, "__wrapped__")
+    assert spec.fn.bias_note == against.BIAS_NOTE  # into every row's notes (bench.cases)
     x = np.arange(30, dtype=np.float32).reshape(6, 5)
     args = validate.infer_args(x, np.zeros(5), np.ones(5), None, None, 1e-5, None, 1, False,
                                None)

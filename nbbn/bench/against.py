@@ -16,7 +16,10 @@ bundle into the copy's classes field by field (:func:`convert`): duck typing is 
 since the kernels test ``geom.layout is Layout.NCHW`` against *their* enum; the converted
 bundle is cached per bundle object, and the first call on each bundle pays the conversion
 (~10 µs) -- the harness makes new bundles every trial, so on small points those first calls
-are in the timed rounds and bias cpu@NAME slower: use a copy with our spec.py for timing.
+are in the timed rounds and bias cpu@NAME slower: use a copy with our spec.py for timing. The
+bench says so where it happens: a warning when such a copy is registered, and
+:data:`BIAS_NOTE` in the notes of every row it times (round 11 timed 7ecd59e, whose spec.py
+predates round 10's, in ``--call api`` at 1.3–2.6× the current code's time, unwarned).
 With ``--call api`` the public call is ours (validation, allocation, output pool) over their
 kernels.
 
@@ -45,6 +48,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,6 +63,11 @@ from .. import registry, spec
 from ..registry import BackendInfo, KernelSpec
 
 PREFIX = "cpu@"
+#: Why a copy whose spec.py is not ours times slower than its kernels are (see _same_spec):
+#: carried by its wrapped kernels (``bias_note``) into every row's notes, and warned once.
+BIAS_NOTE = ("the copy's nbbn/spec.py is not ours: each new argument bundle is converted to its "
+             "classes (~10 us; with --call api every call), so its times are biased slower; "
+             "time a checkout whose spec.py is ours")
 #: The converted bundles kept per wrapper (the harness holds one per buffer set, ≤ 1024).
 CACHE_SIZE = 2048
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -201,6 +210,7 @@ def _wrap(fn: Callable, theirs) -> Callable:
         return fn(hit[1])
 
     call.__wrapped__ = fn
+    call.bias_note = BIAS_NOTE  # read by the bench into each row's notes
     return call
 
 
@@ -306,6 +316,8 @@ def register(item: str) -> str:
     if backend in registry.backend_names():
         raise AgainstError(f"--against {item}: backend {backend} is already registered")
     mod = import_copy(pkg)
+    if not _same_spec(pkg):
+        warnings.warn(f"{backend} ({pkg.parent}): {BIAS_NOTE}", stacklevel=2)
     try:
         theirs_reg = importlib.import_module(mod.__name__ + ".registry")
         info = theirs_reg.backend_info("cpu")

@@ -362,7 +362,7 @@ def make_case(cfg: Config, data: PointData, sets: BufferSets, dev) -> Case:
         for name, ref in data.running_refs.items():
             errors[name] = _rel_err(dev.to_host(running[name]), ref)
             tols[name] = tolerance(RUNNING_TOLERANCE_OF[name], dt)
-        notes = []
+        notes = [spec.fn.bias_note] if getattr(spec.fn, "bias_note", None) else []
         outs = outs_by_set[0]
         if outs is not None and any(r is not o for r, o in zip(result, outs, strict=False)):
             notes.append("kernel did not return its out= arrays: allocation may be timed")

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import numba
 import numpy as np
 import torch
+from _timing import pass_median_us
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nbbn  # noqa: E402
@@ -27,17 +27,6 @@ from nbbn.cpu import backend as B  # noqa: E402
 
 CASES = [((1, 2048, 7, 7), 1), ((1, 256, 14, 14), 1), ((64, 256), 1), ((1, 14, 14, 256), -1)]
 ATEN = torch.ops.aten
-
-
-def per_call_us(fns, passes: int = 7) -> float:
-    """Median over ``passes`` of the mean µs per call of one pass through ``fns``."""
-    out = []
-    for _ in range(passes):
-        t0 = time.perf_counter_ns()
-        for f in fns:
-            f()
-        out.append((time.perf_counter_ns() - t0) / len(fns) / 1e3)
-    return float(np.median(out))
 
 
 def _torch_call(x, dy, g, sm, si, ax):
@@ -75,7 +64,7 @@ def _groups(shape) -> str:
         for f in fns:
             f()
         G = B.nchw_group(*bundles[0].geom.kernel_shape, 4)
-        cells.append(f"{-(-shape[1] // G)}: {per_call_us(fns):.1f}")
+        cells.append(f"{-(-shape[1] // G)}: {pass_median_us(fns):.1f}")
     B.MIN_GROUPS = 16
     B._PLANS.clear()
     return f"| {'×'.join(map(str, shape))} | " + " | ".join(cells) + " |"
@@ -97,7 +86,7 @@ def _row(shape, ax) -> str:
     for fns in calls.values():
         for f in fns:
             f()
-    t = {name: per_call_us(fns) for name, fns in calls.items()}
+    t = {name: pass_median_us(fns) for name, fns in calls.items()}
     return (f"| {'×'.join(map(str, shape))} | {n_sets} | " + " | ".join(f"{v:.1f}" for v in
                                                                        t.values()) + " |")
 

@@ -20,21 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
+from _timing import pass_median_us
 
 SHAPES = ((1, 2048, 7, 7), (1, 256, 14, 14))
-
-
-def _median_us(fns, passes: int = 9) -> float:
-    out = []
-    for _ in range(passes):
-        t0 = time.perf_counter_ns()
-        for f in fns:
-            f()
-        out.append((time.perf_counter_ns() - t0) / len(fns) / 1e3)
-    return float(np.median(out))
 
 
 def main() -> None:
@@ -97,8 +87,8 @@ def main() -> None:
         }
         for fns in (*warm.values(), *cold.values()):
             fns[0]()
-        w = {k: _median_us(v) for k, v in warm.items()}
-        c = {k: _median_us(v) for k, v in cold.items()}
+        w = {k: pass_median_us(v, passes=9) for k, v in warm.items()}
+        c = {k: pass_median_us(v, passes=9) for k, v in cold.items()}
         print(f"| {a.label} | {'×'.join(map(str, shape))} | {w['kernel']:.1f} | {w['sums']:.1f} "
               f"| {w['kernel1']:.1f} | {w['sums1']:.1f} | {c['api']:.1f} | {c['kernel']:.1f} | "
               f"{c['torch']:.1f} | {c['torch'] / c['api']:.2f} |", flush=True)
